@@ -1,0 +1,35 @@
+"""Evaluation of base models, adapters and full (merged or fine-tuned) models.
+
+Public API (the CLI, the merge engine and the demo build on these):
+
+- `evaluate_model(model_dir=, adapter_dir=, data=, ...) -> EvalReport`: one model on one file.
+- `compare(model_dir=, adapter_dir=, data=, ..., forgetting=True) -> Comparison`: the base and
+  the adapter on the same rows, with differences and an optional forgetting check.
+- `forgetting_check(model_dir=, adapter_dir=, heldout=None) -> ForgettingReport`: perplexity on
+  general held-out text (shipped in `adapterhub/eval/data/`) before and after.
+- `adapterhub.eval.metrics`: the metric functions on fixed strings (no model), by name.
+- `adapterhub.eval.data`: loading and validating eval files (JSONL, CSV, Parquet).
+
+Design: metrics are pure functions over predictions and references, separate from
+generation, so every number can be checked by hand; generation is batched, greedy and
+deterministic; the metric set defaults from the data's shape (see `data.EvalKind`). This
+package never imports the registry: the CLI resolves references to directories and stores
+the results.
+"""
+
+from __future__ import annotations
+
+from adapterhub.eval.report import Comparison, DatasetInfo, EvalReport, ExampleResult, ForgettingReport
+from adapterhub.eval.runner import GENERAL_HELDOUT_PATH, compare, evaluate_model, forgetting_check
+
+__all__ = [
+    "GENERAL_HELDOUT_PATH",
+    "Comparison",
+    "DatasetInfo",
+    "EvalReport",
+    "ExampleResult",
+    "ForgettingReport",
+    "compare",
+    "evaluate_model",
+    "forgetting_check",
+]
