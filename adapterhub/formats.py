@@ -229,7 +229,7 @@ def _target_matcher(target_modules: Any) -> tuple[Any, tuple[str, ...]]:
             return (lambda module: True), ("all-linear",)
         pattern = re.compile(target_modules)
         return (lambda module: pattern.fullmatch(module) is not None), (target_modules,)
-    targets = tuple(target_modules or ())
+    targets = tuple(sorted(target_modules or ()))
     target_set = set(targets)
     return (lambda module: module in target_set or any(module.endswith("." + t) for t in targets)), targets
 

@@ -1,0 +1,270 @@
+"""Eval files: loading (JSONL, CSV, Parquet), shape detection and row validation.
+
+The shape of a file decides what can be measured on it (`EvalKind`):
+
+- `generation`: rows with `prompt` + `completion`, or chat `messages` whose last turn is the
+  assistant's reference reply. Scored by generating a reply to the prompt.
+- `classification`: rows with `text` + `label` (a string or an integer).
+- `text`: rows with `text` only. Scored by perplexity.
+
+Design decisions:
+
+- JSONL is parsed line by line with the standard library, so a malformed line, a missing
+  field or a bad label is reported by its line number in the file (blank lines are skipped
+  but still counted). CSV and Parquet go through `datasets` (pandas/pyarrow underneath);
+  their rows are numbered as the user sees them: CSV by file line (the header is line 1),
+  Parquet by row (1-based).
+- A whole file is validated before any model is loaded, and every bad row is named in one
+  `ValidationError`, so a user fixes the file in one pass and no compute is wasted.
+- The fingerprint is the sha256 of the file's bytes: two scores are comparable exactly when
+  they were measured on the same bytes (and `--max-examples`, recorded next to it).
+- `max_examples` takes the first N rows in file order, never a random sample, so a score is
+  reproducible from the file alone.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapterhub.errors import NotFoundError, ValidationError
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_ROLES = ("system", "user", "assistant", "tool")
+# Shown when a file's columns fit no shape, so the user sees every accepted layout at once.
+_SHAPES_HELP = (
+    "expected rows with 'prompt' and 'completion', chat 'messages' (last turn from the assistant), "
+    "'text' and 'label' (classification), or 'text' alone (perplexity)"
+)
+
+
+class EvalKind(str, enum.Enum):
+    """What a file's rows hold, and so how they are scored."""
+
+    GENERATION = "generation"
+    CLASSIFICATION = "classification"
+    TEXT = "text"
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One validated row.
+
+    `messages` is the conversation to continue (for `prompt`/`completion` rows, one user turn
+    holding the prompt); `prompt` is the raw prompt text for models without a chat template.
+    `reference` is the completion, the last assistant turn, the label or the text itself.
+    """
+
+    line: int
+    reference: str
+    prompt: str | None = None
+    messages: tuple[Mapping[str, str], ...] = ()
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalDataset:
+    """A validated eval file."""
+
+    path: Path
+    sha256: str
+    kind: EvalKind
+    rows: tuple[EvalRow, ...]
+    num_rows: int  # valid rows in the file, before max_examples
+    # Classification: the label set (sorted, as strings). Generation: empty.
+    labels: tuple[str, ...] = ()
+
+    @property
+    def references(self) -> list[str]:
+        return [row.reference for row in self.rows]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks (eval files can be large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_eval_dataset(path: Path, *, max_examples: int | None = None) -> EvalDataset:
+    """Read, shape-detect and validate an eval file; raise one error naming every bad row."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"data file {path} not found")
+    if max_examples is not None and max_examples < 1:
+        raise ValidationError("--max-examples", [f"must be at least 1, got {max_examples}"])
+    records, location = _read_records(path)
+    if not records:
+        raise ValidationError(f"data file {path.name}", ["it holds no rows"])
+    kind = detect_kind([record for _, record in records], path.name)
+    rows: list[EvalRow] = []
+    problems: list[str] = []
+    for number, record in records:
+        row, row_problems = _parse_row(kind, number, record)
+        problems.extend(f"{location} {number}: {p}" for p in row_problems)
+        if row is not None:
+            rows.append(row)
+    if problems:
+        raise ValidationError(f"data file {path.name}", problems)
+    labels = tuple(sorted({row.reference for row in rows})) if kind is EvalKind.CLASSIFICATION else ()
+    if kind is EvalKind.CLASSIFICATION and len(labels) < 2:
+        raise ValidationError(f"data file {path.name}", [f"classification needs at least two labels, found {list(labels)}"])
+    selected = rows[:max_examples] if max_examples is not None else rows
+    return EvalDataset(
+        path=path, sha256=file_sha256(path), kind=kind, rows=tuple(selected), num_rows=len(rows), labels=labels
+    )
+
+
+def detect_kind(records: Sequence[Mapping[str, Any]], subject: str) -> EvalKind:
+    """The shape of a file, from the fields its rows use (the first layout that fits wins)."""
+    fields: set[str] = set()
+    for record in records:
+        fields.update(key for key, value in record.items() if value is not None)
+    if "messages" in fields:
+        return EvalKind.GENERATION
+    if "prompt" in fields or "completion" in fields:
+        return EvalKind.GENERATION
+    if "text" in fields and "label" in fields:
+        return EvalKind.CLASSIFICATION
+    if "text" in fields:
+        return EvalKind.TEXT
+    raise ValidationError(f"data file {subject}", [f"{_SHAPES_HELP}; found fields {sorted(fields)}"])
+
+
+def _read_records(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+    """(number, record) pairs and the word that numbers them ("line" or "row")."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl(path), "line"
+    if suffix == ".csv":
+        return _read_with_datasets(path, "csv", first_number=2), "line"
+    if suffix == ".parquet":
+        return _read_with_datasets(path, "parquet", first_number=1), "row"
+    raise ValidationError(
+        f"data file {path.name}", [f"unsupported format {suffix or '(no suffix)'}; use one of {', '.join(SUPPORTED_SUFFIXES)}"]
+    )
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    records: list[tuple[int, dict[str, Any]]] = []
+    problems: list[str] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValidationError(f"data file {path.name}", [f"not UTF-8 text ({exc})"]) from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(record, dict):
+            problems.append(f"line {number}: expected a JSON object, got {type(record).__name__}")
+            continue
+        records.append((number, record))
+    if problems:
+        raise ValidationError(f"data file {path.name}", problems)
+    return records
+
+
+def _read_with_datasets(path: Path, builder: str, *, first_number: int) -> list[tuple[int, dict[str, Any]]]:
+    import datasets
+
+    if path.stat().st_size == 0:
+        return []
+    try:
+        table = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+    except Exception as exc:  # pandas/pyarrow raise many types; the message is what matters
+        raise ValidationError(f"data file {path.name}", [f"cannot be read as {builder}: {exc}"]) from None
+    return [(first_number + index, _drop_missing(record)) for index, record in enumerate(table)]
+
+
+def _drop_missing(record: Mapping[str, Any]) -> dict[str, Any]:
+    """CSV cells left empty arrive as None or NaN; treat them as absent fields."""
+    return {key: value for key, value in record.items() if value is not None and value == value}
+
+
+def _nonempty_string(record: Mapping[str, Any], field: str, problems: list[str]) -> str | None:
+    if field not in record:
+        problems.append(f"missing field '{field}'")
+        return None
+    value = record[field]
+    if not isinstance(value, str):
+        problems.append(f"field '{field}' must be a string, got {type(value).__name__}")
+        return None
+    if not value.strip():
+        problems.append(f"field '{field}' is empty")
+        return None
+    return value
+
+
+def _parse_row(kind: EvalKind, number: int, record: Mapping[str, Any]) -> tuple[EvalRow | None, list[str]]:
+    problems: list[str] = []
+    if kind is EvalKind.TEXT:
+        text = _nonempty_string(record, "text", problems)
+        return (EvalRow(line=number, reference=text, text=text) if text is not None else None), problems
+    if kind is EvalKind.CLASSIFICATION:
+        text = _nonempty_string(record, "text", problems)
+        label = _label(record, problems)
+        if text is None or label is None:
+            return None, problems
+        return EvalRow(line=number, reference=label, text=text), problems
+    if "messages" in record:
+        return _parse_messages(number, record["messages"])
+    prompt = _nonempty_string(record, "prompt", problems)
+    completion = _nonempty_string(record, "completion", problems)
+    if prompt is None or completion is None:
+        return None, problems
+    return EvalRow(line=number, reference=completion, prompt=prompt, messages=({"role": "user", "content": prompt},)), []
+
+
+def _label(record: Mapping[str, Any], problems: list[str]) -> str | None:
+    if "label" not in record:
+        problems.append("missing field 'label'")
+        return None
+    value = record["label"]
+    # bool is an int subclass; a true/false label is almost always a mistake in the file
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        problems.append(f"field 'label' must be a string or an integer, got {value!r}")
+        return None
+    label = str(value).strip()
+    if not label:
+        problems.append("field 'label' is empty")
+        return None
+    return label
+
+
+def _parse_messages(number: int, messages: Any) -> tuple[EvalRow | None, list[str]]:
+    problems: list[str] = []
+    if not isinstance(messages, list) or len(messages) < 2:
+        return None, ["'messages' must be a list of at least two turns (a prompt and the assistant's reply)"]
+    turns: list[dict[str, str]] = []
+    for index, turn in enumerate(messages):
+        if not isinstance(turn, Mapping):
+            problems.append(f"messages[{index}] is not an object with 'role' and 'content'")
+            continue
+        role, content = turn.get("role"), turn.get("content")
+        if role not in _ROLES:
+            problems.append(f"messages[{index}] has role {role!r}; expected one of {', '.join(_ROLES)}")
+        if not isinstance(content, str):
+            problems.append(f"messages[{index}] has no string 'content'")
+            continue
+        turns.append({"role": str(role), "content": content})
+    if problems:
+        return None, problems
+    if turns[-1]["role"] != "assistant":
+        return None, [f"the last turn must be the assistant's reference reply, got role {turns[-1]['role']!r}"]
+    if not turns[-1]["content"].strip():
+        return None, ["the last (assistant) turn is empty"]
+    context = tuple(turns[:-1])
+    plain_prompt = "\n".join(turn["content"] for turn in context)
+    return EvalRow(line=number, reference=turns[-1]["content"], prompt=plain_prompt, messages=context), []

@@ -1,0 +1,264 @@
+"""The training configuration: one validated pydantic model for YAML files and CLI flags alike.
+
+Design decisions:
+- Every knob of a run lives in `TrainConfig`, so the resolved config stored in an adapter's
+  lineage is enough to repeat the run exactly. The CLI builds it from `--config run.yaml`
+  first and then overlays the flags that were given (`merge_overrides`): flags win.
+- Unknown keys are refused (`extra="forbid"`): a misspelt YAML key silently ignored would make
+  a run differ from what its author believes it is.
+- Every problem in a config is reported at once (`load_config` turns pydantic's error list
+  into one `ValidationError`), and checks that need no model or data (method/task
+  combinations, ranges) run here, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from adapterhub.errors import ValidationError
+
+
+class Method(str, Enum):
+    """How the base model is adapted."""
+
+    LORA = "lora"
+    QLORA = "qlora"
+    DORA = "dora"
+    IA3 = "ia3"
+    PROMPT_TUNING = "prompt_tuning"
+    PREFIX_TUNING = "prefix_tuning"
+    FULL = "full"
+    LAYERWISE = "layerwise"
+
+
+class Task(str, Enum):
+    """What the data teaches."""
+
+    SFT = "sft"
+    CAUSAL_LM = "causal_lm"
+    CLASSIFICATION = "classification"
+    SETFIT = "setfit"
+
+
+# Methods whose result is a whole model directory instead of a PEFT adapter.
+FULL_MODEL_METHODS = frozenset({Method.FULL, Method.LAYERWISE})
+# Methods that put trainable tensors inside the base's linear layers (take target_modules).
+TARGETED_METHODS = frozenset({Method.LORA, Method.QLORA, Method.DORA, Method.IA3})
+
+# Learning rates that work out of the box for each method on small models; a config that sets
+# `learning_rate` overrides them. Soft prompts need a much larger step than weight updates.
+DEFAULT_LEARNING_RATES: dict[Method, float] = {
+    Method.LORA: 2e-4,
+    Method.QLORA: 2e-4,
+    Method.DORA: 2e-4,
+    Method.IA3: 3e-3,
+    Method.PROMPT_TUNING: 3e-2,
+    Method.PREFIX_TUNING: 1e-2,
+    Method.FULL: 2e-5,
+    Method.LAYERWISE: 5e-5,
+}
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Scheduler = Literal["constant", "linear", "cosine"]
+Optimizer = Literal["adamw", "adafactor", "sgd"]
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines one training run (data, method, task and every hyperparameter)."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_assignment=True)
+
+    # What to train on and what to call it. `base` and `name` are resolved by the CLI against
+    # the registry; the core trainer takes the base directory directly.
+    base: str | None = Field(None, description="registered base model name (CLI)")
+    name: str | None = Field(None, description="name to register the result under (CLI)")
+    data: Path | None = Field(None, description="training data: .jsonl, .json, .csv or .parquet")
+    validation_data: Path | None = Field(None, description="separate validation file (same format)")
+    validation_split: float = Field(0.1, ge=0.0, lt=1.0, description="share of `data` held out when no validation_data")
+    method: Method = Method.LORA
+    task: Task = Task.SFT
+
+    # Sequence handling.
+    max_length: int = Field(512, ge=8, description="tokens per example; longer ones are truncated (and counted)")
+    packing: bool = Field(False, description="pack several examples into one sequence (TRL best-fit packing)")
+
+    # LoRA family.
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="module names, 'all-linear', or None for PEFT's default for the architecture"
+    )
+    use_rslora: bool = False
+    quant_bits: Literal[4, 8] = Field(4, description="qlora: 4 (NF4, double quantization) or 8 bits")
+
+    # Soft prompts.
+    num_virtual_tokens: int = Field(8, ge=1)
+    prompt_init_text: str | None = Field(None, description="prompt_tuning: initialise the soft prompt from this text")
+
+    # Layer-wise fine-tuning: train only the top-k transformer blocks.
+    layerwise_top_k: int = Field(2, ge=1)
+
+    # Classification.
+    labels: list[str] | None = Field(None, description="label set (else inferred from the data, sorted)")
+
+    # SetFit.
+    setfit_iterations: int = Field(20, ge=1, description="contrastive pairs generated per example")
+    setfit_body_epochs: int = Field(1, ge=1)
+
+    # Optimisation.
+    learning_rate: float | None = Field(None, gt=0, description="None: a per-method default")
+    lr_scheduler: Scheduler = "linear"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    warmup_steps: int = Field(0, ge=0)
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping; 0 disables it")
+    weight_decay: float = Field(0.0, ge=0.0)
+    optimizer: Optimizer = "adamw"
+    gradient_checkpointing: bool = False
+    precision: Precision = Field("auto", description="auto: bf16 on CUDA GPUs that have it, fp16 on older ones, fp32 on CPU")
+    seed: int = 42
+
+    # Evaluation, early stopping, checkpoints.
+    eval_steps: int | None = Field(None, ge=1, description="validate every N steps (default: ~10 times per run)")
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after N validations without improvement")
+    early_stopping_threshold: float = Field(0.0, ge=0.0)
+    save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (needed for --resume)")
+    save_total_limit: int = Field(2, ge=1)
+    logging_steps: int | None = Field(None, ge=1)
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_target_modules(cls, value: Any) -> Any:
+        # The CLI passes "q_proj,v_proj"; YAML may pass either form.
+        if isinstance(value, str) and value != "all-linear":
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _split_labels(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _setfit_defaults_to_full(cls, data: Any) -> Any:
+        # SetFit always fine-tunes the whole encoder, so `--task setfit` alone means method full.
+        if isinstance(data, dict) and data.get("task") == Task.SETFIT.value and data.get("method") is None:
+            return {**data, "method": Method.FULL}
+        return data
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TrainConfig:
+        problems = combination_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def resolved_learning_rate(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATES[self.method]
+
+    @property
+    def produces_full_model(self) -> bool:
+        return self.method in FULL_MODEL_METHODS or self.task == Task.SETFIT
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as JSON-able data with defaults filled in (stored in the lineage)."""
+        data = self.model_dump(mode="json")
+        data["learning_rate"] = self.resolved_learning_rate
+        return data
+
+
+def combination_problems(config: TrainConfig) -> list[str]:
+    """Method/task/option combinations that make no sense, found without loading anything."""
+    problems: list[str] = []
+    method, task = config.method, config.task
+    if task == Task.SETFIT and method != Method.FULL:
+        # SetFit fine-tunes the whole sentence encoder contrastively; the PEFT kinds have no meaning there.
+        problems.append(f"task setfit trains the whole sentence encoder: use method 'full' (got '{method.value}')")
+    if task == Task.CLASSIFICATION and method in (Method.FULL, Method.LAYERWISE, Method.PREFIX_TUNING):
+        problems.append(
+            f"task classification supports lora, qlora, dora, ia3 and prompt_tuning (got '{method.value}'): "
+            "a full sequence-classification model has a different architecture than the registered base"
+        )
+    if task in (Task.CLASSIFICATION, Task.SETFIT) and config.packing:
+        problems.append(f"packing only applies to sft and causal_lm, not {task.value}")
+    if config.target_modules is not None and method not in TARGETED_METHODS:
+        problems.append(f"target_modules only applies to lora, qlora, dora and ia3, not {method.value}")
+    if config.use_rslora and method not in (Method.LORA, Method.QLORA, Method.DORA):
+        problems.append(f"use_rslora only applies to the LoRA methods, not {method.value}")
+    if config.prompt_init_text is not None and method != Method.PROMPT_TUNING:
+        problems.append("prompt_init_text only applies to prompt_tuning")
+    if config.labels is not None and task not in (Task.CLASSIFICATION, Task.SETFIT):
+        problems.append(f"labels only apply to classification and setfit, not {task.value}")
+    if config.labels is not None and len(set(config.labels)) != len(config.labels):
+        problems.append(f"labels repeat a value: {config.labels}")
+    if config.labels is not None and len(config.labels) < 2:
+        problems.append(f"classification needs at least two labels, got {config.labels}")
+    if config.early_stopping_patience is not None and config.validation_data is None and config.validation_split == 0:
+        problems.append("early stopping needs validation data: set validation_split > 0 or validation_data")
+    if config.warmup_ratio and config.warmup_steps:
+        problems.append("set warmup_ratio or warmup_steps, not both")
+    return problems
+
+
+def _format_pydantic_errors(exc: pydantic.ValidationError) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if where:
+            problems.append(f"{where}: {message} (got {error.get('input')!r})")
+        else:
+            problems.extend(message.split("; "))
+    return problems
+
+
+def load_config(data: Mapping[str, Any], *, source: str = "training config") -> TrainConfig:
+    """Validate a mapping into a `TrainConfig`; every problem in one `ValidationError`."""
+    try:
+        return TrainConfig.model_validate(dict(data))
+    except pydantic.ValidationError as exc:
+        raise ValidationError(source, _format_pydantic_errors(exc)) from None
+
+
+def read_yaml_config(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML run file (not yet validated: flags are overlaid first)."""
+    import yaml
+
+    if not path.is_file():
+        raise ValidationError(f"config {path}", ["file not found"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ValidationError(f"config {path}", [f"not valid YAML: {exc}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValidationError(f"config {path}", ["the top level must be a mapping of option: value"])
+    # Relative data paths in a run file are relative to the file, so a run dir can be moved.
+    for key in ("data", "validation_data"):
+        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+            data[key] = str((path.parent / data[key]).resolve())
+    return data
+
+
+def merge_overrides(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """YAML values overlaid by the flags that were given (None means 'not given')."""
+    merged = dict(file_values)
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    return merged

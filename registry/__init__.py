@@ -1,0 +1,9 @@
+"""The adapter registry: metadata in SQLAlchemy (SQLite WAL by default), content in a blob store.
+
+Importing it never imports torch (a test checks), so listing and resolving stay fast.
+"""
+
+from adapterhub.registry.records import AdapterRecord, BaseModelRecord, Evaluation, GcReport, Lineage, PutResult
+from adapterhub.registry.store import Registry
+
+__all__ = ["AdapterRecord", "BaseModelRecord", "Evaluation", "GcReport", "Lineage", "PutResult", "Registry"]

@@ -1,0 +1,135 @@
+"""Content-addressed blob store on a local (or shared) disk.
+
+Layout: `blobs/sha256/ab/cdef…` (the first two hex digits fan the files out). A write goes
+to `blobs/tmp/` with the hash computed while copying, is fsynced, then renamed into place
+and the directory fsynced: a blob is either complete at its address or absent, even across
+SIGKILL or power loss. Identical content lands at the same address once.
+
+Reads are verified: `verified_path` re-hashes the file and raises `CorruptBlobError` on a
+mismatch, so bit rot or a hand-edited blob is detected before anyone loads it.
+
+Writers and GC coordinate with `flock` on `blobs/.lock`: each writer holds it shared from
+its first blob write until its record is committed; GC takes it exclusively, so it never
+deletes a blob that a running import is about to reference. The kernel drops the lock of a
+killed process, so a SIGKILLed import leaves only unreferenced blobs, which the next GC removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from adapterhub.errors import CorruptBlobError, NotFoundError
+
+_CHUNK = 4 * 1024 * 1024
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def hash_file(path: Path) -> str:
+    """sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class BlobStore:
+    """Put/get files by sha256."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.objects = root / "sha256"
+        self.tmp = root / "tmp"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self._lock_path = root / ".lock"
+        self._lock_path.touch(exist_ok=True)
+
+    def path_for(self, sha256: str) -> Path:
+        return self.objects / sha256[:2] / sha256[2:]
+
+    def has(self, sha256: str) -> bool:
+        return self.path_for(sha256).exists()
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Held (shared) by an import from its first blob until its record commits."""
+        with self._lock_path.open("rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def exclusive_lock(self) -> Iterator[None]:
+        """Held by GC: no import is between writing blobs and committing its record."""
+        with self._lock_path.open("rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def put_file(self, source: Path) -> tuple[str, int]:
+        """Copy `source` in durably; returns (sha256, size). Call under `writer_lock`."""
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="put-")
+        tmp_path = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                while chunk := src.read(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            sha256 = digest.hexdigest()
+            final = self.path_for(sha256)
+            if final.exists():
+                tmp_path.unlink()
+                return sha256, size
+            final.parent.mkdir(exist_ok=True)
+            os.chmod(tmp_path, 0o444)
+            os.replace(tmp_path, final)
+            _fsync_dir(final.parent)
+            return sha256, size
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+
+    def verified_path(self, sha256: str) -> Path:
+        """The blob's path after checking its content still hashes to its address."""
+        path = self.path_for(sha256)
+        if not path.exists():
+            raise NotFoundError(f"blob {sha256[:12]}… is missing from {self.objects} (the store was altered outside adapterhub)")
+        actual = hash_file(path)
+        if actual != sha256:
+            raise CorruptBlobError(
+                f"blob {sha256[:12]}… is corrupt on disk: its content hashes to {actual[:12]}… ({path}); "
+                "restore it from a backup or re-import the adapter"
+            )
+        return path
+
+    def iter_blobs(self) -> Iterator[tuple[str, Path]]:
+        for fan in self.objects.iterdir():
+            if fan.is_dir():
+                for blob in fan.iterdir():
+                    yield fan.name + blob.name, blob
+
+    def iter_temp_files(self) -> Iterator[Path]:
+        yield from (p for p in self.tmp.iterdir() if p.is_file())

@@ -1,0 +1,133 @@
+"""Frozen value types the registry hands out; plain data, safe to pass across threads."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from adapterhub.formats import BaseModelSpec
+
+LineageKind = Literal["trained", "merged", "imported"]
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a record came from.
+
+    `parents` are refs with versions (`name:3`); `details` is JSON-serialisable: for a trained
+    adapter the dataset fingerprint, resolved config, base fingerprint, wall time and peak
+    memory; for a merge the recipe, method and per-module error report; for an import its source.
+    """
+
+    kind: LineageKind
+    parents: tuple[str, ...] = ()
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "parents": list(self.parents), "details": dict(self.details)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> Lineage | None:
+        if not data:
+            return None
+        return cls(kind=data["kind"], parents=tuple(data.get("parents", ())), details=data.get("details", {}))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metric: str
+    value: float
+    dataset: str
+    split: str | None
+    created_at: datetime
+    details: Mapping[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric, "value": self.value, "dataset": self.dataset, "split": self.split,
+            "created_at": self.created_at.isoformat(), "details": dict(self.details or {}),
+        }
+
+
+@dataclass(frozen=True)
+class BaseModelRecord:
+    name: str
+    fingerprint: str
+    architecture: str
+    path: Path
+    spec: BaseModelSpec
+    source: str
+    size_bytes: int
+    created_at: datetime
+    evaluations: tuple[Evaluation, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "fingerprint": self.fingerprint, "architecture": self.architecture,
+            "path": str(self.path), "source": self.source, "size_bytes": self.size_bytes,
+            "created_at": self.created_at.isoformat(),
+            "hidden_size": self.spec.hidden_size, "num_layers": self.spec.num_layers,
+            "evaluations": [e.to_json() for e in self.evaluations],
+        }
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    name: str
+    version: int
+    sha256: str
+    base_name: str
+    base_fingerprint: str
+    peft_type: str
+    task_type: str | None
+    rank: int | None
+    alpha: float | None
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    created_at: datetime
+    tags: tuple[str, ...] = ()
+    lineage: Lineage | None = None
+    evaluations: tuple[Evaluation, ...] = ()
+    files: Mapping[str, str] = field(default_factory=dict)
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        """The exact reference of this record, `name:version`."""
+        return f"{self.name}:{self.version}"
+
+    @property
+    def is_full_model(self) -> bool:
+        return self.peft_type == "FULL"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "version": self.version, "ref": self.ref, "sha256": self.sha256,
+            "base": self.base_name, "base_fingerprint": self.base_fingerprint, "peft_type": self.peft_type,
+            "task_type": self.task_type, "rank": self.rank, "alpha": self.alpha,
+            "target_modules": list(self.target_modules), "size_bytes": self.size_bytes,
+            "created_at": self.created_at.isoformat(), "tags": list(self.tags),
+            "lineage": self.lineage.to_json() if self.lineage else None,
+            "evaluations": [e.to_json() for e in self.evaluations],
+            "files": dict(self.files),
+        }
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """`created` is False when identical content was already registered under that name."""
+
+    record: AdapterRecord
+    created: bool
+
+
+@dataclass(frozen=True)
+class GcReport:
+    removed_blobs: int
+    removed_bytes: int
+    removed_temp_files: int
+    removed_cache_dirs: int
+    kept_blobs: int

@@ -1,0 +1,644 @@
+"""The registry: adapter and base-model records over a metadata database and a blob store.
+
+Invariants, and how they hold:
+- *Nothing half-written is visible.* An import validates everything first (one error listing
+  every problem, nothing touched), writes its blobs durably, and only then inserts the record,
+  its files, tags and lineage in one transaction. A crash before the commit leaves unreferenced
+  blobs, which `gc` removes; a crash after it leaves a complete record.
+- *Concurrent writers.* SQLite runs in WAL mode and write transactions start with
+  `BEGIN IMMEDIATE`, so version numbers are assigned under the database's write lock; the
+  `(name, version)` unique constraint backs this up on any database (a conflict retries).
+- *Verified reads.* `materialize` and `export` re-hash every blob they hand out.
+
+The registry imports no torch: adapters are checked against a base model through safetensors
+headers (`adapterhub.formats`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from adapterhub import settings
+from adapterhub.errors import AdapterhubError, AmbiguousRefError, NotFoundError, ValidationError
+from adapterhub.formats import (
+    BaseModelSpec,
+    base_model_spec,
+    check_adapter_against_base,
+    fingerprint_config,
+    read_adapter_dir,
+    weight_files,
+)
+from adapterhub.names import Ref, parse_ref, validate_name
+from adapterhub.registry.blobs import BlobStore, hash_file
+from adapterhub.registry.records import (
+    AdapterRecord,
+    BaseModelRecord,
+    Evaluation,
+    GcReport,
+    Lineage,
+    PutResult,
+)
+from adapterhub.registry.schema import (
+    AdapterFileRow,
+    AdapterNameRow,
+    AdapterRow,
+    BaseModelRow,
+    EvaluationRow,
+    LineageParentRow,
+    TagRow,
+)
+
+_A = AdapterRow.__table__
+_B = BaseModelRow.__table__
+_F = AdapterFileRow.__table__
+_T = TagRow.__table__
+_E = EvaluationRow.__table__
+_L = LineageParentRow.__table__
+_N = AdapterNameRow.__table__
+
+_SUMMARY_COLUMNS = (
+    _A.c.id, _A.c.name, _A.c.version, _A.c.sha256, _A.c.peft_type, _A.c.task_type, _A.c.rank, _A.c.alpha,
+    _A.c.target_modules, _A.c.size_bytes, _A.c.created_at, _A.c.lineage, _A.c.config,
+    _B.c.name.label("base_name"), _B.c.fingerprint.label("base_fingerprint"),
+)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def content_sha256(files: Mapping[str, str]) -> str:
+    """Identity of a record's content: the hash of its sorted (path, blob sha256) list."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(f"{path}\0{files[path]}\n".encode())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Hash of a model's defining config and of every weight file's content."""
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    digest = hashlib.sha256(fingerprint_config(config).encode())
+    for path in weight_files(model_dir):
+        digest.update(f"{path.name}\0{hash_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class Registry:
+    """Adapters, full models and base models of one `ADAPTERHUB_HOME` (or database URL)."""
+
+    def __init__(self, home: Path, engine: Engine) -> None:
+        self.home = home
+        self.engine = engine
+        self.blobs = BlobStore(home / "blobs")
+        self.models_dir = home / "models"
+        self.cache_dir = home / "cache"
+        self.models_dir.mkdir(exist_ok=True)
+        self.cache_dir.mkdir(exist_ok=True)
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, home: Path | None = None, *, database_url: str | None = None) -> Registry:
+        """Open (creating and migrating as needed) the registry at `home`."""
+        home = Path(home) if home is not None else settings.adapterhub_home()
+        home.mkdir(parents=True, exist_ok=True)
+        url = database_url or settings.database_url(home)
+        engine = _create_engine(url)
+        from adapterhub.registry.migrate import upgrade_to_head
+
+        with _file_lock(home / ".migrate.lock"):
+            upgrade_to_head(engine)
+        return cls(home, engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction; on SQLite it takes the write lock up front (BEGIN IMMEDIATE)."""
+        with self.engine.connect() as conn:
+            conn.info["begin_immediate"] = True
+            with conn.begin():
+                yield conn
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    # ------------------------------------------------------------------ base models
+
+    def add_base_model(self, *, name: str, model_dir: Path, source: str = "", move: bool = False) -> BaseModelRecord:
+        """Register a transformers model directory (safetensors) as base model `name`.
+
+        The directory is copied (or moved, for a staging dir adapterhub made) into
+        `$ADAPTERHUB_HOME/models/<name>`. Registering the same model under the same name again
+        is a no-op; another model under a taken name, or the same model under a second name, is
+        refused.
+        """
+        validate_name(name, what="base model name")
+        model_dir = Path(model_dir)
+        spec = base_model_spec(model_dir)
+        fingerprint = model_fingerprint(model_dir)
+        with self._read() as conn:
+            by_name = conn.execute(select(_B).where(_B.c.name == name)).first()
+            by_print = conn.execute(select(_B).where(_B.c.fingerprint == fingerprint)).first()
+        if by_name is not None:
+            if by_name.fingerprint == fingerprint:
+                return self.get_base_model(name)
+            raise AdapterhubError(f"base model {name!r} is already registered with another fingerprint ({by_name.fingerprint[:12]}); choose another name or `adapterhub models rm {name}` first")
+        if by_print is not None:
+            raise AdapterhubError(f"this model is already registered as base model {by_print.name!r}")
+        target = self.models_dir / name
+        staging = Path(tempfile.mkdtemp(dir=self.models_dir, prefix=f".{name}-"))
+        try:
+            if move:
+                for item in model_dir.iterdir():
+                    shutil.move(str(item), staging / item.name)
+            else:
+                shutil.copytree(model_dir, staging, dirs_exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)  # leftovers of a removed model of the same name
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        try:
+            with self._write() as conn:
+                conn.execute(insert(_B).values(
+                    name=name, fingerprint=fingerprint, architecture=spec.architecture, path=str(target),
+                    spec=spec.to_json(), source=source or str(model_dir), size_bytes=_dir_size(target), created_at=_now(),
+                ))
+        except IntegrityError:
+            raise AdapterhubError(f"base model {name!r} was registered concurrently by another process") from None
+        return self.get_base_model(name)
+
+    def get_base_model(self, name_or_fingerprint: str) -> BaseModelRecord:
+        """A base model by name or (a prefix of at least 8 digits of) its fingerprint."""
+        with self._read() as conn:
+            row = conn.execute(select(_B).where(_B.c.name == name_or_fingerprint)).first()
+            if row is None and len(name_or_fingerprint) >= 8:
+                row = conn.execute(select(_B).where(_B.c.fingerprint.like(f"{name_or_fingerprint}%"))).first()
+            if row is None:
+                names = list(conn.execute(select(_B.c.name)).scalars())
+                raise NotFoundError(_not_found_message("base model", name_or_fingerprint, names, hint="`adapterhub models add`"))
+            evaluations = self._evaluations(conn, _E.c.base_model_id == row.id)
+        return _base_record(row, evaluations)
+
+    def list_base_models(self) -> list[BaseModelRecord]:
+        with self._read() as conn:
+            rows = conn.execute(select(_B).order_by(_B.c.name)).all()
+        return [_base_record(row, ()) for row in rows]
+
+    def remove_base_model(self, name: str) -> BaseModelRecord:
+        """Remove a base model; refused while adapters still point to it."""
+        record = self.get_base_model(name)
+        with self._write() as conn:
+            row_id = conn.execute(select(_B.c.id).where(_B.c.name == record.name)).scalar_one()
+            users = conn.execute(select(_A.c.name, _A.c.version).where(_A.c.base_model_id == row_id).limit(6)).all()
+            if users:
+                shown = ", ".join(f"{u.name}:{u.version}" for u in users[:5])
+                raise AdapterhubError(f"base model {name!r} is used by adapters ({shown}{', …' if len(users) > 5 else ''}); remove them first")
+            conn.execute(delete(_E).where(_E.c.base_model_id == row_id))
+            conn.execute(delete(_B).where(_B.c.id == row_id))
+        shutil.rmtree(record.path, ignore_errors=True)
+        return record
+
+    # ------------------------------------------------------------------ adapters: write
+
+    def put_adapter(
+        self,
+        *,
+        name: str,
+        source_dir: Path,
+        base: str,
+        tags: Sequence[str] = (),
+        lineage: Lineage | None = None,
+    ) -> PutResult:
+        """Validate and store an adapter (or full-model) directory as the next version of `name`.
+
+        Everything is checked before anything is written; one `ValidationError` lists every
+        problem. Identical content already stored under `name` is a no-op (`created=False`).
+        """
+        problems = [f"name: {p}" for p in _name_problems(name)]
+        problems += [f"tag: {p}" for tag in tags for p in _name_problems(tag)]
+        if problems:
+            raise ValidationError(f"adapter {name!r}", problems)
+        base_record = self.get_base_model(base)
+        manifest = read_adapter_dir(Path(source_dir))
+        problems = check_adapter_against_base(manifest, base_record.spec)
+        if problems:
+            raise ValidationError(f"adapter {source_dir} does not fit base model {base_record.name!r}", problems)
+        if lineage is not None:
+            missing_parents = [p for p in lineage.parents if self.resolve(p) is None]
+            if missing_parents:
+                raise ValidationError(f"adapter {name!r}", [f"lineage parent {p!r} is not in the registry" for p in missing_parents])
+
+        with self.blobs.writer_lock():
+            files: dict[str, str] = {}
+            sizes: dict[str, int] = {}
+            for rel in manifest.files:
+                files[rel], sizes[rel] = self.blobs.put_file(manifest.path / rel)
+            sha256 = content_sha256(files)
+            for attempt in range(5):
+                try:
+                    return self._insert_record(
+                        name=name, sha256=sha256, base_record=base_record, manifest=manifest,
+                        files=files, sizes=sizes, tags=tags, lineage=lineage,
+                    )
+                except IntegrityError:
+                    # Another writer took this version between our read and insert (possible on
+                    # databases without BEGIN IMMEDIATE); the retry sees its row.
+                    if attempt == 4:
+                        raise
+                    time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _insert_record(
+        self, *, name: str, sha256: str, base_record: BaseModelRecord, manifest: Any, files: Mapping[str, str],
+        sizes: Mapping[str, int], tags: Sequence[str], lineage: Lineage | None,
+    ) -> PutResult:
+        with self._write() as conn:
+            existing = conn.execute(
+                select(_A.c.version).where(_A.c.name == name, _A.c.sha256 == sha256).order_by(_A.c.version.desc())
+            ).first()
+            if existing is not None:
+                created = False
+                version = existing.version
+            else:
+                created = True
+                base_id = conn.execute(select(_B.c.id).where(_B.c.name == base_record.name)).scalar_one()
+                last = conn.execute(select(_N.c.last_version).where(_N.c.name == name)).scalar_one_or_none()
+                if last is None:
+                    conn.execute(insert(_N).values(name=name, last_version=0))
+                    last = 0
+                version = last + 1
+                conn.execute(update(_N).where(_N.c.name == name).values(last_version=version))
+                targets = list(manifest.target_modules)
+                adapter_id = conn.execute(insert(_A).values(
+                    name=name, version=version, sha256=sha256, base_model_id=base_id, peft_type=manifest.peft_type,
+                    task_type=manifest.task_type, rank=manifest.rank, alpha=manifest.alpha, target_modules=targets,
+                    config=dict(manifest.config), size_bytes=sum(sizes.values()), created_at=_now(),
+                    lineage=lineage.to_json() if lineage else None,
+                )).inserted_primary_key[0]
+                conn.execute(insert(_F), [
+                    {"adapter_id": adapter_id, "path": rel, "blob_sha256": files[rel], "size_bytes": sizes[rel]} for rel in files
+                ])
+                if tags:
+                    conn.execute(insert(_T), [{"adapter_id": adapter_id, "tag": t} for t in dict.fromkeys(tags)])
+                if lineage and lineage.parents:
+                    conn.execute(insert(_L), [
+                        {"child_id": adapter_id, "parent_ref": p, "parent_id": self._id_of(conn, p)}
+                        for p in dict.fromkeys(lineage.parents)
+                    ])
+        return PutResult(record=self.get(f"{name}:{version}"), created=created)
+
+    def _id_of(self, conn: Connection, ref: str) -> int | None:
+        try:
+            return self._find_row(conn, parse_ref(ref)).id
+        except AdapterhubError:
+            return None
+
+    def tag(self, ref: str, tag: str) -> AdapterRecord:
+        """Add `tag` to the record `ref` names (idempotent)."""
+        validate_name(tag, what="tag")
+        with self._write() as conn:
+            row = self._find_row(conn, parse_ref(ref))
+            exists = conn.execute(select(_T).where(_T.c.adapter_id == row.id, _T.c.tag == tag)).first()
+            if exists is None:
+                conn.execute(insert(_T).values(adapter_id=row.id, tag=tag))
+        return self.get(f"{row.name}:{row.version}")
+
+    def untag(self, ref: str, tag: str) -> AdapterRecord:
+        with self._write() as conn:
+            row = self._find_row(conn, parse_ref(ref))
+            conn.execute(delete(_T).where(_T.c.adapter_id == row.id, _T.c.tag == tag))
+        return self.get(f"{row.name}:{row.version}")
+
+    def remove(self, ref: str) -> AdapterRecord:
+        """Remove one record (its blobs stay until `gc`, as other records may share them)."""
+        record = self.get(ref)
+        with self._write() as conn:
+            row = self._find_row(conn, parse_ref(record.ref))
+            for table in (_F, _T, _E):
+                conn.execute(delete(table).where(table.c.adapter_id == row.id))
+            conn.execute(delete(_L).where(_L.c.child_id == row.id))
+            conn.execute(update(_L).where(_L.c.parent_id == row.id).values(parent_id=None))
+            conn.execute(delete(_A).where(_A.c.id == row.id))
+        return record
+
+    def record_evaluation(
+        self, ref: str, *, metric: str, value: float, dataset: str, split: str | None = None,
+        details: Mapping[str, Any] | None = None, base_model: bool = False,
+    ) -> Evaluation:
+        """Store one metric of the record `ref` (or, with `base_model=True`, of base model `ref`)."""
+        created_at = _now()
+        with self._write() as conn:
+            if base_model:
+                row_id = conn.execute(select(_B.c.id).where(_B.c.name == ref)).scalar_one_or_none()
+                if row_id is None:
+                    raise NotFoundError(f"no base model named {ref!r}")
+                owner = {"base_model_id": row_id}
+            else:
+                owner = {"adapter_id": self._find_row(conn, parse_ref(ref)).id}
+            conn.execute(insert(_E).values(
+                **owner, metric=metric, value=float(value), dataset=dataset, split=split,
+                details=dict(details) if details else None, created_at=created_at,
+            ))
+        return Evaluation(metric=metric, value=float(value), dataset=dataset, split=split, created_at=created_at, details=details)
+
+    # ------------------------------------------------------------------ adapters: read
+
+    def get(self, ref: str) -> AdapterRecord:
+        """The record a ref names: `name` (latest), `name:version` or `name@sha-prefix`."""
+        parsed = parse_ref(ref)
+        with self._read() as conn:
+            row = self._find_row(conn, parsed)
+            return self._full_record(conn, row)
+
+    def resolve(self, ref: str, *, base: str | None = None) -> AdapterRecord | None:
+        """Like `get`, but None when nothing matches (or it belongs to another base)."""
+        try:
+            record = self.get(ref)
+        except NotFoundError:
+            return None
+        except AdapterhubError:
+            if isinstance(ref, str) and not _looks_like_ref(ref):
+                return None
+            raise
+        if base is not None and base not in (record.base_name, record.base_fingerprint):
+            return None
+        return record
+
+    def list(
+        self, *, base: str | None = None, tag: str | None = None, name: str | None = None,
+        peft_type: str | None = None, latest_only: bool = False,
+    ) -> list[AdapterRecord]:
+        """Summary records (no files, no evaluations), newest first, filtered as asked."""
+        query = select(*_SUMMARY_COLUMNS).join(_B, _A.c.base_model_id == _B.c.id)
+        if base is not None:
+            query = query.where((_B.c.name == base) | (_B.c.fingerprint == base))
+        if name is not None:
+            query = query.where(_A.c.name == name)
+        if peft_type is not None:
+            query = query.where(_A.c.peft_type == peft_type.upper())
+        if tag is not None:
+            query = query.where(_A.c.id.in_(select(_T.c.adapter_id).where(_T.c.tag == tag)))
+        if latest_only:
+            latest = select(_A.c.name, func.max(_A.c.version).label("v")).group_by(_A.c.name).subquery()
+            query = query.join(latest, (latest.c.name == _A.c.name) & (latest.c.v == _A.c.version))
+        query = query.order_by(_A.c.name, _A.c.version.desc())
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+            tag_query = select(_T.c.adapter_id, _T.c.tag)
+            if len(rows) < 500:
+                tag_query = tag_query.where(_T.c.adapter_id.in_([r.id for r in rows]))
+            tags: dict[int, list[str]] = {}
+            for adapter_id, tag_value in conn.execute(tag_query):
+                tags.setdefault(adapter_id, []).append(tag_value)
+        return [_adapter_record(row, tags=tuple(sorted(tags.get(row.id, ())))) for row in rows]
+
+    def children(self, ref: str) -> list[AdapterRecord]:
+        """Records whose lineage names `ref`'s record as a parent."""
+        record = self.get(ref)
+        with self._read() as conn:
+            row = self._find_row(conn, parse_ref(record.ref))
+            ids = list(conn.execute(select(_L.c.child_id).where(_L.c.parent_id == row.id)).scalars())
+            return [self._full_record(conn, conn.execute(self._row_query().where(_A.c.id == i)).one()) for i in ids]
+
+    def materialize(self, record_or_ref: AdapterRecord | str, *, verify: bool = True) -> Path:
+        """A directory with the record's files, every blob verified, for PEFT/transformers to load.
+
+        Cached at `$ADAPTERHUB_HOME/cache/<sha256>` (hard links to the blobs, so it costs no
+        space); the directory appears atomically. Treat it as read-only.
+        """
+        record = self.get(record_or_ref) if isinstance(record_or_ref, str) else record_or_ref
+        if not record.files:
+            record = self.get(record.ref)
+        if verify:
+            for sha in set(record.files.values()):
+                self.blobs.verified_path(sha)
+        target = self.cache_dir / record.sha256
+        if target.exists():
+            return target
+        staging = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".tmp-"))
+        try:
+            for rel, sha in record.files.items():
+                dest = staging / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                source = self.blobs.path_for(sha)
+                try:
+                    os.link(source, dest)
+                except OSError:
+                    shutil.copyfile(source, dest)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                if not target.exists():  # lost a race with another materialize: theirs is equal
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def export(self, ref: str, dest: Path) -> Path:
+        """Write the record's files (verified) into `dest`, a new or empty directory."""
+        record = self.get(ref)
+        dest = Path(dest)
+        if dest.exists() and any(dest.iterdir()):
+            raise AdapterhubError(f"export target {dest} exists and is not empty")
+        staging = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None, prefix=".export-"))
+        try:
+            for rel, sha in record.files.items():
+                out = staging / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.blobs.verified_path(sha), out)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                dest.rmdir()
+            shutil.move(str(staging), dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return dest
+
+    def gc(self) -> GcReport:
+        """Remove blobs no record references, stray temp files and stale caches."""
+        with self.blobs.exclusive_lock():
+            with self._read() as conn:
+                referenced = set(conn.execute(select(_F.c.blob_sha256).distinct()).scalars())
+                live = set(conn.execute(select(_A.c.sha256).distinct()).scalars())
+            removed = removed_bytes = kept = 0
+            for sha, path in list(self.blobs.iter_blobs()):
+                if sha in referenced:
+                    kept += 1
+                    continue
+                removed_bytes += path.stat().st_size
+                path.unlink()
+                removed += 1
+            temp_files = 0
+            for path in list(self.blobs.iter_temp_files()):
+                path.unlink(missing_ok=True)
+                temp_files += 1
+            cache_dirs = 0
+            for path in list(self.cache_dir.iterdir()):
+                if path.name not in live:
+                    shutil.rmtree(path, ignore_errors=True)
+                    cache_dirs += 1
+        return GcReport(removed_blobs=removed, removed_bytes=removed_bytes, removed_temp_files=temp_files,
+                        removed_cache_dirs=cache_dirs, kept_blobs=kept)
+
+    # ------------------------------------------------------------------ internals
+
+    def _row_query(self) -> Any:
+        return select(*_SUMMARY_COLUMNS).join(_B, _A.c.base_model_id == _B.c.id)
+
+    def _find_row(self, conn: Connection, ref: Ref) -> Any:
+        query = self._row_query().where(_A.c.name == ref.name)
+        if ref.version is not None:
+            query = query.where(_A.c.version == ref.version)
+        if ref.sha_prefix is not None:
+            query = query.where(_A.c.sha256.like(f"{ref.sha_prefix}%"))
+        rows = conn.execute(query.order_by(_A.c.version.desc())).all()
+        if not rows:
+            versions = list(conn.execute(select(_A.c.version).where(_A.c.name == ref.name).order_by(_A.c.version)).scalars())
+            if versions:
+                shown = ", ".join(f"{ref.name}:{v}" for v in versions[-10:])
+                raise NotFoundError(f"no adapter matches {str(ref)!r}; {ref.name!r} has {shown}")
+            names = list(conn.execute(select(_N.c.name)).scalars())
+            raise NotFoundError(_not_found_message("adapter", str(ref), names, hint="`adapterhub list`"))
+        if ref.sha_prefix is not None and len(rows) > 1:
+            shown = ", ".join(f"{r.name}:{r.version} ({r.sha256[:12]})" for r in rows[:10])
+            raise AmbiguousRefError(f"{str(ref)!r} matches {len(rows)} records: {shown}; give more digits or name:version")
+        return rows[0]
+
+    def _evaluations(self, conn: Connection, where: Any) -> tuple[Evaluation, ...]:
+        rows = conn.execute(select(_E).where(where).order_by(_E.c.created_at, _E.c.id)).all()
+        return tuple(
+            Evaluation(metric=r.metric, value=r.value, dataset=r.dataset, split=r.split,
+                       created_at=_as_utc(r.created_at), details=r.details)
+            for r in rows
+        )
+
+    def _full_record(self, conn: Connection, row: Any) -> AdapterRecord:
+        tags = tuple(sorted(conn.execute(select(_T.c.tag).where(_T.c.adapter_id == row.id)).scalars()))
+        files = {r.path: r.blob_sha256 for r in conn.execute(select(_F.c.path, _F.c.blob_sha256).where(_F.c.adapter_id == row.id))}
+        return _adapter_record(row, tags=tags, files=files, evaluations=self._evaluations(conn, _E.c.adapter_id == row.id))
+
+
+def _name_problems(name: str) -> list[str]:
+    from adapterhub.names import name_problems
+
+    return name_problems(name)
+
+
+def _looks_like_ref(text: str) -> bool:
+    try:
+        parse_ref(text)
+    except AdapterhubError:
+        return False
+    return True
+
+
+def _not_found_message(what: str, wanted: str, candidates: Iterable[str], *, hint: str) -> str:
+    names = sorted(set(candidates))
+    close = difflib.get_close_matches(wanted.split(":")[0].split("@")[0], names, n=5, cutoff=0.5)
+    if close:
+        return f"no {what} named {wanted!r}; did you mean: {', '.join(close)}?"
+    if names:
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        return f"no {what} named {wanted!r}; known: {shown}"
+    return f"no {what} named {wanted!r}; none registered yet (see {hint})"
+
+
+def _base_record(row: Any, evaluations: tuple[Evaluation, ...]) -> BaseModelRecord:
+    return BaseModelRecord(
+        name=row.name, fingerprint=row.fingerprint, architecture=row.architecture, path=Path(row.path),
+        spec=BaseModelSpec.from_json(row.spec), source=row.source, size_bytes=row.size_bytes,
+        created_at=_as_utc(row.created_at), evaluations=evaluations,
+    )
+
+
+def _adapter_record(
+    row: Any, *, tags: tuple[str, ...] = (), files: Mapping[str, str] | None = None,
+    evaluations: tuple[Evaluation, ...] = (),
+) -> AdapterRecord:
+    return AdapterRecord(
+        name=row.name, version=row.version, sha256=row.sha256, base_name=row.base_name,
+        base_fingerprint=row.base_fingerprint, peft_type=row.peft_type, task_type=row.task_type, rank=row.rank,
+        alpha=row.alpha, target_modules=tuple(row.target_modules or ()), size_bytes=row.size_bytes,
+        created_at=_as_utc(row.created_at), tags=tags, lineage=Lineage.from_json(row.lineage),
+        evaluations=evaluations, files=files or {}, config=row.config or {},
+    )
+
+
+def _create_engine(url: str) -> Engine:
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take over transaction control from pysqlite so writes can BEGIN IMMEDIATE.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout=60000")
+        for _ in range(50):
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                break
+            except Exception:  # database is locked while another process switches it
+                time.sleep(0.1)
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.info.pop("begin_immediate", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with path.open("a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+__all__ = ["Registry", "content_sha256", "model_fingerprint", "OperationalError"]
