@@ -1,0 +1,396 @@
+"""`train()`: one training run from a validated config to a saved adapter (or full model).
+
+Design decisions:
+- The loop is transformers' `Trainer` / TRL's `SFTTrainer`, never hand-written: mixed
+  precision, gradient accumulation and clipping, schedulers, checkpoints, resume with restored
+  RNG and data order, and DDP/FSDP under `accelerate launch` all come from there.
+- Everything that can be checked without training is checked first, in order of cost: the
+  config (pydantic), the machine and base (`environment_problems`), then every data row. A bad
+  run fails before any weight is loaded.
+- The core never touches the registry (DESIGN.md import directions). A run writes into its own
+  `output_dir` (`checkpoints/` while training, `final/` at the end) and returns a `TrainResult`;
+  the caller registers `final/`. Registering last means a run killed at any point leaves
+  checkpoints to `--resume` from, and no half-made registry record.
+- The resolved config is written to `output_dir/run_config.json` on the first start; a resume
+  with a different config is refused (it could not end at the adapter the config describes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterhub.errors import AdapterhubError, ValidationError
+from adapterhub.train.config import Method, Task, TrainConfig
+from adapterhub.train.data import PreparedData, prepare_data
+from adapterhub.train.methods import build_model, environment_problems, resolve_precision, trainable_parameters
+from adapterhub.train.progress import CURVE_FILE, RichProgressBar, loss_history, plot_learning_curve, write_metrics
+
+RUN_CONFIG_FILE = "run_config.json"
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
+_OPTIMIZERS = {"adamw": "adamw_torch", "adafactor": "adafactor", "sgd": "sgd"}
+# Keys that may differ between the first start of a run and its resume.
+_RESUME_FREE_KEYS = {"name", "base"}
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced; `lineage_details()` is what the registry stores."""
+
+    output_path: Path
+    is_full_model: bool
+    config: dict[str, Any]
+    dataset_fingerprint: str
+    metrics: dict[str, Any]
+    wall_time_s: float
+    peak_memory_bytes: int
+    is_main_process: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def lineage_details(self, *, base_fingerprint: str | None = None) -> dict[str, Any]:
+        details: dict[str, Any] = {
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "config": self.config,
+            "wall_time_s": round(self.wall_time_s, 3),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "metrics": {k: v for k, v in self.metrics.items() if k not in ("train_loss_history", "eval_loss_history")},
+        }
+        if base_fingerprint is not None:
+            details["base_fingerprint"] = base_fingerprint
+        return details
+
+
+def peak_memory_bytes() -> int:
+    """Peak memory of this process: GPU allocations on CUDA, else the peak resident set size."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def load_tokenizer(base_dir: Path) -> Any:
+    """The base's tokenizer, with a pad token (the EOS token when the base has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def count_truncated(examples: Sequence[dict[str, Any]], tokenizer: Any, config: TrainConfig) -> int:
+    """How many examples are longer than `max_length` tokens once formatted as the trainer does."""
+    if not examples:
+        return 0
+    texts: list[str] = []
+    for example in examples:
+        if "prompt" in example and isinstance(example["prompt"], list):
+            texts.append(tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False))
+        elif "prompt" in example:
+            texts.append(example["prompt"] + example["completion"] + (tokenizer.eos_token or ""))
+        else:
+            texts.append(example["text"])
+    add_special = config.task == Task.CLASSIFICATION or "text" in examples[0]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=add_special)["input_ids"]]
+    return sum(1 for length in lengths if length > config.max_length)
+
+
+def _check_resume_config(output_dir: Path, resolved: dict[str, Any], resume: bool) -> None:
+    path = output_dir / RUN_CONFIG_FILE
+    if resume and path.is_file():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(
+            key for key in set(previous) | set(resolved)
+            if key not in _RESUME_FREE_KEYS and previous.get(key) != resolved.get(key)
+        )
+        if changed:
+            problems = [f"{key}: was {previous.get(key)!r}, now {resolved.get(key)!r}" for key in changed]
+            raise ValidationError(f"--resume of {output_dir} with a different config", problems)
+
+
+def _estimated_steps(config: TrainConfig, num_train: int, world_size: int) -> int:
+    if config.max_steps:
+        return config.max_steps
+    per_step = config.batch_size * config.grad_accum * world_size
+    return max(1, math.ceil(num_train / per_step) * math.ceil(config.epochs))
+
+
+def _training_arguments(
+    config: TrainConfig,
+    *,
+    checkpoints_dir: Path,
+    precision: str,
+    has_validation: bool,
+    estimated_steps: int,
+    sft: bool,
+) -> Any:
+    import torch
+    from transformers import TrainingArguments
+    from trl import SFTConfig
+
+    problems: list[str] = []
+    eval_steps = config.eval_steps or max(1, estimated_steps // 10)
+    save_steps = config.save_steps
+    early = config.early_stopping_patience is not None
+    if early and save_steps is None:
+        save_steps = eval_steps
+    if early and save_steps % eval_steps:
+        problems.append(f"with early stopping, save_steps ({save_steps}) must be a multiple of eval_steps ({eval_steps})")
+    if problems:
+        raise ValidationError("training config", problems)
+    scheduler = config.lr_scheduler
+    warmup = config.warmup_ratio or config.warmup_steps
+    if scheduler == "constant" and warmup:
+        scheduler = "constant_with_warmup"
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(checkpoints_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.resolved_learning_rate,
+        lr_scheduler_type=scheduler,
+        warmup_steps=warmup,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        max_grad_norm=config.max_grad_norm,
+        weight_decay=config.weight_decay,
+        optim=_OPTIMIZERS[config.optimizer],
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        seed=config.seed,
+        data_seed=config.seed,
+        eval_strategy="steps" if has_validation else "no",
+        eval_steps=eval_steps if has_validation else None,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        save_total_limit=config.save_total_limit,
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None,
+        logging_steps=config.logging_steps or max(1, estimated_steps // 100),
+        logging_first_step=True,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,
+    )
+    if sft:
+        return SFTConfig(
+            **kwargs,
+            max_length=config.max_length,
+            packing=config.packing,
+            dataset_text_field="text",
+            dataset_num_proc=None,
+        )
+    return TrainingArguments(**kwargs)
+
+
+def _tokenize_for_classification(dataset: Any, tokenizer: Any, max_length: int) -> Any:
+    return dataset.map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+        batched=True,
+        remove_columns=["text"],
+    )
+
+
+def _build_trainer(
+    config: TrainConfig,
+    model: Any,
+    tokenizer: Any,
+    data: PreparedData,
+    args: Any,
+    callbacks: list[Any],
+) -> Any:
+    from transformers import DataCollatorWithPadding, Trainer
+    from trl import SFTTrainer
+
+    train_dataset, eval_dataset = data.to_datasets()
+    if config.task == Task.CLASSIFICATION:
+        train_dataset = _tokenize_for_classification(train_dataset, tokenizer, config.max_length)
+        if eval_dataset is not None:
+            eval_dataset = _tokenize_for_classification(eval_dataset, tokenizer, config.max_length)
+        return Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            callbacks=callbacks,
+        )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def validate_run(config: TrainConfig, base_dir: Path) -> None:
+    """Every check that needs neither model weights nor data rows; raises one `ValidationError`."""
+    problems = environment_problems(config, base_dir)
+    if config.data is None:
+        problems.append("no training data given (--data or `data:` in the config)")
+    if problems:
+        raise ValidationError("training run", problems)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    base_dir: Path,
+    output_dir: Path,
+    progress: bool = True,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+) -> TrainResult:
+    """Train `config` on the base in `base_dir`; the result lands in `output_dir/final`.
+
+    `resume=True` continues from the last checkpoint in `output_dir/checkpoints` (written every
+    `config.save_steps` steps) and ends at the same weights as an uninterrupted run.
+    `callbacks` are extra `transformers.TrainerCallback`s (used by tuning to prune trials).
+    Raises `ValidationError` for bad config/data/environment before anything is loaded.
+    """
+    if config.task == Task.SETFIT:
+        from adapterhub.train.setfit_task import train_setfit
+
+        validate_run(config, base_dir)
+        return train_setfit(config, base_dir=base_dir, output_dir=output_dir, progress=progress)
+
+    from accelerate import PartialState
+    from datasets.utils.logging import disable_progress_bar
+    from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    validate_run(config, base_dir)
+    if progress:
+        disable_progress_bar()  # datasets' per-map bars would bury the training bar
+    state = PartialState()
+    tokenizer = load_tokenizer(base_dir)
+    chat = config.task == Task.SFT and bool(getattr(tokenizer, "chat_template", None))
+    data = prepare_data(config, chat=chat)
+    if not data.train:
+        raise ValidationError("training data", ["no training examples left after the validation split"])
+    precision, _ = resolve_precision(config.precision)
+    resolved = config.resolved()
+    resolved["precision"] = precision
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints_dir = output_dir / CHECKPOINTS_DIR
+    _check_resume_config(output_dir, resolved, resume)
+    checkpoint = None
+    if resume:
+        checkpoint = get_last_checkpoint(str(checkpoints_dir)) if checkpoints_dir.is_dir() else None
+        if checkpoint is None:
+            raise AdapterhubError(f"--resume: no checkpoint in {checkpoints_dir} (checkpoints are written every --save-steps steps)")
+    if state.is_main_process:
+        (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    truncated = count_truncated(data.train, tokenizer, config)
+    notes = list(data.notes)
+    if truncated:
+        notes.append(f"{truncated} of {len(data.train)} training examples exceed max_length {config.max_length} tokens and were truncated")
+
+    set_seed(config.seed)
+    model = build_model(config, base_dir, tokenizer=tokenizer, precision=precision, labels=data.labels)
+    trainable, total = trainable_parameters(model)
+    args = _training_arguments(
+        config,
+        checkpoints_dir=checkpoints_dir,
+        precision=precision,
+        has_validation=bool(data.validation),
+        estimated_steps=_estimated_steps(config, len(data.train), state.num_processes),
+        sft=config.task != Task.CLASSIFICATION,
+    )
+    trainer_callbacks: list[Any] = list(callbacks)
+    if progress:
+        trainer_callbacks.append(RichProgressBar(f"{config.method.value}/{config.task.value}"))
+    if config.early_stopping_patience is not None:
+        trainer_callbacks.append(
+            EarlyStoppingCallback(config.early_stopping_patience, config.early_stopping_threshold)
+        )
+    trainer = _build_trainer(config, model, tokenizer, data, args, trainer_callbacks)
+    if progress:
+        # One display: our bar replaces transformers' printed log dicts.
+        trainer.remove_callback(PrinterCallback)
+
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    wall_time = time.perf_counter() - started
+    final_metrics: dict[str, Any] = {}
+    if data.validation:
+        final_metrics = trainer.evaluate()
+
+    history = loss_history(trainer.state.log_history)
+    runtime = float(output.metrics.get("train_runtime", wall_time))
+    tokens_seen = int(trainer.state.num_input_tokens_seen or 0)
+    metrics: dict[str, Any] = {
+        "train_loss": output.training_loss,
+        "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
+        "eval_loss": final_metrics.get("eval_loss"),
+        "best_eval_loss": trainer.state.best_metric,
+        "global_step": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_runtime_s": runtime,
+        "tokens_seen": tokens_seen,
+        "tokens_per_second": tokens_seen / runtime if runtime > 0 else None,
+        "num_train_examples": len(data.train),
+        "num_validation_examples": len(data.validation),
+        "truncated_examples": truncated,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "precision": precision,
+        "world_size": state.num_processes,
+        "resumed_from": Path(checkpoint).name if checkpoint else None,
+        "stopped_early": bool(config.early_stopping_patience and trainer.state.global_step < trainer.state.max_steps),
+        "labels": data.labels,
+        "train_loss_history": history["train_loss"],
+        "eval_loss_history": history["eval_loss"],
+    }
+    final_dir = output_dir / FINAL_DIR
+    is_full = config.produces_full_model
+    if state.is_main_process:
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        unwrapped.save_pretrained(final_dir, safe_serialization=True)
+        if is_full:
+            tokenizer.save_pretrained(final_dir)
+        metrics["peak_memory_bytes"] = peak_memory_bytes()
+        write_metrics(metrics, final_dir)
+        plot_learning_curve(history, final_dir / CURVE_FILE, title=f"{config.name or 'run'} ({config.method.value}, {config.task.value})")
+    state.wait_for_everyone()
+    return TrainResult(
+        output_path=final_dir,
+        is_full_model=is_full,
+        config=resolved,
+        dataset_fingerprint=data.fingerprint,
+        metrics=metrics,
+        wall_time_s=wall_time,
+        peak_memory_bytes=peak_memory_bytes(),
+        is_main_process=state.is_main_process,
+        notes=notes,
+    )
+
+
+def env_is_distributed() -> bool:
+    """Whether this process was started by a distributed launcher (`accelerate launch`, torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
