@@ -1,13 +1,53 @@
-"""Evaluate a model directory (plus an optional PEFT adapter) on an eval file."""
+"""Evaluate a model directory (plus an optional PEFT adapter) on an eval file.
+
+Flow of every entry point: read and validate the file, resolve the metric names against its
+shape, check the directories, and only then load a model, so bad input fails in
+milliseconds with one error and no model is ever loaded for nothing.
+
+Design decisions:
+
+- Default metrics follow the data's shape: perplexity for raw text; accuracy, precision,
+  recall and F1 for `text`/`label` rows; exact match, ROUGE and BLEU for generation, plus the
+  classification metrics when the references look like labels (a few distinct short answers,
+  each repeated; see `_looks_like_labels`).
+- A causal LM on `text`/`label` rows is asked for the label in words (the prompt names the
+  label set) and its reply matched to a label (`metrics.match_label`); a model with a
+  classification head answers with its arg-max class. Both give the same four metrics, so a
+  base model can be compared with a classifier adapter on the same rows.
+- `compare` loads the base once and attaches the adapter to it afterwards (PEFT wraps the
+  loaded model in place), so a comparison costs one model in memory, not two.
+- The forgetting check scores perplexity on general English text shipped with the package
+  (`resources/general_heldout.jsonl`: varied sentences written for this purpose, not taken
+  from any training set), before and after; it is only defined for causal LMs.
+"""
 
 from __future__ import annotations
 
+import gc
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from adapterhub.eval.report import Comparison, EvalReport, ForgettingReport
+from adapterhub.errors import AdapterhubError, ValidationError
+from adapterhub.eval import metrics as metric_fns
+from adapterhub.eval.data import EvalDataset, EvalKind, EvalRow, load_eval_dataset
+from adapterhub.eval.generation import generate_greedy, has_chat_template, render_prompt, sequence_nll
+from adapterhub.eval.loading import (
+    LoadedModel,
+    attach_adapter,
+    check_paths,
+    load_causal,
+    load_classifier,
+    wants_classifier,
+)
+from adapterhub.eval.report import Comparison, DatasetInfo, EvalReport, ExampleResult, ForgettingReport
 
-GENERAL_HELDOUT_PATH = Path(__file__).with_name("data") / "general_heldout.jsonl"
+GENERAL_HELDOUT_PATH = Path(__file__).with_name("resources") / "general_heldout.jsonl"
+
+# Label-like references: at most this many distinct answers of at most this many words.
+_MAX_LABELS = 20
+_MAX_LABEL_WORDS = 3
 
 
 def evaluate_model(
@@ -20,14 +60,28 @@ def evaluate_model(
     max_new_tokens: int = 32,
     batch_size: int = 8,
 ) -> EvalReport:
-    """Score `model_dir` (a base or full model), with `adapter_dir` applied if given, on `data`."""
-    raise NotImplementedError("being written (issue 3)")
+    """Score `model_dir` (a base or full model), with `adapter_dir` applied if given, on `data`.
+
+    `metrics=None` picks the metrics from the data's shape. Raises `AdapterhubError` (a
+    `ValidationError` listing every problem) for a bad file, metric list or directory,
+    before any model is loaded.
+    """
+    _check_settings(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    dataset = load_eval_dataset(Path(data), max_examples=max_examples)
+    classifier = _wants_classifier_checked(Path(model_dir), adapter_dir)
+    selected = plan_metrics(dataset, metrics, classifier=classifier)
+    loaded = _load(Path(model_dir), adapter_dir, dataset, classifier=classifier)
+    return score_loaded(
+        loaded, dataset, selected, model_dir=Path(model_dir), adapter_dir=adapter_dir,
+        max_new_tokens=max_new_tokens, batch_size=batch_size,
+    )
 
 
 def compare(
     *,
     model_dir: Path,
-    adapter_dir: Path,
+    adapter_dir: Path | None = None,
+    base_dir: Path | None = None,
     data: Path,
     metrics: Sequence[str] | None = None,
     max_examples: int | None = None,
@@ -36,12 +90,286 @@ def compare(
     forgetting: bool = False,
     heldout: Path | None = None,
 ) -> Comparison:
-    """The base alone and the base + adapter on the same rows, with adapter − base deltas."""
-    raise NotImplementedError("being written (issue 3)")
+    """The base alone and the candidate on the same rows, with candidate − base deltas.
+
+    The candidate is `model_dir` + `adapter_dir` (the base is then `model_dir`, unless
+    `base_dir` says otherwise), or a full model `model_dir` compared with `base_dir`.
+    `forgetting=True` adds perplexity on `heldout` (default: the shipped general text).
+    """
+    _check_settings(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    model_dir = Path(model_dir)
+    base = Path(base_dir) if base_dir is not None else model_dir
+    if adapter_dir is None and base_dir is None:
+        raise AdapterhubError("compare needs an adapter, or a base model to compare a full model with")
+    if adapter_dir is None and base.resolve() == model_dir.resolve():
+        raise AdapterhubError("compare: the model and its base are the same directory")
+    dataset = load_eval_dataset(Path(data), max_examples=max_examples)
+    heldout_set = _load_heldout(heldout) if forgetting else None
+    candidate_classifier = _wants_classifier_checked(model_dir, adapter_dir)
+    check_paths(base, None)
+    if forgetting and candidate_classifier:
+        raise AdapterhubError("the forgetting check measures language-model perplexity; a classification model has none")
+    selected = plan_metrics(dataset, metrics, classifier=candidate_classifier)
+    settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+
+    base_loaded = load_causal(base)
+    base_report = score_loaded(base_loaded, dataset, selected, model_dir=base, adapter_dir=None, **settings)
+    base_ppl = _heldout_perplexity(base_loaded, heldout_set, batch_size) if heldout_set else None
+
+    if _can_reuse_base(adapter_dir, base, model_dir) and not candidate_classifier:
+        # Same weights underneath: wrap the loaded base instead of loading it again.
+        candidate = LoadedModel(model=attach_adapter(base_loaded.model, Path(adapter_dir)),  # type: ignore[arg-type]
+                                tokenizer=base_loaded.tokenizer, is_classifier=False)
+    else:
+        del base_loaded
+        gc.collect()
+        candidate = _load(model_dir, adapter_dir, dataset, classifier=candidate_classifier)
+    candidate_report = score_loaded(candidate, dataset, selected, model_dir=model_dir, adapter_dir=adapter_dir, **settings)
+    forgetting_report = None
+    if heldout_set is not None and base_ppl is not None:
+        forgetting_report = ForgettingReport(
+            dataset=_dataset_info(heldout_set), base_perplexity=base_ppl,
+            adapter_perplexity=_heldout_perplexity(candidate, heldout_set, batch_size),
+        )
+    return Comparison(base=base_report, adapter=candidate_report, forgetting=forgetting_report)
 
 
 def forgetting_check(
-    *, model_dir: Path, adapter_dir: Path, heldout: Path | None = None, batch_size: int = 8
+    *,
+    model_dir: Path,
+    adapter_dir: Path | None = None,
+    base_dir: Path | None = None,
+    heldout: Path | None = None,
+    batch_size: int = 8,
 ) -> ForgettingReport:
-    """Perplexity on general held-out text with and without the adapter."""
-    raise NotImplementedError("being written (issue 3)")
+    """Perplexity on general held-out text of the base, then of the candidate (as in `compare`)."""
+    _check_settings(max_new_tokens=1, batch_size=batch_size)
+    model_dir = Path(model_dir)
+    base = Path(base_dir) if base_dir is not None else model_dir
+    if adapter_dir is None and base_dir is None:
+        raise AdapterhubError("the forgetting check needs an adapter, or a base model to compare a full model with")
+    heldout_set = _load_heldout(heldout)
+    if _wants_classifier_checked(model_dir, adapter_dir):
+        raise AdapterhubError("the forgetting check measures language-model perplexity; a classification model has none")
+    check_paths(base, None)
+    base_loaded = load_causal(base)
+    base_ppl = _heldout_perplexity(base_loaded, heldout_set, batch_size)
+    if _can_reuse_base(adapter_dir, base, model_dir):
+        candidate = LoadedModel(model=attach_adapter(base_loaded.model, Path(adapter_dir)),
+                                tokenizer=base_loaded.tokenizer, is_classifier=False)
+    else:
+        del base_loaded
+        gc.collect()
+        candidate = load_causal(model_dir, adapter_dir)
+    return ForgettingReport(
+        dataset=_dataset_info(heldout_set), base_perplexity=base_ppl,
+        adapter_perplexity=_heldout_perplexity(candidate, heldout_set, batch_size),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+def default_metrics(dataset: EvalDataset) -> tuple[str, ...]:
+    """The metrics measured when none are asked for, from the data's shape."""
+    if dataset.kind is EvalKind.TEXT:
+        return ("perplexity",)
+    if dataset.kind is EvalKind.CLASSIFICATION:
+        return metric_fns.CLASSIFICATION_METRICS
+    generation = ("exact_match", "rouge", "bleu")
+    if _looks_like_labels(dataset.references):
+        return generation + metric_fns.CLASSIFICATION_METRICS
+    return generation
+
+
+def _looks_like_labels(references: Sequence[str]) -> bool:
+    """A few distinct short answers, each seen at least twice on average: a label set."""
+    distinct = {metric_fns.normalize_text(reference) for reference in references}
+    return (
+        1 < len(distinct) <= _MAX_LABELS
+        and len(distinct) * 2 <= len(references)
+        and all(len(reference.split()) <= _MAX_LABEL_WORDS for reference in distinct)
+    )
+
+
+def plan_metrics(dataset: EvalDataset, requested: Sequence[str] | None, *, classifier: bool) -> tuple[str, ...]:
+    """Validated metric names for this data and model (defaults when `requested` is None)."""
+    if classifier and dataset.kind is not EvalKind.CLASSIFICATION:
+        raise ValidationError(
+            f"data file {dataset.path.name}",
+            [f"a classification model needs rows with 'text' and 'label'; this file holds {dataset.kind.value} rows"],
+        )
+    return metric_fns.resolve_metrics(requested, dataset.kind.value, default=default_metrics(dataset))
+
+
+def _check_settings(*, max_new_tokens: int, batch_size: int) -> None:
+    problems = []
+    if max_new_tokens < 1:
+        problems.append(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        problems.append(f"batch_size must be at least 1, got {batch_size}")
+    if problems:
+        raise ValidationError("evaluation settings", problems)
+
+
+def _wants_classifier_checked(model_dir: Path, adapter_dir: Path | None) -> bool:
+    check_paths(model_dir, adapter_dir)
+    return wants_classifier(model_dir, adapter_dir)
+
+
+def _load(model_dir: Path, adapter_dir: Path | None, dataset: EvalDataset, *, classifier: bool) -> LoadedModel:
+    if classifier:
+        loaded = load_classifier(model_dir, adapter_dir, dataset.labels)
+        _check_labels_known(dataset, loaded)
+        return loaded
+    return load_causal(model_dir, adapter_dir)
+
+
+def _check_labels_known(dataset: EvalDataset, loaded: LoadedModel) -> None:
+    known = set(loaded.id2label.values())
+    problems = [
+        f"line {row.line}: label {row.reference!r} is not one of the model's labels ({', '.join(sorted(known))})"
+        for row in dataset.rows if row.reference not in known
+    ]
+    if problems:
+        raise ValidationError(f"data file {dataset.path.name}", problems)
+
+
+def _can_reuse_base(adapter_dir: Path | None, base: Path, model_dir: Path) -> bool:
+    """Whether the candidate is the loaded base plus an adapter that brings no tokenizer of its own."""
+    if adapter_dir is None or base.resolve() != model_dir.resolve():
+        return False
+    return not any((Path(adapter_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _load_heldout(path: Path | None) -> EvalDataset:
+    heldout = load_eval_dataset(Path(path) if path is not None else GENERAL_HELDOUT_PATH)
+    if heldout.kind is not EvalKind.TEXT:
+        raise ValidationError(f"held-out file {heldout.path.name}", ["needs rows with 'text' only (it is scored by perplexity)"])
+    return heldout
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def classification_prompt(text: str, labels: Sequence[str]) -> str:
+    """How a causal LM is asked to classify: the label set named, the label alone requested."""
+    return f"Classify the text as one of: {', '.join(labels)}.\nText: {text}\nAnswer with the label only."
+
+
+def _prompts(loaded: LoadedModel, dataset: EvalDataset) -> tuple[list[str], list[str]]:
+    """(rendered prompts, plain prompts for the report) of a dataset's rows."""
+    rendered, plain = [], []
+    for row in dataset.rows:
+        if dataset.kind is EvalKind.CLASSIFICATION:
+            question = classification_prompt(str(row.text), dataset.labels)
+            messages: tuple[Any, ...] = ({"role": "user", "content": question},)
+        else:
+            question, messages = str(row.prompt), row.messages
+        rendered.append(render_prompt(loaded.tokenizer, messages, question))
+        plain.append(question)
+    return rendered, plain
+
+
+def score_loaded(
+    loaded: LoadedModel,
+    dataset: EvalDataset,
+    metric_names: Sequence[str],
+    *,
+    model_dir: Path,
+    adapter_dir: Path | None,
+    max_new_tokens: int,
+    batch_size: int,
+) -> EvalReport:
+    """Run the model over the rows once per need (generation, likelihood, logits) and score."""
+    started = time.perf_counter()
+    references = dataset.references
+    results: dict[str, float] = {}
+    details: dict[str, Any] = {
+        "kind": dataset.kind.value,
+        "metrics": list(metric_names),
+        "batch_size": batch_size,
+        "device": str(next(loaded.model.parameters()).device),
+    }
+    examples: list[ExampleResult] = []
+    needs_answers = any(name != "perplexity" for name in metric_names)
+
+    if needs_answers and loaded.is_classifier:
+        from adapterhub.eval.generation import classify
+
+        texts = [str(row.text) for row in dataset.rows]
+        predictions = [loaded.id2label[index] for index in classify(loaded.model, loaded.tokenizer, texts, batch_size=batch_size)]
+        details["label_source"] = loaded.label_source
+        examples = [ExampleResult(row.line, str(row.text), row.reference, p) for row, p in zip(dataset.rows, predictions)]
+        _score_labels(predictions, references, list(dataset.labels), metric_names, results, details)
+    elif needs_answers:
+        rendered, plain = _prompts(loaded, dataset)
+        chat = has_chat_template(loaded.tokenizer)
+        generated = generate_greedy(
+            loaded.model, loaded.tokenizer, rendered, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            chat_formatted=chat,
+        )
+        details.update(decoding="greedy", max_new_tokens=max_new_tokens, chat_template=chat,
+                       truncated_prompts=generated.truncated, generated_tokens=generated.new_tokens)
+        predictions = generated.texts
+        examples = [ExampleResult(row.line, q, row.reference, p) for row, q, p in zip(dataset.rows, plain, predictions)]
+        if "exact_match" in metric_names:
+            results["exact_match"] = metric_fns.exact_match(predictions, references)
+        if "rouge" in metric_names:
+            results.update(metric_fns.rouge_scores(predictions, references))
+        if "bleu" in metric_names:
+            results["bleu"] = metric_fns.bleu_score(predictions, references)
+        if any(name in metric_fns.CLASSIFICATION_METRICS for name in metric_names):
+            labels = list(dataset.labels) or sorted(set(references))
+            matched = [metric_fns.match_label(p, labels) for p in predictions]
+            details["unmatched_answers"] = sum(m == metric_fns.NO_LABEL for m in matched)
+            _score_labels(matched, references, labels, metric_names, results, details)
+
+    if "perplexity" in metric_names:
+        likelihood = _likelihood(loaded, dataset.rows, batch_size)
+        results["perplexity"] = metric_fns.perplexity(likelihood.total_nll, likelihood.token_count)
+        details.update(perplexity_tokens=likelihood.token_count, truncated_texts=likelihood.truncated)
+
+    seconds = time.perf_counter() - started
+    details["seconds"] = round(seconds, 3)
+    if "generated_tokens" in details and seconds > 0:
+        details["generated_tokens_per_second"] = round(details["generated_tokens"] / seconds, 2)
+    return EvalReport(
+        model_dir=str(model_dir), adapter_dir=str(adapter_dir) if adapter_dir is not None else None,
+        dataset=_dataset_info(dataset), metrics=results, details=details, examples=tuple(examples),
+    )
+
+
+def _score_labels(
+    predictions: list[str], references: list[str], labels: list[str], metric_names: Sequence[str],
+    results: dict[str, float], details: dict[str, Any],
+) -> None:
+    scores = metric_fns.classification_scores(predictions, references, labels)
+    results.update({name: value for name, value in scores.items() if name in metric_names})
+    details["labels"] = labels
+    details["confusion"] = metric_fns.confusion(predictions, references, labels)
+
+
+def _likelihood(loaded: LoadedModel, rows: Sequence[EvalRow], batch_size: int) -> Any:
+    """Token NLL of each row's text, or of its reference reply given its rendered prompt."""
+    chat = has_chat_template(loaded.tokenizer)
+    pairs = [
+        ("", str(row.text)) if row.prompt is None else
+        (render_prompt(loaded.tokenizer, row.messages, row.prompt), row.reference)
+        for row in rows
+    ]
+    return sequence_nll(loaded.model, loaded.tokenizer, pairs, batch_size=batch_size, chat_formatted=chat)
+
+
+def _heldout_perplexity(loaded: LoadedModel, heldout: EvalDataset, batch_size: int) -> float:
+    likelihood = _likelihood(loaded, heldout.rows, batch_size)
+    return metric_fns.perplexity(likelihood.total_nll, likelihood.token_count)
+
+
+def _dataset_info(dataset: EvalDataset) -> DatasetInfo:
+    return DatasetInfo(
+        path=str(dataset.path), sha256=dataset.sha256, kind=dataset.kind.value,
+        num_rows=dataset.num_rows, num_evaluated=len(dataset.rows),
+    )

@@ -1,0 +1,185 @@
+"""Load what is being evaluated: a base or full model, optionally with a PEFT adapter on it.
+
+Design decisions:
+
+- Any adapter PEFT's `PeftModel.from_pretrained` loads is accepted (LoRA, DoRA, (IA)³,
+  prompt/prefix tuning, ...): PEFT reads the adapter's own config, nothing is re-implemented.
+- An adapter whose `task_type` is `SEQ_CLS` (trained with a classification head) is loaded on
+  `AutoModelForSequenceClassification`, as is a full model whose architecture is a
+  `...ForSequenceClassification`; everything else is loaded as a causal LM.
+- The tokenizer comes from the adapter or full-model directory when it carries one (a full
+  fine-tune may have added tokens), else from the model directory.
+- A classification head's label names are read from the full model's `config.json`
+  (`id2label`), from an adapter's `labels.json` (a list, or `{"id2label": {...}}`), or from
+  the `labels` of its `training_metrics.json`. When none is there the trainer's documented
+  default applies (labels sorted as strings): the data's sorted label set is used if it has
+  exactly as many labels as the head has outputs, which is recorded in the report's details.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterhub.errors import AdapterhubError, NotFoundError, ValidationError
+from adapterhub.formats import ADAPTER_CONFIG, read_adapter_dir
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for scoring, and what it can do."""
+
+    model: Any
+    tokenizer: Any
+    is_classifier: bool
+    # Classifier heads: output index -> label name.
+    id2label: dict[int, str] = field(default_factory=dict)
+    label_source: str | None = None
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_task_type(adapter_dir: Path) -> str | None:
+    """The `task_type` an adapter was trained for (`CAUSAL_LM`, `SEQ_CLS`, ...), from its config."""
+    try:
+        config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterhubError(f"cannot read {ADAPTER_CONFIG} in {adapter_dir}: {exc}") from None
+    task_type = config.get("task_type")
+    return str(task_type) if task_type else None
+
+
+def is_classifier_model_dir(model_dir: Path) -> bool:
+    """A full model directory whose architecture has a sequence-classification head."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return any(str(arch).endswith("ForSequenceClassification") for arch in config.get("architectures") or [])
+
+
+def wants_classifier(model_dir: Path, adapter_dir: Path | None) -> bool:
+    """Whether the evaluated thing has a classification head (and so classifies, not generates)."""
+    if adapter_dir is not None:
+        return adapter_task_type(adapter_dir) == "SEQ_CLS"
+    return is_classifier_model_dir(model_dir)
+
+
+def check_paths(model_dir: Path, adapter_dir: Path | None) -> None:
+    problems = []
+    if not (Path(model_dir) / "config.json").is_file():
+        problems.append(f"model directory {model_dir} has no config.json")
+    if adapter_dir is not None and not is_adapter_dir(adapter_dir):
+        problems.append(f"adapter directory {adapter_dir} has no {ADAPTER_CONFIG}")
+    if problems:
+        raise NotFoundError("; ".join(problems))
+
+
+def _tokenizer_dir(model_dir: Path, adapter_dir: Path | None) -> Path:
+    if adapter_dir is not None and any((Path(adapter_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return Path(adapter_dir)
+    return Path(model_dir)
+
+
+def load_causal(model_dir: Path, adapter_dir: Path | None = None) -> LoadedModel:
+    """A causal LM (with the adapter applied when given) and its tokenizer, in eval mode."""
+    from adapterhub.models import load_causal_lm, load_tokenizer
+
+    check_paths(model_dir, adapter_dir)
+    tokenizer = load_tokenizer(_tokenizer_dir(model_dir, adapter_dir))
+    model = load_causal_lm(Path(model_dir))
+    if adapter_dir is not None:
+        model = attach_adapter(model, adapter_dir)
+    return LoadedModel(model=model, tokenizer=tokenizer, is_classifier=False)
+
+
+def attach_adapter(model: Any, adapter_dir: Path) -> Any:
+    """Wrap a loaded base in `PeftModel` with the adapter at `adapter_dir` (eval mode)."""
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise AdapterhubError(f"the adapter in {adapter_dir} does not load on this base model: {exc}") from None
+    return peft_model.eval()
+
+
+def load_classifier(model_dir: Path, adapter_dir: Path | None, data_labels: Sequence[str]) -> LoadedModel:
+    """A sequence-classification model (full model, or base + SEQ_CLS adapter) and its labels."""
+    from transformers import AutoModelForSequenceClassification
+
+    from adapterhub.models import default_device, default_dtype, load_tokenizer
+
+    check_paths(model_dir, adapter_dir)
+    tokenizer = load_tokenizer(_tokenizer_dir(model_dir, adapter_dir), padding_side="right")
+    device = default_device()
+    dtype = default_dtype(device)
+    if adapter_dir is None:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype)
+        names = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
+        id2label, source = _resolve_labels(names, model.config.num_labels, data_labels, "config.json id2label")
+    else:
+        num_labels = _head_outputs(adapter_dir)
+        stored = _stored_adapter_labels(adapter_dir)
+        id2label, source = _resolve_labels(stored[0], num_labels, data_labels, stored[1])
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, dtype=dtype, num_labels=num_labels,
+            id2label=id2label, label2id={v: k for k, v in id2label.items()},
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model = attach_adapter(model, adapter_dir)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model=model.to(device).eval(), tokenizer=tokenizer, is_classifier=True, id2label=id2label, label_source=source)
+
+
+def _head_outputs(adapter_dir: Path) -> int:
+    """Rows of the classification head saved with a SEQ_CLS adapter (`modules_to_save`)."""
+    manifest = read_adapter_dir(Path(adapter_dir))
+    heads = [info.shape[0] for name, info in manifest.tensors.items()
+             if name.endswith((".score.weight", ".classifier.weight", ".classifier.out_proj.weight")) and len(info.shape) == 2]
+    if not heads:
+        raise AdapterhubError(f"the SEQ_CLS adapter in {adapter_dir} carries no classification head weights (score/classifier)")
+    return int(heads[0])
+
+
+def _stored_adapter_labels(adapter_dir: Path) -> tuple[dict[int, str], str | None]:
+    labels_file = Path(adapter_dir) / "labels.json"
+    if labels_file.is_file():
+        data = json.loads(labels_file.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            data = data.get("id2label", data)
+            return {int(k): str(v) for k, v in data.items()}, "labels.json"
+        return {i: str(v) for i, v in enumerate(data)}, "labels.json"
+    metrics_file = Path(adapter_dir) / "training_metrics.json"
+    if metrics_file.is_file():
+        try:
+            labels = json.loads(metrics_file.read_text(encoding="utf-8")).get("labels")
+        except (json.JSONDecodeError, AttributeError):
+            labels = None
+        if isinstance(labels, list) and labels:
+            return {i: str(v) for i, v in enumerate(labels)}, "training_metrics.json labels"
+    return {}, None
+
+
+def _resolve_labels(
+    stored: dict[int, str], num_labels: int, data_labels: Sequence[str], source: str | None
+) -> tuple[dict[int, str], str]:
+    # transformers fills id2label with LABEL_0.. when none was given: those are not names
+    generic = all(name == f"LABEL_{index}" for index, name in stored.items())
+    if stored and not generic:
+        if len(stored) != num_labels:
+            raise AdapterhubError(f"{source} names {len(stored)} labels but the head has {num_labels} outputs")
+        return stored, str(source)
+    if len(data_labels) == num_labels:
+        return {i: label for i, label in enumerate(sorted(data_labels))}, "data labels, sorted (none stored with the model)"
+    raise ValidationError(
+        "classification labels",
+        [f"the model stores no label names and its head has {num_labels} outputs, "
+         f"but the data has {len(data_labels)} labels ({', '.join(data_labels)})"],
+    )
