@@ -1,0 +1,160 @@
+"""The async backend interface every serving engine implements.
+
+Design decisions:
+- The HTTP layer (`adapterhub.serving.app`) speaks only to `Backend`; the embedded torch engine
+  and a later vLLM engine are interchangeable behind it (vLLM's `EngineClient` plays this role
+  there). Only `backends/vllm_engine.py` may ever import vllm.
+- The app tokenizes prompts and applies chat templates with `Backend.tokenizer` (a Hugging Face
+  tokenizer), so prompt length checks and usage counts are the same for every backend; the
+  backend turns token ids into streamed text, because engines like vLLM detokenize internally.
+- Adapters reach a backend as `AdapterSpec(key, locate)`: `key` is the canonical identity
+  (a registry `name:version`, or the name given to `/v1/load_lora_adapter`) and `locate()`
+  returns a local PEFT directory. `locate` is only called when the adapter is not already held,
+  so a resident adapter never costs a registry read or a hash check.
+- Adapter lifecycle events go to an `AdapterEventListener` (the app wires metrics to it), so the
+  backend knows nothing about Prometheus.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from adapterhub.errors import AdapterhubError
+
+FinishReason = Literal["stop", "length"]
+
+
+class AdapterLoadError(AdapterhubError):
+    """An adapter could not be loaded (unsupported kind, does not fit the base, unreadable).
+
+    Only the request that needed the adapter fails; the server keeps serving the rest.
+    """
+
+
+class CapacityError(AdapterhubError):
+    """Too many requests queued; the client should retry later (HTTP 429)."""
+
+
+class UnavailableError(AdapterhubError):
+    """The engine cannot take work now: starting, stopping, or every slot pinned (HTTP 503)."""
+
+
+class ContextLengthError(AdapterhubError):
+    """Prompt plus requested tokens exceed the model's context window (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings; `temperature == 0` means greedy (argmax)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An adapter a request needs: a canonical key and a way to get its directory."""
+
+    key: str
+    locate: Callable[[], Path] = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """A piece of one request's output; the last chunk carries `finish_reason` and the counts."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    """An adapter the backend holds: `tier` is "device" (in a compute slot) or "cpu"."""
+
+    key: str
+    tier: Literal["device", "cpu"]
+    size_bytes: int
+    pinned: bool
+    rank: int
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HealthStatus:
+    """What `/health` reports; `ok` False makes it answer 503."""
+
+    ok: bool
+    detail: str
+    running_requests: int = 0
+    waiting_requests: int = 0
+
+
+class AdapterEventListener(Protocol):
+    """Receives adapter lifecycle events (the app turns them into Prometheus metrics)."""
+
+    def adapter_loaded(self, key: str, *, source: Literal["disk", "cpu"], seconds: float, size_bytes: int) -> None: ...
+
+    def adapter_evicted(self, key: str, *, tier: Literal["device", "cpu"], seconds: float) -> None: ...
+
+
+class Backend(abc.ABC):
+    """An engine that generates for the base model and any number of adapters of it."""
+
+    #: Name of the base model, as clients put it in the `model` field.
+    base_name: str
+    #: A Hugging Face tokenizer of the base model (chat template, encoding, usage counts).
+    tokenizer: Any
+    #: Longest prompt + completion the engine accepts, in tokens.
+    max_model_len: int
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start the engine (threads, preloads); called once before the first request."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Stop the engine; pending requests end with an `UnavailableError`."""
+
+    @abc.abstractmethod
+    def generate(
+        self, prompt_token_ids: list[int], sampling: SamplingParams, adapter: AdapterSpec | None
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream one request's output; `adapter=None` runs the base model.
+
+        Raises (before the first chunk) `AdapterLoadError`, `CapacityError`, `UnavailableError`,
+        `ContextLengthError`. Closing the iterator early cancels the request in the engine.
+        """
+
+    @abc.abstractmethod
+    async def load_adapter(self, adapter: AdapterSpec, *, pin: bool = False) -> ResidentAdapter:
+        """Make an adapter resident ahead of use; `pin` keeps it in a device slot for good."""
+
+    @abc.abstractmethod
+    async def unload_adapter(self, key: str) -> bool:
+        """Drop an adapter from every tier (after its running requests end); False if not held."""
+
+    @abc.abstractmethod
+    def resident_adapters(self) -> list[ResidentAdapter]:
+        """Adapters held now, device tier first."""
+
+    @abc.abstractmethod
+    def memory_stats(self) -> dict[str, float]:
+        """Byte counts worth exporting: base weights, adapters per tier, KV cache, device memory."""
+
+    @abc.abstractmethod
+    async def health(self) -> HealthStatus:
+        """Whether the engine is running and how busy it is."""

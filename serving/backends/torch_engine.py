@@ -1,0 +1,723 @@
+"""The embedded engine: transformers + gathered LoRA, continuous batching across adapters.
+
+Design decisions:
+- One engine thread owns the model and runs steps; the asyncio side only queues requests and
+  reads tokens back (`loop.call_soon_threadsafe`). torch releases the GIL in its kernels, so the
+  HTTP server stays responsive while a step runs.
+- Continuous batching: each step first prefills the requests admitted since the last step (one
+  left-padded batch), merges their KV cache into the running batch, then decodes one token for
+  every running row. Rows leave as soon as they finish. The KV cache is a transformers
+  `DynamicCache` over a left-padded batch with an explicit attention mask and per-row position
+  ids, so padding never changes a row's result.
+- Rows of different adapters share every forward pass via `SlotTable` (gathered LoRA, see
+  `lora_slots.py`); a request's output does not depend on its batch-mates.
+- Two adapter tiers. CPU tier: an LRU of parsed adapters (`--max-cpu-adapters`), filled by
+  worker threads (`asyncio.to_thread`), so a disk read never stalls the engine. Device tier:
+  `--max-resident` numbered slots; putting an adapter into a slot is a memory copy done on the
+  engine thread between two steps. `--preload` adapters are pinned to slots.
+- Fair slot eviction: when the oldest waiting request needs a slot and none is free, the
+  least-busy unpinned slot is *drained* (no new rows admitted to it) and swapped as soon as its
+  rows finish, so a hot adapter cannot starve a cold one.
+- Greedy decoding is argmax on the logits; sampling applies temperature then top-p with a
+  per-request `torch.Generator` seeded from `seed`, so seeded requests repeat exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from adapterhub.errors import AdapterhubError
+from adapterhub.serving.backends.base import (
+    AdapterEventListener,
+    AdapterLoadError,
+    AdapterSpec,
+    Backend,
+    CapacityError,
+    ContextLengthError,
+    GenerationChunk,
+    HealthStatus,
+    ResidentAdapter,
+    SamplingParams,
+    UnavailableError,
+)
+from adapterhub.serving.backends.lora_slots import LoraWeights, SlotTable, read_lora_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Sizing of the torch engine; every field maps to a `serve` option."""
+
+    max_resident: int = 4  # adapters in device slots at once (--max-resident)
+    max_cpu_adapters: int = 32  # parsed adapters kept in host memory, device ones included
+    max_batch_size: int = 32  # rows decoded together in one step
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (bounds step time)
+    max_waiting: int = 512  # queued requests beyond which new ones get 429
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    device: str | None = None  # default: CUDA when present, else CPU
+    dtype: torch.dtype | None = None  # default: bf16 on CUDA, fp32 on CPU
+
+
+@dataclass(eq=False)
+class _AdapterEntry:
+    key: str
+    weights: LoraWeights
+    pinned: bool = False
+    slot: int | None = None
+    refs: int = 0  # requests holding it (waiting or running): never dropped from the CPU tier then
+    running_rows: int = 0  # rows in the running batch: never evicted from its slot then
+    draining: bool = False  # chosen for eviction: admit no new rows
+    unloaded: bool = False  # removed by unload_adapter: free the slot once idle
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _Request:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    entry: _AdapterEntry | None
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Any]
+    generator: torch.Generator | None
+    cancelled: bool = False
+    request_id: int = 0
+
+
+@dataclass(eq=False)
+class _Row:
+    request: _Request
+    slot: int
+    output_ids: list[int] = field(default_factory=list)
+
+    @property
+    def next_position(self) -> int:
+        """Position id of the token fed next: the last sampled one."""
+        return len(self.request.prompt_ids) + len(self.output_ids) - 1
+
+
+def _pad_left(tensor: torch.Tensor, length: int, dim: int, value: float = 0) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    pad_shape = list(tensor.shape)
+    pad_shape[dim] = missing
+    return torch.cat([tensor.new_full(pad_shape, value), tensor], dim=dim)
+
+
+class _NullListener:
+    def adapter_loaded(self, key: str, *, source: Literal["disk", "cpu"], seconds: float, size_bytes: int) -> None:
+        pass
+
+    def adapter_evicted(self, key: str, *, tier: Literal["device", "cpu"], seconds: float) -> None:
+        pass
+
+
+class TorchEngine(Backend):
+    """A `Backend` running a transformers causal LM in-process, CPU or CUDA."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        base_name: str,
+        config: EngineConfig | None = None,
+        listener: AdapterEventListener | None = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config or EngineConfig()
+        if self.config.max_resident < 1:
+            raise AdapterhubError("max_resident must be at least 1")
+        if self.config.max_cpu_adapters < self.config.max_resident:
+            raise AdapterhubError("max_cpu_adapters must be at least max_resident (device adapters stay in the CPU tier)")
+        self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = self.config.dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.base_name = base_name
+        self.model_dir = Path(model_dir)
+        self.listener: AdapterEventListener = listener or _NullListener()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
+        model_config = self.model.config
+        self.max_model_len = int(self.config.max_model_len or getattr(model_config, "max_position_embeddings", 2048))
+        self.eos_token_ids = self._eos_token_ids()
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        self.base_weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.slots = SlotTable(self.model)
+
+        self._lock = threading.Lock()  # guards the adapter tables, waiting queue and counters
+        self._wakeup = threading.Condition(self._lock)
+        self._entries: collections.OrderedDict[str, _AdapterEntry] = collections.OrderedDict()
+        self._slot_owner: list[_AdapterEntry | None] = [None] * (self.config.max_resident + 1)
+        self._loading: dict[str, asyncio.Future[_AdapterEntry]] = {}
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._commands: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
+        self._rows: list[_Row] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None
+        self._request_ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._engine_error: BaseException | None = None
+        self.steps = 0
+
+    def _eos_token_ids(self) -> list[int]:
+        ids: list[int] = []
+        generation_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        for candidate in (generation_eos, self.tokenizer.eos_token_id):
+            if isinstance(candidate, int):
+                ids.append(candidate)
+            elif isinstance(candidate, (list, tuple)):
+                ids.extend(int(c) for c in candidate)
+        if not ids:
+            raise AdapterhubError(f"{self.model_dir}: the tokenizer defines no end-of-sequence token")
+        return sorted(set(ids))
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="adapterhub-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+            self._thread = None
+
+    async def health(self) -> HealthStatus:
+        with self._lock:
+            running, waiting = len(self._rows), len(self._waiting)
+        if self._engine_error is not None:
+            return HealthStatus(False, f"engine failed: {self._engine_error!r}", running, waiting)
+        if self._thread is None or self._stopping:
+            return HealthStatus(False, "engine not running", running, waiting)
+        return HealthStatus(True, "ok", running, waiting)
+
+    # ----------------------------------------------------------------- adapters
+
+    def _read_adapter(self, adapter: AdapterSpec) -> LoraWeights:
+        try:
+            adapter_dir = adapter.locate()
+        except AdapterhubError as exc:
+            raise AdapterLoadError(f"{adapter.key}: {exc}") from exc
+        return read_lora_dir(Path(adapter_dir), self.slots.linear_shapes, self.dtype)
+
+    async def _acquire(self, adapter: AdapterSpec) -> _AdapterEntry:
+        """The CPU-tier entry of `adapter` with one more reference, read from disk if needed."""
+        while True:
+            with self._lock:
+                entry = self._entries.get(adapter.key)
+                if entry is not None:
+                    entry.refs += 1
+                    entry.last_used = time.monotonic()
+                    self._entries.move_to_end(adapter.key)
+                    return entry
+            pending = self._loading.get(adapter.key)
+            if pending is not None:
+                await asyncio.shield(pending)
+                continue  # loaded (or failed: the shielded await raised)
+            future: asyncio.Future[_AdapterEntry] = asyncio.get_running_loop().create_future()
+            self._loading[adapter.key] = future
+            try:
+                started = time.perf_counter()
+                weights = await asyncio.to_thread(self._read_adapter, adapter)
+                seconds = time.perf_counter() - started
+                entry = _AdapterEntry(key=adapter.key, weights=weights)
+                with self._lock:
+                    self._entries[adapter.key] = entry
+                    evicted = self._trim_cpu_tier()
+                self.listener.adapter_loaded(adapter.key, source="disk", seconds=seconds, size_bytes=weights.size_bytes)
+                for key, evict_seconds in evicted:
+                    self.listener.adapter_evicted(key, tier="cpu", seconds=evict_seconds)
+                future.set_result(entry)
+            except BaseException as exc:
+                future.set_exception(exc)
+                future.exception()  # mark retrieved: waiters re-raise it themselves
+                raise
+            finally:
+                self._loading.pop(adapter.key, None)
+
+    def _trim_cpu_tier(self) -> list[tuple[str, float]]:
+        """Drop least recently used idle adapters beyond `max_cpu_adapters` (lock held)."""
+        evicted: list[tuple[str, float]] = []
+        for key in list(self._entries):
+            if len(self._entries) <= self.config.max_cpu_adapters:
+                break
+            entry = self._entries[key]
+            if entry.refs == 0 and entry.slot is None and not entry.pinned:
+                started = time.perf_counter()
+                del self._entries[key]
+                evicted.append((key, time.perf_counter() - started))
+        return evicted
+
+    def _release(self, entry: _AdapterEntry) -> None:
+        with self._lock:
+            entry.refs -= 1
+
+    async def load_adapter(self, adapter: AdapterSpec, *, pin: bool = False) -> ResidentAdapter:
+        entry = await self._acquire(adapter)
+        try:
+            if pin:
+                with self._lock:
+                    pinned = sum(1 for e in self._entries.values() if e.pinned and e is not entry)
+                    if pinned >= self.config.max_resident:
+                        raise UnavailableError(f"all {self.config.max_resident} device slots are pinned")
+                    entry.pinned = True
+            if pin or self._thread is not None:
+                await self._run_on_engine(lambda: self._place(entry, allow_drain=False))
+        finally:
+            self._release(entry)
+        return self._describe(entry)
+
+    async def unload_adapter(self, key: str) -> bool:
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                return False
+            entry.unloaded = True
+            entry.pinned = False
+        await self._run_on_engine(self._free_idle_slots)
+        return True
+
+    def _describe(self, entry: _AdapterEntry) -> ResidentAdapter:
+        return ResidentAdapter(
+            key=entry.key,
+            tier="device" if entry.slot is not None else "cpu",
+            size_bytes=entry.weights.size_bytes,
+            pinned=entry.pinned,
+            rank=entry.weights.rank,
+            target_modules=entry.weights.target_modules,
+        )
+
+    def resident_adapters(self) -> list[ResidentAdapter]:
+        with self._lock:
+            described = [self._describe(e) for e in self._entries.values()]
+        return sorted(described, key=lambda r: (r.tier != "device", r.key))
+
+    def memory_stats(self) -> dict[str, float]:
+        with self._lock:
+            cpu_bytes = sum(e.weights.size_bytes for e in self._entries.values())
+            device_adapter_bytes = sum(e.weights.size_bytes for e in self._slot_owner if e is not None)
+            cache = self._cache
+        kv_bytes = 0
+        if cache is not None:
+            for layer in getattr(cache, "layers", []):
+                for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                    if isinstance(tensor, torch.Tensor):
+                        kv_bytes += tensor.numel() * tensor.element_size()
+        stats = {
+            "base_weight_bytes": float(self.base_weight_bytes),
+            "adapter_cpu_tier_bytes": float(cpu_bytes),
+            "adapter_device_bytes": float(device_adapter_bytes),
+            "adapter_slot_stack_bytes": float(self.slots.stack_bytes()),
+            "kv_cache_bytes": float(kv_bytes),
+        }
+        if self.device.type == "cuda":
+            stats["device_allocated_bytes"] = float(torch.cuda.memory_allocated(self.device))
+            stats["device_reserved_bytes"] = float(torch.cuda.memory_reserved(self.device))
+        return stats
+
+    async def _run_on_engine(self, command: Callable[[], Any]) -> Any:
+        """Run `command` on the engine thread between two steps (inline if it is not running)."""
+        if self._thread is None:
+            return command()
+        future: Future[Any] = Future()
+        with self._lock:
+            self._commands.append((command, future))
+            self._wakeup.notify_all()
+        return await asyncio.wrap_future(future)
+
+    # ----------------------------------------------------------------- slots (engine thread)
+
+    def _place(self, entry: _AdapterEntry, *, allow_drain: bool) -> int | None:
+        """Give `entry` a device slot; None when every slot is busy (then maybe drain one)."""
+        with self._lock:
+            if entry.slot is not None:
+                return entry.slot
+            free = next((i for i in range(1, len(self._slot_owner)) if self._slot_owner[i] is None), None)
+            victim = None
+            if free is None:
+                idle = [
+                    e for e in self._slot_owner[1:]
+                    if e is not None and not e.pinned and e.running_rows == 0
+                ]
+                if idle:
+                    victim = min(idle, key=lambda e: (not e.draining, e.last_used))
+                    free = victim.slot
+                elif allow_drain:
+                    busy = [e for e in self._slot_owner[1:] if e is not None and not e.pinned]
+                    if busy and not any(e.draining for e in busy):
+                        min(busy, key=lambda e: (e.running_rows, e.last_used)).draining = True
+            if free is None:
+                if all(e is not None and e.pinned for e in self._slot_owner[1:]):
+                    raise UnavailableError(
+                        f"all {self.config.max_resident} device slots hold pinned adapters; raise --max-resident"
+                    )
+                return None
+            if victim is not None:
+                victim.slot = None
+                victim.draining = False
+                self._slot_owner[free] = None
+            entry.slot = free
+            self._slot_owner[free] = entry
+        started = time.perf_counter()
+        if victim is not None:
+            self.listener.adapter_evicted(victim.key, tier="device", seconds=0.0)
+        self.slots.write(free, entry.weights)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.listener.adapter_loaded(
+            entry.key, source="cpu", seconds=time.perf_counter() - started, size_bytes=entry.weights.size_bytes
+        )
+        return free
+
+    def _free_idle_slots(self) -> None:
+        """Clear slots of unloaded adapters whose rows have all finished."""
+        with self._lock:
+            freed = [
+                e for e in self._slot_owner[1:] if e is not None and e.unloaded and e.running_rows == 0
+            ]
+            for entry in freed:
+                self._slot_owner[entry.slot] = None
+        for entry in freed:
+            started = time.perf_counter()
+            self.slots.clear(entry.slot)
+            entry.slot = None
+            self.listener.adapter_evicted(entry.key, tier="device", seconds=time.perf_counter() - started)
+
+    # ----------------------------------------------------------------- requests (asyncio side)
+
+    async def generate(
+        self, prompt_token_ids: list[int], sampling: SamplingParams, adapter: AdapterSpec | None
+    ) -> AsyncIterator[GenerationChunk]:
+        if self._thread is None or self._stopping or self._engine_error is not None:
+            raise UnavailableError("the engine is not running")
+        if not prompt_token_ids:
+            raise AdapterhubError("the prompt is empty")
+        if len(prompt_token_ids) + sampling.max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request has "
+                f"{len(prompt_token_ids)} prompt tokens and asks for {sampling.max_tokens} more"
+            )
+        entry = await self._acquire(adapter) if adapter is not None else None
+        request: _Request | None = None
+        try:
+            with self._lock:
+                if len(self._waiting) >= self.config.max_waiting:
+                    raise CapacityError(f"{len(self._waiting)} requests are waiting; retry later")
+                generator = None
+                if not sampling.greedy:
+                    generator = torch.Generator()
+                    generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+                request = _Request(
+                    prompt_ids=list(prompt_token_ids),
+                    sampling=sampling,
+                    entry=entry,
+                    loop=asyncio.get_running_loop(),
+                    queue=asyncio.Queue(),
+                    generator=generator,
+                    request_id=next(self._request_ids),
+                )
+                self._waiting.append(request)
+                self._wakeup.notify_all()
+            async for chunk in self._detokenize(request):
+                yield chunk
+        finally:
+            if request is not None:
+                request.cancelled = True  # a no-op when it already finished
+            if entry is not None:
+                self._release(entry)
+
+    async def _detokenize(self, request: _Request) -> AsyncIterator[GenerationChunk]:
+        """Turn the engine's token ids into text deltas, applying stop strings."""
+        stops = request.sampling.stop
+        output_ids: list[int] = []  # without end-of-sequence tokens
+        completion_tokens = 0  # every token generated, end-of-sequence included (as vLLM counts)
+        emitted = 0  # characters of the decoded text already sent
+        prompt_tokens = len(request.prompt_ids)
+        while True:
+            item = await request.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            token_id, finish_reason = item
+            if token_id not in self.eos_token_ids:
+                output_ids.append(token_id)
+            text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+            stop_at = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+            if stop_at >= 0:
+                text, finish_reason = text[:stop_at], "stop"
+                request.cancelled = True  # the engine drops the row at its next step
+            if finish_reason is None:
+                # Hold back an incomplete UTF-8 character and any tail that may start a stop string.
+                safe = len(text.rstrip("\ufffd"))
+                for stop in stops:
+                    for k in range(min(len(stop) - 1, safe), 0, -1):
+                        if text[:safe].endswith(stop[:k]):
+                            safe -= k
+                            break
+                delta = text[emitted:safe] if safe > emitted else ""
+                emitted = max(emitted, safe)
+            else:
+                delta = text[emitted:]
+            completion_tokens += 1
+            yield GenerationChunk(
+                text=delta,
+                token_ids=(token_id,),
+                finish_reason=finish_reason,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+            )
+            if finish_reason is not None:
+                return
+
+    # ----------------------------------------------------------------- engine thread
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            while True:
+                with self._lock:
+                    while not (self._stopping or self._waiting or self._rows or self._commands):
+                        self._wakeup.wait(timeout=1.0)
+                    if self._stopping:
+                        break
+                    commands = list(self._commands)
+                    self._commands.clear()
+                for command, future in commands:
+                    try:
+                        future.set_result(command())
+                    except BaseException as exc:  # reported to the caller, engine goes on
+                        future.set_exception(exc)
+                self._step()
+        except BaseException as exc:  # a bug: fail every request rather than hang them
+            logger.exception("engine thread failed")
+            self._engine_error = exc
+        self._fail_all(UnavailableError("the engine stopped" if self._engine_error is None else f"engine failed: {self._engine_error!r}"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            pending = [row.request for row in self._rows] + list(self._waiting)
+            self._rows, self._cache, self._mask = [], None, None
+            self._waiting.clear()
+            commands = list(self._commands)
+            self._commands.clear()
+        for request in pending:
+            request.loop.call_soon_threadsafe(request.queue.put_nowait, error)
+        for _, future in commands:
+            future.set_exception(error)
+
+    def _emit(self, request: _Request, token_id: int, finish_reason: str | None) -> None:
+        try:
+            request.loop.call_soon_threadsafe(request.queue.put_nowait, (token_id, finish_reason))
+        except RuntimeError:  # the client's event loop is gone
+            request.cancelled = True
+
+    def _admit(self) -> list[_Row]:
+        """Move waiting requests into the batch, in arrival order, as slots and space allow."""
+        admitted: list[_Row] = []
+        budget = self.config.max_prefill_tokens
+        blocked_on_slot = False
+        with self._lock:
+            candidates = list(self._waiting)
+        room = self.config.max_batch_size - len(self._rows)
+        for request in candidates:
+            if room <= 0:
+                break
+            if request.cancelled:
+                with self._lock:
+                    self._waiting.remove(request)
+                continue
+            if len(request.prompt_ids) > budget and admitted:
+                break
+            entry = request.entry
+            slot = 0
+            if entry is not None:
+                if entry.draining:
+                    if entry.running_rows > 0:
+                        continue  # let its rows finish so the slot can change hands
+                    entry.draining = False  # idle now; requests older than the blocked one go first
+                if entry.slot is None:
+                    if blocked_on_slot:
+                        continue  # first come, first served for the next free slot
+                    try:
+                        placed = self._place(entry, allow_drain=True)
+                    except UnavailableError as exc:
+                        with self._lock:
+                            self._waiting.remove(request)
+                        request.loop.call_soon_threadsafe(request.queue.put_nowait, exc)
+                        continue
+                    if placed is None:
+                        blocked_on_slot = True
+                        continue
+                slot = entry.slot
+                with self._lock:
+                    entry.running_rows += 1
+                    entry.last_used = time.monotonic()
+            with self._lock:
+                self._waiting.remove(request)
+            admitted.append(_Row(request=request, slot=slot))
+            budget -= len(request.prompt_ids)
+            room -= 1
+        return admitted
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """Next token per row: argmax for greedy rows, temperature + top-p sampling otherwise."""
+        greedy_ids = logits.argmax(dim=-1).tolist()
+        chosen: list[int] = []
+        for index, row in enumerate(rows):
+            sampling = row.request.sampling
+            if sampling.greedy:
+                chosen.append(int(greedy_ids[index]))
+                continue
+            scores = logits[index].float().cpu() / sampling.temperature
+            probs = torch.softmax(scores, dim=-1)
+            if sampling.top_p < 1.0:
+                sorted_probs, sorted_ids = torch.sort(probs, descending=True)
+                cumulative = torch.cumsum(sorted_probs, dim=-1)
+                keep = cumulative - sorted_probs < sampling.top_p  # always keeps the top token
+                sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+                pick = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=row.request.generator)
+                chosen.append(int(sorted_ids[pick]))
+            else:
+                chosen.append(int(torch.multinomial(probs, 1, generator=row.request.generator)))
+        return chosen
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, row_slots: list[int]) -> torch.Tensor:
+        self.slots.context.set_rows(torch.tensor(row_slots, dtype=torch.long, device=self.device))
+        try:
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            self.slots.context.set_rows(None)
+        return output.logits[:, -1, :]
+
+    def _prefill(self, rows: list[_Row]) -> tuple[Any, torch.Tensor]:
+        from transformers import DynamicCache
+
+        length = max(len(row.request.prompt_ids) for row in rows)
+        ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for index, row in enumerate(rows):
+            prompt = row.request.prompt_ids
+            ids[index, length - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[index, length - len(prompt):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache, [row.slot for row in rows])
+        for row, token_id in zip(rows, self._sample(logits, rows)):
+            row.output_ids.append(token_id)
+        return cache, mask
+
+    def _merge(self, cache: Any, mask: torch.Tensor) -> None:
+        """Append a prefilled batch to the running one, left-padding both to one length."""
+        from transformers import DynamicCache
+
+        if self._cache is None or self._mask is None:
+            self._cache, self._mask = cache, mask
+            return
+        length = max(self._mask.shape[1], mask.shape[1])
+        layers = []
+        for old, new in zip(self._cache.layers, cache.layers):
+            keys = torch.cat([_pad_left(old.keys, length, 2), _pad_left(new.keys, length, 2)], dim=0)
+            values = torch.cat([_pad_left(old.values, length, 2), _pad_left(new.values, length, 2)], dim=0)
+            layers.append((keys, values))
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._mask = torch.cat([_pad_left(self._mask, length, 1), _pad_left(mask, length, 1)], dim=0)
+
+    def _retire(self, finished: list[int]) -> None:
+        """Drop finished rows from the batch and trim padding no remaining row needs."""
+        from transformers import DynamicCache
+
+        if not finished:
+            return
+        done = set(finished)
+        keep = [i for i in range(len(self._rows)) if i not in done]
+        with self._lock:
+            for i in finished:
+                entry = self._rows[i].request.entry
+                if entry is not None:
+                    entry.running_rows -= 1
+            self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._cache, self._mask = None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        mask = self._mask.index_select(0, index)
+        first = int(mask.any(dim=0).nonzero()[0])
+        layers = [
+            (layer.keys.index_select(0, index)[:, :, first:], layer.values.index_select(0, index)[:, :, first:])
+            for layer in self._cache.layers
+        ]
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._mask = mask[:, first:]
+
+    def _step(self) -> None:
+        # Rows whose clients went away (or hit a stop string) leave before any compute.
+        self._retire([i for i, row in enumerate(self._rows) if row.request.cancelled])
+        self._free_idle_slots()
+        admitted = self._admit()
+        finished: list[int] = []
+        if admitted:
+            cache, mask = self._prefill(admitted)
+            start = len(self._rows)
+            with self._lock:
+                self._rows.extend(admitted)
+            self._merge(cache, mask)
+            for offset, row in enumerate(admitted):
+                if self._report(row):
+                    finished.append(start + offset)
+            self._retire(finished)
+            finished = []
+        if not self._rows:
+            if self._waiting:
+                time.sleep(0.001)  # everything waits on a slot that is draining
+            return
+        rows = self._rows
+        input_ids = torch.tensor([[row.output_ids[-1]] for row in rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[row.next_position] for row in rows], dtype=torch.long, device=self.device)
+        assert self._mask is not None
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        logits = self._forward(input_ids, self._mask, positions, self._cache, [row.slot for row in rows])
+        self.steps += 1
+        for index, (row, token_id) in enumerate(zip(rows, self._sample(logits, rows))):
+            row.output_ids.append(token_id)
+            if self._report(row):
+                finished.append(index)
+        self._retire(finished)
+
+    def _report(self, row: _Row) -> bool:
+        """Send the row's newest token to its client; True when the row is finished."""
+        request = row.request
+        token_id = row.output_ids[-1]
+        finish_reason: str | None = None
+        if token_id in self.eos_token_ids:
+            finish_reason = "stop"
+        elif len(row.output_ids) >= request.sampling.max_tokens:
+            finish_reason = "length"
+        if not request.cancelled:
+            self._emit(request, token_id, finish_reason)
+        return finish_reason is not None or request.cancelled
