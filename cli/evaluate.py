@@ -1,9 +1,210 @@
-"""`adapterhub` commands of this area (being built; see the open issue)."""
+"""`adapterhub eval`: score a registered adapter, full model or base model on an eval file.
+
+The command resolves the reference to directories (an adapter ref first, then a base-model
+name: a name shared by both means the adapter, as everywhere else in the CLI), runs
+`adapterhub.eval`, prints a table and stores every metric in the registry with the file's
+name and content hash as its dataset, so `adapterhub show` lists comparable numbers.
+
+Under `--compare` the base is scored on the same rows: its numbers are stored on the base
+model's record and the adapter's on the adapter's, each with the other side and the delta in
+its details. `--forgetting` scores perplexity on general held-out text on both sides and
+stores it as `heldout_perplexity` (details: the base value and the ratio).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
 import typer
+from rich.table import Table
+
+from adapterhub.cli.common import JsonOption, console, err_console, open_registry, print_json
+from adapterhub.errors import AdapterhubError, NotFoundError
+from adapterhub.registry import Registry
+
+# How many evaluated rows go into the stored details: enough to see what a score means,
+# not so many that a registry row balloons.
+_STORED_EXAMPLES = 3
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """What a REF names, resolved to directories."""
+
+    ref: str  # the stored owner: "name:version" of an adapter, or the base model's name
+    is_base_model: bool
+    model_dir: Path
+    adapter_dir: Path | None
+    base_name: str
+    base_dir: Path
+
+
+def resolve_target(registry: Registry, ref: str) -> EvalTarget:
+    """An adapter or full-model record, else a base model; one error naming both misses."""
+    record = registry.resolve(ref)
+    if record is not None:
+        base = registry.get_base_model(record.base_name)
+        materialized = registry.materialize(record)
+        if record.is_full_model:
+            return EvalTarget(record.ref, False, materialized, None, base.name, Path(base.path))
+        return EvalTarget(record.ref, False, Path(base.path), materialized, base.name, Path(base.path))
+    try:
+        base = registry.get_base_model(ref)
+    except NotFoundError as exc:
+        raise NotFoundError(f"{ref!r} is neither a registered adapter nor a base model ({exc})") from None
+    return EvalTarget(base.name, True, Path(base.path), None, base.name, Path(base.path))
+
+
+def _split_metrics(metrics: str | None) -> list[str] | None:
+    return None if metrics is None else [name for name in metrics.split(",")]
+
+
+def _stored_details(report: Any, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    details = dict(report.details)
+    details["num_evaluated"] = report.dataset.num_evaluated
+    details["num_rows"] = report.dataset.num_rows
+    details["examples"] = [
+        {"line": e.line, "reference": e.reference, "prediction": e.prediction} for e in report.examples[:_STORED_EXAMPLES]
+    ]
+    details.update(extra or {})
+    return details
+
+
+def _fmt(value: float | None, metric: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if metric in ("bleu", "perplexity") else f"{value:.4f}"
+
+
+def _fmt_delta(delta: float, metric: str) -> str:
+    from adapterhub.eval.metrics import HIGHER_IS_BETTER
+
+    better = delta > 0 if HIGHER_IS_BETTER.get(metric, True) else delta < 0
+    colour = "green" if better and delta != 0 else ("red" if delta != 0 else "white")
+    return f"[{colour}]{delta:+.4f}[/]" if metric not in ("bleu", "perplexity") else f"[{colour}]{delta:+.2f}[/]"
+
+
+def evaluate(
+    ref: Annotated[str, typer.Argument(help="Adapter ref (name, name:version, name@sha) or a base model name.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Eval file: JSONL, CSV or Parquet (prompt/completion, messages, text/label or text).")],
+    metrics: Annotated[Optional[str], typer.Option("--metrics", "-m", help="Comma-separated: accuracy,precision,recall,f1,exact_match,perplexity,rouge,bleu (default: from the data's shape).")] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Also score the base model on the same rows and show the difference.")] = False,
+    forgetting: Annotated[bool, typer.Option("--forgetting", help="Perplexity on general held-out text, base vs adapter.")] = False,
+    heldout: Annotated[Optional[Path], typer.Option("--heldout", help="Held-out text file (rows with 'text') for --forgetting; default: the one shipped with adapterhub.")] = None,
+    max_examples: Annotated[Optional[int], typer.Option("--max-examples", "-n", help="Score only the first N rows.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Generation length limit.")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per forward pass.")] = 8,
+    record: Annotated[bool, typer.Option("--record/--no-record", help="Store the results in the registry.")] = True,
+    json_output: JsonOption = False,
+) -> None:
+    """Evaluate an adapter, a full model or a base model; results go to the registry."""
+    from adapterhub.eval import compare as compare_models
+    from adapterhub.eval import evaluate_model, forgetting_check
+
+    registry = open_registry()
+    target = resolve_target(registry, ref)
+    if target.is_base_model and (compare or forgetting):
+        raise AdapterhubError(f"{ref!r} is a base model: --compare and --forgetting need an adapter or a fine-tuned model")
+    metric_list = _split_metrics(metrics)
+    settings: dict[str, Any] = {"metrics": metric_list, "max_examples": max_examples,
+                                "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    base_dir = None if target.adapter_dir is not None else target.base_dir
+    comparison = forgetting_report = report = None
+    with err_console.status(f"evaluating {target.ref} on {data.name} …"):
+        if compare:
+            comparison = compare_models(
+                model_dir=target.model_dir, adapter_dir=target.adapter_dir, base_dir=base_dir, data=data,
+                forgetting=forgetting, heldout=heldout, **settings,
+            )
+            report, forgetting_report = comparison.adapter, comparison.forgetting
+        else:
+            report = evaluate_model(model_dir=target.model_dir, adapter_dir=target.adapter_dir, data=data, **settings)
+            if forgetting:
+                forgetting_report = forgetting_check(
+                    model_dir=target.model_dir, adapter_dir=target.adapter_dir, base_dir=base_dir,
+                    heldout=heldout, batch_size=batch_size,
+                )
+
+    if record:
+        _store(registry, target, report, comparison, forgetting_report, max_examples=max_examples)
+
+    if json_output:
+        payload: dict[str, Any] = {"ref": target.ref, "base": target.base_name, "recorded": record}
+        if comparison is not None:
+            payload.update(comparison.to_json())
+        else:
+            payload["adapter" if not target.is_base_model else "model"] = report.to_json()
+            payload["forgetting"] = forgetting_report.to_json() if forgetting_report else None
+        print_json(payload)
+        return
+    _print_tables(target, report, comparison, forgetting_report, recorded=record)
+
+
+def _store(
+    registry: Registry, target: EvalTarget, report: Any, comparison: Any, forgetting_report: Any, *, max_examples: int | None
+) -> None:
+    dataset = report.dataset.label
+    common = {"max_examples": max_examples}
+    deltas = comparison.deltas if comparison is not None else {}
+    for metric, value in report.metrics.items():
+        extra = dict(common)
+        if comparison is not None:
+            extra.update(base=target.base_name, base_value=comparison.base.metrics.get(metric), delta=deltas.get(metric))
+        registry.record_evaluation(
+            target.ref, metric=metric, value=value, dataset=dataset, details=_stored_details(report, extra=extra),
+            base_model=target.is_base_model,
+        )
+    if comparison is not None:
+        for metric, value in comparison.base.metrics.items():
+            registry.record_evaluation(
+                target.base_name, metric=metric, value=value, dataset=dataset, base_model=True,
+                details=_stored_details(comparison.base, extra={**common, "compared_with": target.ref}),
+            )
+    if forgetting_report is not None:
+        heldout = forgetting_report.dataset.label
+        registry.record_evaluation(
+            target.ref, metric="heldout_perplexity", value=forgetting_report.adapter_perplexity, dataset=heldout,
+            details={"base": target.base_name, "base_value": forgetting_report.base_perplexity,
+                     "ratio": forgetting_report.ratio},
+        )
+        registry.record_evaluation(
+            target.base_name, metric="heldout_perplexity", value=forgetting_report.base_perplexity, dataset=heldout,
+            base_model=True, details={"compared_with": target.ref},
+        )
+
+
+def _print_tables(target: EvalTarget, report: Any, comparison: Any, forgetting_report: Any, *, recorded: bool) -> None:
+    info = report.dataset
+    title = f"{target.ref} on {info.label} ({info.num_evaluated} of {info.num_rows} rows, {info.kind})"
+    if comparison is not None:
+        table = Table("METRIC", f"BASE ({target.base_name})", target.ref, "DELTA", title=title)
+        deltas = comparison.deltas
+        for metric, value in report.metrics.items():
+            base_value = comparison.base.metrics.get(metric)
+            delta = _fmt_delta(deltas[metric], metric) if metric in deltas else "-"
+            table.add_row(metric, _fmt(base_value, metric), _fmt(value, metric), delta)
+    else:
+        table = Table("METRIC", "VALUE", title=title)
+        for metric, value in report.metrics.items():
+            table.add_row(metric, _fmt(value, metric))
+    console.print(table)
+    if forgetting_report is not None:
+        console.print(
+            f"forgetting check on {forgetting_report.dataset.label}: perplexity {forgetting_report.base_perplexity:.2f} "
+            f"(base) → {forgetting_report.adapter_perplexity:.2f} (×{forgetting_report.ratio:.3f})"
+        )
+    unmatched = report.details.get("unmatched_answers")
+    if unmatched:
+        console.print(f"[yellow]{unmatched} generated answers named no label (scored as wrong)[/]")
+    if report.details.get("truncated_prompts"):
+        console.print(f"[yellow]{report.details['truncated_prompts']} prompts were longer than the context and kept their end[/]")
+    if recorded:
+        owner = "base model " + target.ref if target.is_base_model else target.ref
+        console.print(f"stored {len(report.metrics)} metrics on {owner}" + (" and the base's on " + target.base_name if comparison else ""))
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to `app`."""
+    """Add `eval` to the CLI."""
+    app.command("eval")(evaluate)

@@ -1,0 +1,111 @@
+"""`adapterhub eval` end to end on tiny real models: results printed and stored in the registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from adapterhub.cli.main import app
+from adapterhub.errors import AdapterhubError
+from adapterhub.registry import Lineage, Registry
+
+runner = CliRunner()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def registry_with_lora(adapterhub_home: Path, tiny_base: Path, lora_dir: Path) -> Registry:
+    registry = Registry.open(home=adapterhub_home)
+    registry.add_base_model(name="tiny", model_dir=tiny_base)
+    registry.put_adapter(name="rev", source_dir=lora_dir, base="tiny", lineage=Lineage(kind="imported", parents=(), details={}))
+    return registry
+
+
+@pytest.fixture()
+def gen_data(tmp_path: Path) -> Path:
+    rows = [{"prompt": f"reverse the words: apple banana {w}", "completion": f"{w} banana apple"} for w in ("cherry", "fox", "dog", "one")]
+    return write_jsonl(tmp_path / "rev.jsonl", rows)
+
+
+def test_eval_adapter_with_compare_and_forgetting_stores_results(registry_with_lora: Registry, gen_data: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["eval", "rev", "--data", str(gen_data), "--metrics", "exact_match,bleu,perplexity", "--compare",
+         "--forgetting", "--max-new-tokens", "4", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["ref"] == "rev:1"
+    assert set(payload["adapter"]["metrics"]) == {"exact_match", "bleu", "perplexity"}
+    base_ppl, adapter_ppl = payload["base"]["metrics"]["perplexity"], payload["adapter"]["metrics"]["perplexity"]
+    assert payload["deltas"]["perplexity"] == pytest.approx(adapter_ppl - base_ppl)
+    assert adapter_ppl != base_ppl  # the random LoRA changes the model
+    forgetting = payload["forgetting"]
+    assert forgetting["ratio"] == pytest.approx(forgetting["adapter_perplexity"] / forgetting["base_perplexity"])
+
+    record = registry_with_lora.get("rev")
+    stored = {e.metric: e for e in record.evaluations}
+    assert set(stored) == {"exact_match", "bleu", "perplexity", "heldout_perplexity"}
+    assert stored["perplexity"].value == pytest.approx(adapter_ppl)
+    assert stored["perplexity"].dataset.startswith("rev.jsonl@sha256:")
+    assert stored["perplexity"].details["base_value"] == pytest.approx(base_ppl)
+    assert stored["heldout_perplexity"].dataset.startswith("general_heldout.jsonl@sha256:")
+    base_stored = {e.metric: e.value for e in registry_with_lora.get_base_model("tiny").evaluations}
+    assert base_stored["perplexity"] == pytest.approx(base_ppl)
+    assert base_stored["heldout_perplexity"] == pytest.approx(forgetting["base_perplexity"])
+
+
+def test_eval_base_model_prints_table_and_stores_on_base(registry_with_lora: Registry, gen_data: Path) -> None:
+    result = runner.invoke(app, ["eval", "tiny", "--data", str(gen_data), "--max-new-tokens", "4", "--max-examples", "2"])
+    assert result.exit_code == 0, result.output
+    assert "exact_match" in result.stdout and "rouge1" in result.stdout and "2 of 4 rows" in result.stdout
+    stored = registry_with_lora.get_base_model("tiny").evaluations
+    assert {e.metric for e in stored} == {"exact_match", "rouge1", "rouge2", "rougeL", "bleu"}
+    assert all(e.details["num_evaluated"] == 2 for e in stored)
+
+
+def test_eval_full_model_record_compares_with_its_base(adapterhub_home: Path, tiny_base: Path, tmp_path: Path) -> None:
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parents[1]))
+    from conftest import build_tiny_llama
+
+    registry = Registry.open(home=adapterhub_home)
+    registry.add_base_model(name="tiny", model_dir=tiny_base)
+    # Same architecture and tokenizer, other weights: stands in for a fully fine-tuned model.
+    full = build_tiny_llama(tmp_path / "full", seed=7)
+    registry.put_adapter(name="ft", source_dir=full, base="tiny", lineage=Lineage(kind="imported", parents=(), details={}))
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "the quick brown fox"}, {"text": "adapters are small"}])
+    result = runner.invoke(app, ["eval", "ft", "--data", str(text), "--compare", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["adapter"]["adapter_dir"] is None
+    assert payload["base"]["metrics"]["perplexity"] != payload["adapter"]["metrics"]["perplexity"]
+
+
+def test_bad_input_is_one_line_and_nothing_stored(registry_with_lora: Registry, tmp_path: Path) -> None:
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "no completion"}])
+    result = runner.invoke(app, ["eval", "rev", "--data", str(bad)])
+    assert result.exit_code == 1
+    assert "line 2: missing field 'completion'" in str(result.exception)
+    result = runner.invoke(app, ["eval", "rev", "--data", str(bad.with_name("missing.jsonl"))])
+    assert result.exit_code == 1 and "not found" in str(result.exception)
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "completion": "b"}])
+    result = runner.invoke(app, ["eval", "rev", "--data", str(good), "--metrics", "acuracy"])
+    assert "unknown metric 'acuracy'; valid metrics: accuracy, precision" in str(result.exception)
+    result = runner.invoke(app, ["eval", "nothing-here", "--data", str(good)])
+    assert "neither a registered adapter nor a base model" in str(result.exception)
+    result = runner.invoke(app, ["eval", "tiny", "--data", str(good), "--compare"])
+    assert "is a base model" in str(result.exception)
+    # user errors, which the console script prints as one line and exit 1 (no traceback)
+    assert isinstance(result.exception, AdapterhubError)
+    assert registry_with_lora.get("rev").evaluations == ()
+    assert registry_with_lora.get_base_model("tiny").evaluations == ()
+
