@@ -144,6 +144,12 @@ class TrainConfig(BaseModel):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("data", "validation_data")
+    @classmethod
+    def _absolute_path(cls, value: Path | None) -> Path | None:
+        # Stored in the lineage: an absolute path says which file was used wherever it is read.
+        return value.expanduser().resolve() if value is not None else None
+
     @field_validator("labels", mode="before")
     @classmethod
     def _split_labels(cls, value: Any) -> Any:

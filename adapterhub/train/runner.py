@@ -209,6 +209,14 @@ def _tokenize_for_classification(dataset: Any, tokenizer: Any, max_length: int) 
     )
 
 
+def _classification_metrics(prediction: Any) -> dict[str, float]:
+    import numpy as np
+
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    predicted = np.asarray(logits).argmax(axis=-1)
+    return {"accuracy": float((predicted == np.asarray(prediction.label_ids)).mean())}
+
+
 def _build_trainer(
     config: TrainConfig,
     model: Any,
@@ -232,6 +240,7 @@ def _build_trainer(
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
             data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=_classification_metrics,
             callbacks=callbacks,
         )
     return SFTTrainer(
@@ -282,7 +291,11 @@ def train(
 
     validate_run(config, base_dir)
     if progress:
-        disable_progress_bar()  # datasets' per-map bars would bury the training bar
+        # datasets' per-map bars and transformers' weight-loading bar would bury the training bar
+        disable_progress_bar()
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     state = PartialState()
     tokenizer = load_tokenizer(base_dir)
     chat = config.task == Task.SFT and bool(getattr(tokenizer, "chat_template", None))
@@ -346,6 +359,7 @@ def train(
         "train_loss": output.training_loss,
         "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
         "eval_loss": final_metrics.get("eval_loss"),
+        "eval_accuracy": final_metrics.get("eval_accuracy"),
         "best_eval_loss": trainer.state.best_metric,
         "global_step": trainer.state.global_step,
         "epochs": trainer.state.epoch,
