@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from adapterhub.cli.main import app
 from adapterhub.errors import AdapterhubError
 from adapterhub.registry import Lineage, Registry
+from tests.conftest import build_tiny_llama
 
 runner = CliRunner()
 
@@ -72,11 +73,6 @@ def test_eval_base_model_prints_table_and_stores_on_base(registry_with_lora: Reg
 
 
 def test_eval_full_model_record_compares_with_its_base(adapterhub_home: Path, tiny_base: Path, tmp_path: Path) -> None:
-    import sys as _sys
-
-    _sys.path.insert(0, str(Path(__file__).parents[1]))
-    from conftest import build_tiny_llama
-
     registry = Registry.open(home=adapterhub_home)
     registry.add_base_model(name="tiny", model_dir=tiny_base)
     # Same architecture and tokenizer, other weights: stands in for a fully fine-tuned model.
