@@ -111,8 +111,21 @@ class AdapterEventListener(Protocol):
     def adapter_evicted(self, key: str, *, tier: Literal["device", "cpu"], seconds: float) -> None: ...
 
 
+class NullEventListener:
+    """The listener of a backend nobody observes."""
+
+    def adapter_loaded(self, key: str, *, source: Literal["disk", "cpu"], seconds: float, size_bytes: int) -> None:
+        pass
+
+    def adapter_evicted(self, key: str, *, tier: Literal["device", "cpu"], seconds: float) -> None:
+        pass
+
+
 class Backend(abc.ABC):
     """An engine that generates for the base model and any number of adapters of it."""
+
+    #: Where adapter load/evict events go; `create_app` points it at the server's metrics.
+    listener: AdapterEventListener = NullEventListener()
 
     #: Name of the base model, as clients put it in the `model` field.
     base_name: str

@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -117,14 +117,6 @@ def _pad_left(tensor: torch.Tensor, length: int, dim: int, value: float = 0) -> 
     return torch.cat([tensor.new_full(pad_shape, value), tensor], dim=dim)
 
 
-class _NullListener:
-    def adapter_loaded(self, key: str, *, source: Literal["disk", "cpu"], seconds: float, size_bytes: int) -> None:
-        pass
-
-    def adapter_evicted(self, key: str, *, tier: Literal["device", "cpu"], seconds: float) -> None:
-        pass
-
-
 class TorchEngine(Backend):
     """A `Backend` running a transformers causal LM in-process, CPU or CUDA."""
 
@@ -147,7 +139,8 @@ class TorchEngine(Backend):
         self.dtype = self.config.dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.base_name = base_name
         self.model_dir = Path(model_dir)
-        self.listener: AdapterEventListener = listener or _NullListener()
+        if listener is not None:
+            self.listener = listener
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         model_config = self.model.config
@@ -217,7 +210,12 @@ class TorchEngine(Backend):
             adapter_dir = adapter.locate()
         except AdapterhubError as exc:
             raise AdapterLoadError(f"{adapter.key}: {exc}") from exc
-        return read_lora_dir(Path(adapter_dir), self.slots.linear_shapes, self.dtype)
+        try:
+            return read_lora_dir(Path(adapter_dir), self.slots.linear_shapes, self.dtype)
+        except AdapterhubError:
+            raise
+        except Exception as exc:  # unreadable files: safetensors, JSON or OS errors
+            raise AdapterLoadError(f"{adapter.key}: cannot read {adapter_dir}: {exc}") from exc
 
     async def _acquire(self, adapter: AdapterSpec) -> _AdapterEntry:
         """The CPU-tier entry of `adapter` with one more reference, read from disk if needed."""

@@ -1,0 +1,524 @@
+"""The OpenAI-compatible HTTP server: `create_app(backend, resolver)` -> FastAPI.
+
+Design decisions:
+- Thin edge: handlers tokenize (chat template included), resolve the `model` field to the base
+  or an `AdapterSpec`, call the `Backend`, and shape responses; engines live behind the backend
+  ABC and adapters behind the `AdapterResolver`, both injected, so the vLLM backend and other
+  resolvers slot in without touching this file.
+- `model` resolution order: the base name; adapters added with `/v1/load_lora_adapter` (the
+  vLLM way, by path); then the resolver (the registry), which turns `name`, `name:version` or
+  `name@sha` into a canonical key. A name nobody knows is 404 with close matches listed.
+- Streaming responses are only started once the first chunk of every choice exists, so an
+  adapter that fails to load, a full queue or an engine that stopped still get a proper JSON
+  error with the right status; a failure after that arrives as an SSE `error` event, then
+  `[DONE]`. A client that disconnects cancels its rows in the engine (the generator closes).
+- The API key (if any) guards every `/v1` route; `/health` and `/metrics` stay open for probes
+  and scrapers, as in vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from adapterhub.serving.backends.base import AdapterSpec, Backend, GenerationChunk, SamplingParams
+from adapterhub.serving.errors import OpenAIError, from_exception, install_error_handlers, model_not_found
+from adapterhub.serving.metrics import ServingMetrics
+from adapterhub.serving.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    LoadLoRAAdapterRequest,
+    ModelCard,
+    ModelList,
+    UnloadLoRAAdapterRequest,
+    Usage,
+)
+from adapterhub.serving.resolver import AdapterResolver
+
+_UNSUPPORTED_FIELDS = ("logprobs", "top_logprobs", "echo", "tools", "tool_choice", "functions", "best_of", "suffix")
+
+
+@dataclass
+class _Choice:
+    """One generation of a request: its stream, with the first chunk already in hand."""
+
+    index: int
+    stream: AsyncIterator[GenerationChunk]
+    first: GenerationChunk
+    text: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ServerState:
+    """What the route handlers share: backend, resolver, metrics and runtime-loaded adapters."""
+
+    backend: Backend
+    resolver: AdapterResolver | None
+    metrics: ServingMetrics
+    api_key: str | None
+    preload: tuple[str, ...]
+    # Adapters added by path through /v1/load_lora_adapter: name -> spec (their key is the name).
+    loaded_by_path: dict[str, AdapterSpec] = field(default_factory=dict)
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+    async def resolve_model(self, model: str) -> AdapterSpec | None:
+        """None for the base model, else the adapter `model` names; 404 when it names nothing."""
+        if model == self.backend.base_name:
+            return None
+        spec = self.loaded_by_path.get(model)
+        if spec is not None:
+            return spec
+        if self.resolver is not None:
+            spec = await asyncio.to_thread(self.resolver.resolve, self.backend.base_name, model)
+            if spec is not None:
+                return spec
+        known = [self.backend.base_name, *self.loaded_by_path]
+        if self.resolver is not None:
+            listings = await asyncio.to_thread(self.resolver.list, self.backend.base_name)
+            known += [name for listing in listings for name in (listing.id, *listing.aliases)]
+        raise model_not_found(model, known)
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(_state)]
+
+
+async def _require_api_key(request: Request) -> None:
+    expected = request.app.state.server.api_key
+    if expected is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected.encode()):
+        raise OpenAIError(401, "Incorrect or missing API key (send `Authorization: Bearer <key>`)", code="invalid_api_key")
+
+
+def _refuse_unsupported(body: Any) -> None:
+    extra = body.model_extra or {}
+    for name in _UNSUPPORTED_FIELDS:
+        if extra.get(name) not in (None, False, [], 0):
+            raise OpenAIError(400, f"`{name}` is not supported by this server", param=name, code="unsupported_parameter")
+
+
+def _usage(choices: Sequence[_Choice], last: dict[int, GenerationChunk]) -> Usage:
+    prompt_tokens = sum(last[c.index].prompt_tokens for c in choices)
+    completion_tokens = sum(last[c.index].completion_tokens for c in choices)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+
+
+class _RequestTimer:
+    """Measures one HTTP request for the metrics (TTFT, latency, tokens)."""
+
+    def __init__(self, metrics: ServingMetrics) -> None:
+        self.metrics = metrics
+        self.started = time.perf_counter()
+        self.first_token: float | None = None
+
+    def token(self) -> None:
+        if self.first_token is None:
+            self.first_token = time.perf_counter() - self.started
+
+    def finish(self, model: str, status: int, completion_tokens: int = 0) -> None:
+        self.metrics.request_finished(
+            model,
+            status=status,
+            ttft=self.first_token,
+            latency=time.perf_counter() - self.started,
+            completion_tokens=completion_tokens,
+        )
+
+
+async def _start_choices(
+    backend: Backend, prompts: list[list[int]], n: int, sampling: SamplingParams, adapter: AdapterSpec | None
+) -> list[_Choice]:
+    """Submit every prompt x n and wait for each first chunk; on any error close them all."""
+    streams = [backend.generate(prompt, sampling, adapter) for prompt in prompts for _ in range(n)]
+    firsts = await asyncio.gather(*(anext(stream) for stream in streams), return_exceptions=True)
+    errors = [f for f in firsts if isinstance(f, BaseException)]
+    if errors:
+        for stream in streams:
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
+        raise errors[0]
+    return [_Choice(index=i, stream=s, first=f) for i, (s, f) in enumerate(zip(streams, firsts))]  # type: ignore[arg-type]
+
+
+async def _drain(choice: _Choice) -> GenerationChunk:
+    """Read a choice to its end; returns the last chunk (finish reason and counts)."""
+    last = choice.first
+    choice.text.append(last.text)
+    async with contextlib.aclosing(choice.stream):  # type: ignore[type-var]
+        if last.finish_reason is None:
+            async for chunk in choice.stream:
+                choice.text.append(chunk.text)
+                last = chunk
+    return last
+
+
+async def _interleave(choices: list[_Choice]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """Chunks of all choices as they come, each tagged with its choice index."""
+    queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(choice: _Choice) -> None:
+        try:
+            await queue.put((choice.index, choice.first))
+            if choice.first.finish_reason is None:
+                async for chunk in choice.stream:
+                    await queue.put((choice.index, chunk))
+            await queue.put((choice.index, None))
+        except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+            await queue.put((choice.index, exc))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        remaining = len(choices)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for choice in choices:
+            with contextlib.suppress(Exception):
+                await choice.stream.aclose()  # type: ignore[attr-defined]
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop_strings(), seed=body.seed
+    )
+
+
+def _check_context(backend: Backend, prompt_ids: list[int], max_tokens: int, param: str) -> None:
+    if len(prompt_ids) + max_tokens > backend.max_model_len:
+        raise OpenAIError(
+            400,
+            f"This model's maximum context length is {backend.max_model_len} tokens. However, you requested "
+            f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the {param}, {max_tokens} for the completion).",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+async def _respond(
+    state: ServerState,
+    *,
+    model: str,
+    adapter: AdapterSpec | None,
+    prompts: list[list[int]],
+    n: int,
+    sampling: SamplingParams,
+    stream: bool,
+    include_usage: bool,
+    shape_final: Callable[[str, int, list[_Choice], dict[int, GenerationChunk]], dict[str, Any]],
+    shape_chunk: Callable[[str, int, int, GenerationChunk, bool], dict[str, Any]],
+    shape_usage_chunk: Callable[[str, int, Usage], dict[str, Any]],
+    id_prefix: str,
+) -> Response:
+    """Run a (chat) completion, streaming or not, with metrics; shapes come from the caller."""
+    timer = _RequestTimer(state.metrics)
+    label = adapter.key if adapter is not None else state.backend.base_name
+    response_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    try:
+        choices = await _start_choices(state.backend, prompts, n, sampling, adapter)
+    except BaseException as exc:
+        error = from_exception(exc)
+        timer.finish(label, error.status_code)
+        raise error from exc
+    timer.token()
+
+    if not stream:
+        try:
+            lasts = await asyncio.gather(*(_drain(c) for c in choices))
+        except BaseException as exc:
+            error = from_exception(exc)
+            timer.finish(label, error.status_code)
+            raise error from exc
+        last_by_index = {c.index: last for c, last in zip(choices, lasts)}
+        timer.finish(label, 200, sum(last.completion_tokens for last in lasts))
+        return JSONResponse(shape_final(response_id, created, choices, last_by_index))
+
+    async def events() -> AsyncIterator[str]:
+        last_by_index: dict[int, GenerationChunk] = {}
+        status = 200
+        first_sent: set[int] = set()
+        try:
+            async for index, chunk in _interleave(choices):
+                last_by_index[index] = chunk
+                finished = chunk.finish_reason is not None
+                if not chunk.text and not finished and index in first_sent:
+                    continue  # a token whose text is held back (stop-string prefix, partial UTF-8)
+                payload = shape_chunk(response_id, created, index, chunk, index not in first_sent)
+                first_sent.add(index)
+                if finished and len(last_by_index) == len(choices) and all(
+                    last.finish_reason is not None for last in last_by_index.values()
+                ):
+                    payload["usage"] = _usage(choices, last_by_index).model_dump()
+                yield _sse(payload)
+            if include_usage:
+                yield _sse(shape_usage_chunk(response_id, created, _usage(choices, last_by_index)))
+        except BaseException as exc:  # noqa: BLE001 - reported in-band, the status line is gone
+            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                status = 499  # the client went away
+                raise
+            error = from_exception(exc)
+            status = error.status_code
+            yield _sse(error.body())
+        finally:
+            timer.finish(label, status, sum(last.completion_tokens for last in last_by_index.values()))
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _completion_prompts(backend: Backend, prompt: Any) -> list[list[int]]:
+    tokenizer = backend.tokenizer
+    if isinstance(prompt, str):
+        return [tokenizer(prompt).input_ids]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return [tokenizer(p).input_ids for p in prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+        return [list(p) for p in prompt]
+    raise OpenAIError(400, "`prompt` must be a non-empty string, list of strings or list of token ids", param="prompt")
+
+
+def _check_prompt_ids(backend: Backend, prompts: list[list[int]]) -> None:
+    vocab = len(backend.tokenizer)
+    for ids in prompts:
+        if not ids:
+            raise OpenAIError(400, "the prompt is empty", param="prompt")
+        if any(not 0 <= token < vocab for token in ids):
+            raise OpenAIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
+
+
+def _build_v1_router() -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_require_api_key)])
+
+    @router.get("/models")
+    async def list_models(state: State) -> ModelList:
+        backend = state.backend
+        held = {adapter.key: adapter for adapter in backend.resident_adapters()}
+        cards = [
+            ModelCard(
+                id=backend.base_name, created=state.started_at, root=str(getattr(backend, "model_dir", "")) or None,
+                parent=None, resident=True, tier="device", max_model_len=backend.max_model_len,
+            )
+        ]
+
+        def adapter_card(model_id: str, key: str, created: int, aliases: Sequence[str], meta: dict[str, Any]) -> ModelCard:
+            resident = held.get(key)
+            return ModelCard(
+                id=model_id, created=created, parent=backend.base_name, root=key,
+                resident=resident is not None and resident.tier == "device",
+                tier=resident.tier if resident is not None else None,
+                aliases=list(aliases), max_model_len=backend.max_model_len,
+                meta={**meta, **({"pinned": resident.pinned} if resident is not None else {})},
+            )
+
+        for name, spec in state.loaded_by_path.items():
+            cards.append(adapter_card(name, spec.key, state.started_at, (), {"source": "load_lora_adapter"}))
+        if state.resolver is not None:
+            for listing in await asyncio.to_thread(state.resolver.list, backend.base_name):
+                cards.append(adapter_card(listing.id, listing.key, listing.created, listing.aliases, dict(listing.meta)))
+        return ModelList(data=cards)
+
+    @router.post("/completions")
+    async def completions(body: CompletionRequest, state: State) -> Response:
+        _refuse_unsupported(body)
+        adapter = await state.resolve_model(body.model)
+        prompts = _completion_prompts(state.backend, body.prompt)
+        _check_prompt_ids(state.backend, prompts)
+        max_tokens = body.max_tokens if body.max_tokens is not None else 16
+        for ids in prompts:
+            _check_context(state.backend, ids, max_tokens, "prompt")
+
+        def shape_final(rid: str, created: int, choices: list[_Choice], last: dict[int, GenerationChunk]) -> dict[str, Any]:
+            return CompletionResponse(
+                id=rid, created=created, model=body.model,
+                choices=[CompletionChoice(index=c.index, text="".join(c.text), finish_reason=last[c.index].finish_reason) for c in choices],
+                usage=_usage(choices, last),
+            ).model_dump()
+
+        def shape_chunk(rid: str, created: int, index: int, chunk: GenerationChunk, first: bool) -> dict[str, Any]:
+            return CompletionResponse(
+                id=rid, created=created, model=body.model,
+                choices=[CompletionChoice(index=index, text=chunk.text, finish_reason=chunk.finish_reason)], usage=None,
+            ).model_dump()
+
+        def shape_usage_chunk(rid: str, created: int, usage: Usage) -> dict[str, Any]:
+            return CompletionResponse(id=rid, created=created, model=body.model, choices=[], usage=usage).model_dump()
+
+        return await _respond(
+            state, model=body.model, adapter=adapter, prompts=prompts, n=body.n, sampling=_sampling(body, max_tokens),
+            stream=body.stream, include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            shape_final=shape_final, shape_chunk=shape_chunk, shape_usage_chunk=shape_usage_chunk, id_prefix="cmpl",
+        )
+
+    @router.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, state: State) -> Response:
+        _refuse_unsupported(body)
+        adapter = await state.resolve_model(body.model)
+        tokenizer = state.backend.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise OpenAIError(400, "the base model's tokenizer has no chat template; use /v1/completions", param="messages")
+        conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the template itself rejects the conversation (e.g. role order)
+            raise OpenAIError(400, f"the chat template rejected the messages: {exc}", param="messages") from exc
+        prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+        _check_prompt_ids(state.backend, [prompt_ids])
+        requested = body.max_completion_tokens or body.max_tokens
+        max_tokens = requested if requested is not None else state.backend.max_model_len - len(prompt_ids)
+        if max_tokens < 1:
+            max_tokens = 1  # reported as context_length_exceeded just below
+        _check_context(state.backend, prompt_ids, max_tokens, "messages")
+
+        def shape_final(rid: str, created: int, choices: list[_Choice], last: dict[int, GenerationChunk]) -> dict[str, Any]:
+            return ChatCompletionResponse(
+                id=rid, created=created, model=body.model,
+                choices=[
+                    ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)), finish_reason=last[c.index].finish_reason or "stop")
+                    for c in choices
+                ],
+                usage=_usage(choices, last),
+            ).model_dump()
+
+        def shape_chunk(rid: str, created: int, index: int, chunk: GenerationChunk, first: bool) -> dict[str, Any]:
+            delta = ChatDelta(role="assistant" if first else None, content=chunk.text)
+            return ChatCompletionChunk(
+                id=rid, created=created, model=body.model,
+                choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=chunk.finish_reason)],
+            ).model_dump(exclude_none=False)
+
+        def shape_usage_chunk(rid: str, created: int, usage: Usage) -> dict[str, Any]:
+            return ChatCompletionChunk(id=rid, created=created, model=body.model, choices=[], usage=usage).model_dump()
+
+        return await _respond(
+            state, model=body.model, adapter=adapter, prompts=[prompt_ids], n=body.n, sampling=_sampling(body, max_tokens),
+            stream=body.stream, include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            shape_final=shape_final, shape_chunk=shape_chunk, shape_usage_chunk=shape_usage_chunk, id_prefix="chatcmpl",
+        )
+
+    @router.post("/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest, state: State) -> PlainTextResponse:
+        name = body.lora_name
+        if name == state.backend.base_name or name in state.loaded_by_path:
+            raise OpenAIError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name", code="already_loaded")
+        if body.lora_path is not None:
+            path = Path(body.lora_path)
+            if not (path / "adapter_config.json").is_file():
+                raise OpenAIError(404, f"no PEFT adapter at lora_path {str(path)!r}", param="lora_path", code="not_found")
+            spec = AdapterSpec(key=name, locate=lambda: path)
+        else:
+            spec = await state.resolve_model(name)
+            assert spec is not None
+        try:
+            await state.backend.load_adapter(spec)
+        except BaseException as exc:
+            raise from_exception(exc) from exc
+        if body.lora_path is not None:
+            state.loaded_by_path[name] = spec
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @router.post("/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, state: State) -> PlainTextResponse:
+        name = body.lora_name
+        spec = state.loaded_by_path.pop(name, None)
+        added_by_path = spec is not None
+        if spec is None and state.resolver is not None and name != state.backend.base_name:
+            spec = await asyncio.to_thread(state.resolver.resolve, state.backend.base_name, name)
+        if spec is None:
+            raise OpenAIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name", code="not_found")
+        removed = await state.backend.unload_adapter(spec.key)
+        if not removed and not added_by_path:
+            raise OpenAIError(404, f"The lora adapter '{name}' is not loaded.", param="lora_name", code="not_found")
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    return router
+
+
+def create_app(
+    backend: Backend,
+    resolver: AdapterResolver | None = None,
+    *,
+    api_key: str | None = None,
+    preload: Sequence[str] = (),
+    metrics: ServingMetrics | None = None,
+) -> FastAPI:
+    """The server for `backend`; adapters come from `resolver`; `preload` refs are pinned.
+
+    `api_key` (the CLI also reads `ADAPTERHUB_API_KEY`) guards every `/v1` route.
+    """
+    metrics = metrics or ServingMetrics(backend)
+    backend.listener = metrics
+    state = ServerState(backend=backend, resolver=resolver, metrics=metrics, api_key=api_key or None, preload=tuple(preload))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await backend.start()
+        try:
+            for ref in state.preload:
+                spec = await state.resolve_model(ref)
+                if spec is None:
+                    continue
+                await backend.load_adapter(spec, pin=True)
+            yield
+        finally:
+            await backend.shutdown()
+
+    app = FastAPI(title="adapterhub", version="0.1.0", lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+    app.include_router(_build_v1_router())
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        status = await request.app.state.server.backend.health()
+        body = {"status": "ok" if status.ok else "unavailable", "detail": status.detail,
+                "running": status.running_requests, "waiting": status.waiting_requests}
+        return JSONResponse(body, status_code=200 if status.ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request) -> Response:
+        payload = await asyncio.to_thread(request.app.state.server.metrics.render)
+        return Response(payload, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+__all__ = ["ServerState", "create_app"]
