@@ -13,6 +13,8 @@ stores it as `heldout_perplexity` (details: the base value and the ratio).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -55,6 +57,21 @@ def resolve_target(registry: Registry, ref: str) -> EvalTarget:
     except NotFoundError as exc:
         raise NotFoundError(f"{ref!r} is neither a registered adapter nor a base model ({exc})") from None
     return EvalTarget(base.name, True, Path(base.path), None, base.name, Path(base.path))
+
+
+@contextmanager
+def _progress_bars() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """A rich progress bar per phase (generation, perplexity, ...) on stderr, rows as units."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console) as progress:
+
+        def phase(description: str, total: int) -> Callable[[int], None]:
+            task = progress.add_task(description, total=total)
+            return lambda rows: progress.advance(task, rows)
+
+        yield phase
 
 
 def _split_metrics(metrics: str | None) -> list[str] | None:
@@ -103,6 +120,9 @@ def evaluate(
     from adapterhub.eval import compare as compare_models
     from adapterhub.eval import evaluate_model, forgetting_check
 
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # our own bars say what is happening; its weight-loading bars are noise
     registry = open_registry()
     target = resolve_target(registry, ref)
     if target.is_base_model and (compare or forgetting):
@@ -112,19 +132,21 @@ def evaluate(
                                 "max_new_tokens": max_new_tokens, "batch_size": batch_size}
     base_dir = None if target.adapter_dir is not None else target.base_dir
     comparison = forgetting_report = report = None
-    with err_console.status(f"evaluating {target.ref} on {data.name} …"):
+    with _progress_bars() as progress:
         if compare:
             comparison = compare_models(
                 model_dir=target.model_dir, adapter_dir=target.adapter_dir, base_dir=base_dir, data=data,
-                forgetting=forgetting, heldout=heldout, **settings,
+                forgetting=forgetting, heldout=heldout, progress=progress, **settings,
             )
             report, forgetting_report = comparison.adapter, comparison.forgetting
         else:
-            report = evaluate_model(model_dir=target.model_dir, adapter_dir=target.adapter_dir, data=data, **settings)
+            report = evaluate_model(
+                model_dir=target.model_dir, adapter_dir=target.adapter_dir, data=data, progress=progress, **settings
+            )
             if forgetting:
                 forgetting_report = forgetting_check(
                     model_dir=target.model_dir, adapter_dir=target.adapter_dir, base_dir=base_dir,
-                    heldout=heldout, batch_size=batch_size,
+                    heldout=heldout, batch_size=batch_size, progress=progress,
                 )
 
     if record:
@@ -179,16 +201,17 @@ def _print_tables(target: EvalTarget, report: Any, comparison: Any, forgetting_r
     info = report.dataset
     title = f"{target.ref} on {info.label} ({info.num_evaluated} of {info.num_rows} rows, {info.kind})"
     if comparison is not None:
-        table = Table("METRIC", f"BASE ({target.base_name})", target.ref, "DELTA", title=title)
+        table = Table("METRIC", f"BASE ({target.base_name})", target.ref, "DELTA")
         deltas = comparison.deltas
         for metric, value in report.metrics.items():
             base_value = comparison.base.metrics.get(metric)
             delta = _fmt_delta(deltas[metric], metric) if metric in deltas else "-"
             table.add_row(metric, _fmt(base_value, metric), _fmt(value, metric), delta)
     else:
-        table = Table("METRIC", "VALUE", title=title)
+        table = Table("METRIC", "VALUE")
         for metric, value in report.metrics.items():
             table.add_row(metric, _fmt(value, metric))
+    console.print(title)
     console.print(table)
     if forgetting_report is not None:
         console.print(

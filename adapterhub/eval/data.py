@@ -84,6 +84,15 @@ class EvalDataset:
         return [row.reference for row in self.rows]
 
 
+def label_sort_key(label: str) -> tuple[int, int, str]:
+    """Integer labels in numeric order ("2" before "10"), then the rest alphabetically.
+
+    The same order the trainer gives an inferred label set, so a head trained without stored
+    label names maps its outputs to the same labels here.
+    """
+    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes, read in chunks (eval files can be large)."""
     digest = hashlib.sha256()
@@ -113,7 +122,7 @@ def load_eval_dataset(path: Path, *, max_examples: int | None = None) -> EvalDat
             rows.append(row)
     if problems:
         raise ValidationError(f"data file {path.name}", problems)
-    labels = tuple(sorted({row.reference for row in rows})) if kind is EvalKind.CLASSIFICATION else ()
+    labels = tuple(sorted({row.reference for row in rows}, key=label_sort_key)) if kind is EvalKind.CLASSIFICATION else ()
     if kind is EvalKind.CLASSIFICATION and len(labels) < 2:
         raise ValidationError(f"data file {path.name}", [f"classification needs at least two labels, found {list(labels)}"])
     selected = rows[:max_examples] if max_examples is not None else rows

@@ -22,9 +22,12 @@ Design decisions:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+# Called after each batch with the number of rows it finished (for progress bars).
+BatchCallback = Callable[[int], None]
 
 # Context cap when a model declares none (or an absurd one, as some tokenizers do).
 _FALLBACK_CONTEXT = 2048
@@ -103,6 +106,7 @@ def generate_greedy(
     max_new_tokens: int,
     batch_size: int,
     chat_formatted: bool,
+    on_batch: BatchCallback | None = None,
 ) -> GenerationResult:
     """Greedy replies to already-rendered `prompts`, decoded without special tokens, stripped.
 
@@ -152,6 +156,8 @@ def generate_greedy(
                     break
             new_tokens += len(tokens)
             texts[index] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        if on_batch is not None:
+            on_batch(len(batch))
     return GenerationResult(texts=texts, truncated=truncated, new_tokens=new_tokens)
 
 
@@ -162,6 +168,7 @@ def sequence_nll(
     *,
     batch_size: int,
     chat_formatted: bool,
+    on_batch: BatchCallback | None = None,
 ) -> LikelihoodResult:
     """Summed NLL of each `(context, target)` pair's target tokens given its context.
 
@@ -191,6 +198,8 @@ def sequence_nll(
             ids = ids[:limit]
         if first < len(ids):
             items.append((ids, first))
+    if on_batch is not None and len(items) < len(sequences):
+        on_batch(len(sequences) - len(items))  # rows with nothing to score count as done
     device = _model_device(model)
     total_nll, token_count = 0.0, 0
     model.eval()
@@ -215,10 +224,14 @@ def sequence_nll(
         scored = score_mask[:, 1:]
         total_nll += float(token_nll[scored].sum())
         token_count += int(scored.sum())
+        if on_batch is not None:
+            on_batch(len(batch))
     return LikelihoodResult(total_nll=total_nll, token_count=token_count, truncated=truncated)
 
 
-def classify(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int) -> list[int]:
+def classify(
+    model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int, on_batch: BatchCallback | None = None
+) -> list[int]:
     """Arg-max class index of a sequence-classification model for each text (input order)."""
     import torch
 
@@ -239,4 +252,6 @@ def classify(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: in
             ).logits
         for row, index in enumerate(batch):
             predictions[index] = int(logits[row].argmax())
+        if on_batch is not None:
+            on_batch(len(batch))
     return predictions

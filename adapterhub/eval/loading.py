@@ -10,10 +10,11 @@ Design decisions:
 - The tokenizer comes from the adapter or full-model directory when it carries one (a full
   fine-tune may have added tokens), else from the model directory.
 - A classification head's label names are read from the full model's `config.json`
-  (`id2label`), from an adapter's `labels.json` (a list, or `{"id2label": {...}}`), or from
-  the `labels` of its `training_metrics.json`. When none is there the trainer's documented
-  default applies (labels sorted as strings): the data's sorted label set is used if it has
-  exactly as many labels as the head has outputs, which is recorded in the report's details.
+  (`id2label`), or from the `labels` an adapterhub-trained adapter keeps in its
+  `training_metrics.json` (PEFT's format has no place for them). When none is there the trainer's documented
+  default applies (integer labels in numeric order, then the rest alphabetically): the data's
+  label set in that order is used if it has exactly as many labels as the head has outputs,
+  which is recorded in the report's details.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub.errors import AdapterhubError, NotFoundError, ValidationError
+from adapterhub.eval.data import label_sort_key
 from adapterhub.formats import ADAPTER_CONFIG, read_adapter_dir
 
 
@@ -149,13 +151,7 @@ def _head_outputs(adapter_dir: Path) -> int:
 
 
 def _stored_adapter_labels(adapter_dir: Path) -> tuple[dict[int, str], str | None]:
-    labels_file = Path(adapter_dir) / "labels.json"
-    if labels_file.is_file():
-        data = json.loads(labels_file.read_text(encoding="utf-8"))
-        if isinstance(data, dict):
-            data = data.get("id2label", data)
-            return {int(k): str(v) for k, v in data.items()}, "labels.json"
-        return {i: str(v) for i, v in enumerate(data)}, "labels.json"
+    """Label names the trainer stored with a classifier adapter (`training_metrics.json`)."""
     metrics_file = Path(adapter_dir) / "training_metrics.json"
     if metrics_file.is_file():
         try:
@@ -177,7 +173,8 @@ def _resolve_labels(
             raise AdapterhubError(f"{source} names {len(stored)} labels but the head has {num_labels} outputs")
         return stored, str(source)
     if len(data_labels) == num_labels:
-        return {i: label for i, label in enumerate(sorted(data_labels))}, "data labels, sorted (none stored with the model)"
+        ordered = sorted(data_labels, key=label_sort_key)
+        return dict(enumerate(ordered)), "data labels in the trainer's order (none stored with the model)"
     raise ValidationError(
         "classification labels",
         [f"the model stores no label names and its head has {num_labels} outputs, "

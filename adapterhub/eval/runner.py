@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from adapterhub.errors import AdapterhubError, ValidationError
 from adapterhub.eval import metrics as metric_fns
 from adapterhub.eval.data import EvalDataset, EvalKind, EvalRow, load_eval_dataset
-from adapterhub.eval.generation import generate_greedy, has_chat_template, render_prompt, sequence_nll
+from adapterhub.eval.generation import BatchCallback, generate_greedy, has_chat_template, render_prompt, sequence_nll
 from adapterhub.eval.loading import (
     LoadedModel,
     attach_adapter,
@@ -44,6 +44,10 @@ from adapterhub.eval.loading import (
 from adapterhub.eval.report import Comparison, DatasetInfo, EvalReport, ExampleResult, ForgettingReport
 
 GENERAL_HELDOUT_PATH = Path(__file__).with_name("resources") / "general_heldout.jsonl"
+
+# A progress reporter: called once per phase with its description and row count, it returns
+# the callback that phase calls after each batch with the rows done (the CLI draws bars).
+ProgressFactory = Callable[[str, int], BatchCallback]
 
 # Label-like references: at most this many distinct answers of at most this many words.
 _MAX_LABELS = 20
@@ -59,6 +63,7 @@ def evaluate_model(
     max_examples: int | None = None,
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    progress: ProgressFactory | None = None,
 ) -> EvalReport:
     """Score `model_dir` (a base or full model), with `adapter_dir` applied if given, on `data`.
 
@@ -73,7 +78,7 @@ def evaluate_model(
     loaded = _load(Path(model_dir), adapter_dir, dataset, classifier=classifier)
     return score_loaded(
         loaded, dataset, selected, model_dir=Path(model_dir), adapter_dir=adapter_dir,
-        max_new_tokens=max_new_tokens, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
     )
 
 
@@ -89,6 +94,7 @@ def compare(
     batch_size: int = 8,
     forgetting: bool = False,
     heldout: Path | None = None,
+    progress: ProgressFactory | None = None,
 ) -> Comparison:
     """The base alone and the candidate on the same rows, with candidate − base deltas.
 
@@ -113,8 +119,10 @@ def compare(
     settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
 
     base_loaded = load_causal(base)
-    base_report = score_loaded(base_loaded, dataset, selected, model_dir=base, adapter_dir=None, **settings)
-    base_ppl = _heldout_perplexity(base_loaded, heldout_set, batch_size) if heldout_set else None
+    base_report = score_loaded(base_loaded, dataset, selected, model_dir=base, adapter_dir=None,
+                               progress=_labelled(progress, "base"), **settings)
+    base_ppl = (_heldout_perplexity(base_loaded, heldout_set, batch_size, _labelled(progress, "base"))
+                if heldout_set else None)
 
     if _can_reuse_base(adapter_dir, base, model_dir) and not candidate_classifier:
         # Same weights underneath: wrap the loaded base instead of loading it again.
@@ -124,12 +132,13 @@ def compare(
         del base_loaded
         gc.collect()
         candidate = _load(model_dir, adapter_dir, dataset, classifier=candidate_classifier)
-    candidate_report = score_loaded(candidate, dataset, selected, model_dir=model_dir, adapter_dir=adapter_dir, **settings)
+    candidate_report = score_loaded(candidate, dataset, selected, model_dir=model_dir, adapter_dir=adapter_dir,
+                                    progress=_labelled(progress, "candidate"), **settings)
     forgetting_report = None
     if heldout_set is not None and base_ppl is not None:
         forgetting_report = ForgettingReport(
             dataset=_dataset_info(heldout_set), base_perplexity=base_ppl,
-            adapter_perplexity=_heldout_perplexity(candidate, heldout_set, batch_size),
+            adapter_perplexity=_heldout_perplexity(candidate, heldout_set, batch_size, _labelled(progress, "candidate")),
         )
     return Comparison(base=base_report, adapter=candidate_report, forgetting=forgetting_report)
 
@@ -141,6 +150,7 @@ def forgetting_check(
     base_dir: Path | None = None,
     heldout: Path | None = None,
     batch_size: int = 8,
+    progress: ProgressFactory | None = None,
 ) -> ForgettingReport:
     """Perplexity on general held-out text of the base, then of the candidate (as in `compare`)."""
     _check_settings(max_new_tokens=1, batch_size=batch_size)
@@ -153,7 +163,7 @@ def forgetting_check(
         raise AdapterhubError("the forgetting check measures language-model perplexity; a classification model has none")
     check_paths(base, None)
     base_loaded = load_causal(base)
-    base_ppl = _heldout_perplexity(base_loaded, heldout_set, batch_size)
+    base_ppl = _heldout_perplexity(base_loaded, heldout_set, batch_size, _labelled(progress, "base"))
     if _can_reuse_base(adapter_dir, base, model_dir):
         candidate = LoadedModel(model=attach_adapter(base_loaded.model, Path(adapter_dir)),
                                 tokenizer=base_loaded.tokenizer, is_classifier=False)
@@ -163,7 +173,7 @@ def forgetting_check(
         candidate = load_causal(model_dir, adapter_dir)
     return ForgettingReport(
         dataset=_dataset_info(heldout_set), base_perplexity=base_ppl,
-        adapter_perplexity=_heldout_perplexity(candidate, heldout_set, batch_size),
+        adapter_perplexity=_heldout_perplexity(candidate, heldout_set, batch_size, _labelled(progress, "candidate")),
     )
 
 
@@ -282,6 +292,7 @@ def score_loaded(
     adapter_dir: Path | None,
     max_new_tokens: int,
     batch_size: int,
+    progress: ProgressFactory | None = None,
 ) -> EvalReport:
     """Run the model over the rows once per need (generation, likelihood, logits) and score."""
     started = time.perf_counter()
@@ -300,7 +311,9 @@ def score_loaded(
         from adapterhub.eval.generation import classify
 
         texts = [str(row.text) for row in dataset.rows]
-        predictions = [loaded.id2label[index] for index in classify(loaded.model, loaded.tokenizer, texts, batch_size=batch_size)]
+        indices = classify(loaded.model, loaded.tokenizer, texts, batch_size=batch_size,
+                           on_batch=_phase(progress, "classifying", len(texts)))
+        predictions = [loaded.id2label[index] for index in indices]
         details["label_source"] = loaded.label_source
         examples = [ExampleResult(row.line, str(row.text), row.reference, p) for row, p in zip(dataset.rows, predictions)]
         _score_labels(predictions, references, list(dataset.labels), metric_names, results, details)
@@ -309,7 +322,7 @@ def score_loaded(
         chat = has_chat_template(loaded.tokenizer)
         generated = generate_greedy(
             loaded.model, loaded.tokenizer, rendered, max_new_tokens=max_new_tokens, batch_size=batch_size,
-            chat_formatted=chat,
+            chat_formatted=chat, on_batch=_phase(progress, "generating", len(rendered)),
         )
         details.update(decoding="greedy", max_new_tokens=max_new_tokens, chat_template=chat,
                        truncated_prompts=generated.truncated, generated_tokens=generated.new_tokens)
@@ -328,7 +341,7 @@ def score_loaded(
             _score_labels(matched, references, labels, metric_names, results, details)
 
     if "perplexity" in metric_names:
-        likelihood = _likelihood(loaded, dataset.rows, batch_size)
+        likelihood = _likelihood(loaded, dataset.rows, batch_size, _phase(progress, "perplexity", len(dataset.rows)))
         results["perplexity"] = metric_fns.perplexity(likelihood.total_nll, likelihood.token_count)
         details.update(perplexity_tokens=likelihood.token_count, truncated_texts=likelihood.truncated)
 
@@ -352,7 +365,20 @@ def _score_labels(
     details["confusion"] = metric_fns.confusion(predictions, references, labels)
 
 
-def _likelihood(loaded: LoadedModel, rows: Sequence[EvalRow], batch_size: int) -> Any:
+def _phase(progress: ProgressFactory | None, description: str, total: int) -> BatchCallback | None:
+    return progress(description, total) if progress is not None else None
+
+
+def _labelled(progress: ProgressFactory | None, who: str) -> ProgressFactory | None:
+    """The same reporter with phases named after the side being scored ("base: generating")."""
+    if progress is None:
+        return None
+    return lambda description, total: progress(f"{who}: {description}", total)
+
+
+def _likelihood(
+    loaded: LoadedModel, rows: Sequence[EvalRow], batch_size: int, on_batch: BatchCallback | None = None
+) -> Any:
     """Token NLL of each row's text, or of its reference reply given its rendered prompt."""
     chat = has_chat_template(loaded.tokenizer)
     pairs = [
@@ -360,11 +386,13 @@ def _likelihood(loaded: LoadedModel, rows: Sequence[EvalRow], batch_size: int) -
         (render_prompt(loaded.tokenizer, row.messages, row.prompt), row.reference)
         for row in rows
     ]
-    return sequence_nll(loaded.model, loaded.tokenizer, pairs, batch_size=batch_size, chat_formatted=chat)
+    return sequence_nll(loaded.model, loaded.tokenizer, pairs, batch_size=batch_size, chat_formatted=chat, on_batch=on_batch)
 
 
-def _heldout_perplexity(loaded: LoadedModel, heldout: EvalDataset, batch_size: int) -> float:
-    likelihood = _likelihood(loaded, heldout.rows, batch_size)
+def _heldout_perplexity(
+    loaded: LoadedModel, heldout: EvalDataset, batch_size: int, progress: ProgressFactory | None = None
+) -> float:
+    likelihood = _likelihood(loaded, heldout.rows, batch_size, _phase(progress, "held-out perplexity", len(heldout.rows)))
     return metric_fns.perplexity(likelihood.total_nll, likelihood.token_count)
 
 

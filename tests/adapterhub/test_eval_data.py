@@ -44,6 +44,9 @@ def test_classification_and_text_kinds_and_max_examples(tmp_path: Path) -> None:
     assert dataset.labels == ("0", "1")
     assert len(dataset.rows) == 4 and dataset.num_rows == 6
     assert [r.line for r in dataset.rows] == [1, 2, 3, 4]  # first rows in file order
+    numeric = [{"text": "a", "label": 10}, {"text": "b", "label": 2}, {"text": "c", "label": "x"}]
+    # the trainer's order for an inferred label set: integers numerically, then the rest
+    assert load_eval_dataset(write_jsonl(tmp_path / "num.jsonl", numeric)).labels == ("2", "10", "x")
     text = load_eval_dataset(write_jsonl(tmp_path / "text.jsonl", [{"text": "hello"}]))
     assert text.kind is EvalKind.TEXT
 

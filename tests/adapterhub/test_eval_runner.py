@@ -128,7 +128,8 @@ def build_classifier_adapter(base_dir: Path, out_dir: Path, labels: list[str]) -
             if param.requires_grad:
                 param.copy_(torch.randn(param.shape, generator=generator))
     peft_model.save_pretrained(out_dir)
-    (out_dir / "labels.json").write_text(json.dumps(labels), encoding="utf-8")
+    # Where adapterhub's trainer keeps the label names of a classifier adapter.
+    (out_dir / "training_metrics.json").write_text(json.dumps({"labels": labels}), encoding="utf-8")
     return out_dir
 
 
@@ -144,7 +145,7 @@ def test_classifier_adapter_scores_match_direct_argmax(tiny_base: Path, tmp_path
     data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": g} for t, g in zip(texts, gold)])
     report = evaluate_model(model_dir=tiny_base, adapter_dir=adapter, data=data, batch_size=4)
     assert set(report.metrics) == {"accuracy", "precision", "recall", "f1"}
-    assert report.details["label_source"] == "labels.json"
+    assert report.details["label_source"] == "training_metrics.json labels"
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=3)
