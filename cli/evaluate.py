@@ -113,6 +113,8 @@ def evaluate(
     max_examples: Annotated[Optional[int], typer.Option("--max-examples", "-n", help="Score only the first N rows.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Generation length limit.")] = 32,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per forward pass.")] = 8,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N (default: the best available).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="fp32, bf16 or fp16 (default: from the hardware).")] = None,
     record: Annotated[bool, typer.Option("--record/--no-record", help="Store the results in the registry.")] = True,
     json_output: JsonOption = False,
 ) -> None:
@@ -128,8 +130,8 @@ def evaluate(
     if target.is_base_model and (compare or forgetting):
         raise AdapterhubError(f"{ref!r} is a base model: --compare and --forgetting need an adapter or a fine-tuned model")
     metric_list = _split_metrics(metrics)
-    settings: dict[str, Any] = {"metrics": metric_list, "max_examples": max_examples,
-                                "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    settings: dict[str, Any] = {"metrics": metric_list, "max_examples": max_examples, "max_new_tokens": max_new_tokens,
+                                "batch_size": batch_size, "device": device, "dtype": dtype}
     base_dir = None if target.adapter_dir is not None else target.base_dir
     comparison = forgetting_report = report = None
     with _progress_bars() as progress:
@@ -141,12 +143,13 @@ def evaluate(
             report, forgetting_report = comparison.adapter, comparison.forgetting
         else:
             report = evaluate_model(
-                model_dir=target.model_dir, adapter_dir=target.adapter_dir, data=data, progress=progress, **settings
+                model_dir=target.model_dir, adapter_dir=target.adapter_dir, data=data, progress=progress,
+                tokenizer_dir=target.base_dir, **settings,
             )
             if forgetting:
                 forgetting_report = forgetting_check(
                     model_dir=target.model_dir, adapter_dir=target.adapter_dir, base_dir=base_dir,
-                    heldout=heldout, batch_size=batch_size, progress=progress,
+                    heldout=heldout, batch_size=batch_size, device=device, dtype=dtype, progress=progress,
                 )
 
     if record:

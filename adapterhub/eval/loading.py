@@ -30,6 +30,17 @@ from adapterhub.eval.data import label_sort_key
 from adapterhub.formats import ADAPTER_CONFIG, read_adapter_dir
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """Where and how to load: pinned for exact comparisons, else chosen from the hardware."""
+
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None: the best available
+    dtype: str | None = None  # "fp32", "bf16", "fp16"; None: bf16/fp16 on GPUs, fp32 on CPU
+    # Used when neither the adapter nor the model directory carries a tokenizer (a merged
+    # full model written without one): normally the base model's directory.
+    tokenizer_dir: Path | None = None
+
+
 @dataclass
 class LoadedModel:
     """A model ready for scoring, and what it can do."""
@@ -82,19 +93,30 @@ def check_paths(model_dir: Path, adapter_dir: Path | None) -> None:
         raise NotFoundError("; ".join(problems))
 
 
-def _tokenizer_dir(model_dir: Path, adapter_dir: Path | None) -> Path:
-    if adapter_dir is not None and any((Path(adapter_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        return Path(adapter_dir)
-    return Path(model_dir)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def load_causal(model_dir: Path, adapter_dir: Path | None = None) -> LoadedModel:
+def has_tokenizer(directory: Path) -> bool:
+    return any((Path(directory) / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def _tokenizer_dir(model_dir: Path, adapter_dir: Path | None, fallback: Path | None) -> Path:
+    for candidate in (adapter_dir, model_dir, fallback):
+        if candidate is not None and has_tokenizer(candidate):
+            return Path(candidate)
+    raise AdapterhubError(
+        f"no tokenizer in {model_dir}" + (f" or {adapter_dir}" if adapter_dir else "")
+        + " (pass the base model's directory as tokenizer_dir)"
+    )
+
+
+def load_causal(model_dir: Path, adapter_dir: Path | None = None, options: LoadOptions = LoadOptions()) -> LoadedModel:
     """A causal LM (with the adapter applied when given) and its tokenizer, in eval mode."""
     from adapterhub.models import load_causal_lm, load_tokenizer
 
     check_paths(model_dir, adapter_dir)
-    tokenizer = load_tokenizer(_tokenizer_dir(model_dir, adapter_dir))
-    model = load_causal_lm(Path(model_dir))
+    tokenizer = load_tokenizer(_tokenizer_dir(model_dir, adapter_dir, options.tokenizer_dir))
+    model = load_causal_lm(Path(model_dir), dtype=options.dtype, device=options.device)
     if adapter_dir is not None:
         model = attach_adapter(model, adapter_dir)
     return LoadedModel(model=model, tokenizer=tokenizer, is_classifier=False)
@@ -111,16 +133,18 @@ def attach_adapter(model: Any, adapter_dir: Path) -> Any:
     return peft_model.eval()
 
 
-def load_classifier(model_dir: Path, adapter_dir: Path | None, data_labels: Sequence[str]) -> LoadedModel:
+def load_classifier(
+    model_dir: Path, adapter_dir: Path | None, data_labels: Sequence[str], options: LoadOptions = LoadOptions()
+) -> LoadedModel:
     """A sequence-classification model (full model, or base + SEQ_CLS adapter) and its labels."""
     from transformers import AutoModelForSequenceClassification
 
-    from adapterhub.models import default_device, default_dtype, load_tokenizer
+    from adapterhub.models import default_device, load_tokenizer, resolve_dtype
 
     check_paths(model_dir, adapter_dir)
-    tokenizer = load_tokenizer(_tokenizer_dir(model_dir, adapter_dir), padding_side="right")
-    device = default_device()
-    dtype = default_dtype(device)
+    tokenizer = load_tokenizer(_tokenizer_dir(model_dir, adapter_dir, options.tokenizer_dir), padding_side="right")
+    device = options.device or default_device()
+    dtype = resolve_dtype(options.dtype, device)
     if adapter_dir is None:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype)
         names = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}

@@ -35,8 +35,10 @@ from adapterhub.eval.data import EvalDataset, EvalKind, EvalRow, load_eval_datas
 from adapterhub.eval.generation import BatchCallback, generate_greedy, has_chat_template, render_prompt, sequence_nll
 from adapterhub.eval.loading import (
     LoadedModel,
+    LoadOptions,
     attach_adapter,
     check_paths,
+    has_tokenizer,
     load_causal,
     load_classifier,
     wants_classifier,
@@ -63,11 +65,16 @@ def evaluate_model(
     max_examples: int | None = None,
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    device: str | None = None,
+    dtype: str | None = None,
+    tokenizer_dir: Path | None = None,
     progress: ProgressFactory | None = None,
 ) -> EvalReport:
     """Score `model_dir` (a base or full model), with `adapter_dir` applied if given, on `data`.
 
-    `metrics=None` picks the metrics from the data's shape. Raises `AdapterhubError` (a
+    `metrics=None` picks the metrics from the data's shape. `device`/`dtype` pin where and in
+    what precision the model runs (default: from the hardware); `tokenizer_dir` is the
+    tokenizer to use when the model directory has none (a merged full model). Raises `AdapterhubError` (a
     `ValidationError` listing every problem) for a bad file, metric list or directory,
     before any model is loaded.
     """
@@ -75,7 +82,8 @@ def evaluate_model(
     dataset = load_eval_dataset(Path(data), max_examples=max_examples)
     classifier = _wants_classifier_checked(Path(model_dir), adapter_dir)
     selected = plan_metrics(dataset, metrics, classifier=classifier)
-    loaded = _load(Path(model_dir), adapter_dir, dataset, classifier=classifier)
+    options = LoadOptions(device=device, dtype=dtype, tokenizer_dir=tokenizer_dir)
+    loaded = _load(Path(model_dir), adapter_dir, dataset, classifier=classifier, options=options)
     return score_loaded(
         loaded, dataset, selected, model_dir=Path(model_dir), adapter_dir=adapter_dir,
         max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
@@ -94,6 +102,8 @@ def compare(
     batch_size: int = 8,
     forgetting: bool = False,
     heldout: Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
     progress: ProgressFactory | None = None,
 ) -> Comparison:
     """The base alone and the candidate on the same rows, with candidate − base deltas.
@@ -101,6 +111,8 @@ def compare(
     The candidate is `model_dir` + `adapter_dir` (the base is then `model_dir`, unless
     `base_dir` says otherwise), or a full model `model_dir` compared with `base_dir`.
     `forgetting=True` adds perplexity on `heldout` (default: the shipped general text).
+    Both sides run on the same `device` and `dtype`; a candidate without a tokenizer of its
+    own uses the base's.
     """
     _check_settings(max_new_tokens=max_new_tokens, batch_size=batch_size)
     model_dir = Path(model_dir)
@@ -118,7 +130,8 @@ def compare(
     selected = plan_metrics(dataset, metrics, classifier=candidate_classifier)
     settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
 
-    base_loaded = load_causal(base)
+    options = LoadOptions(device=device, dtype=dtype, tokenizer_dir=base)
+    base_loaded = load_causal(base, options=options)
     base_report = score_loaded(base_loaded, dataset, selected, model_dir=base, adapter_dir=None,
                                progress=_labelled(progress, "base"), **settings)
     base_ppl = (_heldout_perplexity(base_loaded, heldout_set, batch_size, _labelled(progress, "base"))
@@ -131,7 +144,7 @@ def compare(
     else:
         del base_loaded
         gc.collect()
-        candidate = _load(model_dir, adapter_dir, dataset, classifier=candidate_classifier)
+        candidate = _load(model_dir, adapter_dir, dataset, classifier=candidate_classifier, options=options)
     candidate_report = score_loaded(candidate, dataset, selected, model_dir=model_dir, adapter_dir=adapter_dir,
                                     progress=_labelled(progress, "candidate"), **settings)
     forgetting_report = None
@@ -150,6 +163,8 @@ def forgetting_check(
     base_dir: Path | None = None,
     heldout: Path | None = None,
     batch_size: int = 8,
+    device: str | None = None,
+    dtype: str | None = None,
     progress: ProgressFactory | None = None,
 ) -> ForgettingReport:
     """Perplexity on general held-out text of the base, then of the candidate (as in `compare`)."""
@@ -162,7 +177,8 @@ def forgetting_check(
     if _wants_classifier_checked(model_dir, adapter_dir):
         raise AdapterhubError("the forgetting check measures language-model perplexity; a classification model has none")
     check_paths(base, None)
-    base_loaded = load_causal(base)
+    options = LoadOptions(device=device, dtype=dtype, tokenizer_dir=base)
+    base_loaded = load_causal(base, options=options)
     base_ppl = _heldout_perplexity(base_loaded, heldout_set, batch_size, _labelled(progress, "base"))
     if _can_reuse_base(adapter_dir, base, model_dir):
         candidate = LoadedModel(model=attach_adapter(base_loaded.model, Path(adapter_dir)),
@@ -170,7 +186,7 @@ def forgetting_check(
     else:
         del base_loaded
         gc.collect()
-        candidate = load_causal(model_dir, adapter_dir)
+        candidate = load_causal(model_dir, adapter_dir, options)
     return ForgettingReport(
         dataset=_dataset_info(heldout_set), base_perplexity=base_ppl,
         adapter_perplexity=_heldout_perplexity(candidate, heldout_set, batch_size, _labelled(progress, "candidate")),
@@ -228,12 +244,14 @@ def _wants_classifier_checked(model_dir: Path, adapter_dir: Path | None) -> bool
     return wants_classifier(model_dir, adapter_dir)
 
 
-def _load(model_dir: Path, adapter_dir: Path | None, dataset: EvalDataset, *, classifier: bool) -> LoadedModel:
+def _load(
+    model_dir: Path, adapter_dir: Path | None, dataset: EvalDataset, *, classifier: bool, options: LoadOptions
+) -> LoadedModel:
     if classifier:
-        loaded = load_classifier(model_dir, adapter_dir, dataset.labels)
+        loaded = load_classifier(model_dir, adapter_dir, dataset.labels, options)
         _check_labels_known(dataset, loaded)
         return loaded
-    return load_causal(model_dir, adapter_dir)
+    return load_causal(model_dir, adapter_dir, options)
 
 
 def _check_labels_known(dataset: EvalDataset, loaded: LoadedModel) -> None:
@@ -250,7 +268,7 @@ def _can_reuse_base(adapter_dir: Path | None, base: Path, model_dir: Path) -> bo
     """Whether the candidate is the loaded base plus an adapter that brings no tokenizer of its own."""
     if adapter_dir is None or base.resolve() != model_dir.resolve():
         return False
-    return not any((Path(adapter_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    return not has_tokenizer(Path(adapter_dir))
 
 
 def _load_heldout(path: Path | None) -> EvalDataset:

@@ -53,19 +53,20 @@ def test_batched_generation_matches_unbatched_and_exact_match_counts(tiny_base: 
     # References: the model's own reply for the first three rows, something else for the rest.
     references = expected[:3] + ["not this", "nor this"]
     data = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": p, "completion": r} for p, r in zip(PROMPTS, references)])
-    report = evaluate_model(model_dir=tiny_base, data=data, max_new_tokens=6, batch_size=4, metrics=["exact_match", "rouge", "bleu"])
+    pinned = {"device": "cpu", "dtype": "fp32"}  # the reference above runs in fp32 on the CPU
+    report = evaluate_model(model_dir=tiny_base, data=data, max_new_tokens=6, batch_size=4, metrics=["exact_match", "rouge", "bleu"], **pinned)
     assert [e.prediction for e in report.examples] == expected
     assert report.metrics["exact_match"] == pytest.approx(3 / 5)
     assert set(report.metrics) == {"exact_match", "rouge1", "rouge2", "rougeL", "bleu"}
     assert report.details["decoding"] == "greedy" and report.details["chat_template"] is True
-    again = evaluate_model(model_dir=tiny_base, data=data, max_new_tokens=6, batch_size=2, metrics=["exact_match", "rouge", "bleu"])
+    again = evaluate_model(model_dir=tiny_base, data=data, max_new_tokens=6, batch_size=2, metrics=["exact_match", "rouge", "bleu"], **pinned)
     assert again.metrics == report.metrics  # deterministic, whatever the batch size
 
 
 def test_perplexity_equals_model_loss(tiny_base: Path, tmp_path: Path) -> None:
     texts = ["the quick brown fox jumps over the lazy dog", "adapters are small task specific weights", "hello"]
     data = write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in texts])
-    report = evaluate_model(model_dir=tiny_base, data=data, batch_size=2)
+    report = evaluate_model(model_dir=tiny_base, data=data, batch_size=2, device="cpu", dtype="fp32")
     assert list(report.metrics) == ["perplexity"]  # the default for raw text
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
@@ -143,7 +144,7 @@ def test_classifier_adapter_scores_match_direct_argmax(tiny_base: Path, tmp_path
     texts = ["the quick brown fox", "hello world", "two plus two", "adapters are small", "yes no", "the lazy dog"]
     gold = ["positive", "negative", "neutral", "positive", "negative", "neutral"]
     data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": g} for t, g in zip(texts, gold)])
-    report = evaluate_model(model_dir=tiny_base, adapter_dir=adapter, data=data, batch_size=4)
+    report = evaluate_model(model_dir=tiny_base, adapter_dir=adapter, data=data, batch_size=4, device="cpu", dtype="fp32")
     assert set(report.metrics) == {"accuracy", "precision", "recall", "f1"}
     assert report.details["label_source"] == "training_metrics.json labels"
 
@@ -180,6 +181,21 @@ def test_label_style_generation_defaults(tiny_base: Path, tmp_path: Path) -> Non
     assert report.details["labels"] == ["no", "yes"]
     matched = sum(sum(row.values()) for row in report.details["confusion"].values())
     assert matched == 6
+
+
+def test_full_model_without_tokenizer_uses_the_given_one(tiny_base: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy2(tiny_base / name, bare / name)
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": "the quick brown fox"}])
+    with pytest.raises(AdapterhubError, match="no tokenizer in"):
+        evaluate_model(model_dir=bare, data=data)
+    with_tokenizer = evaluate_model(model_dir=bare, data=data, tokenizer_dir=tiny_base)
+    original = evaluate_model(model_dir=tiny_base, data=data)
+    assert with_tokenizer.metrics["perplexity"] == pytest.approx(original.metrics["perplexity"])
 
 
 def test_bad_input_fails_before_loading_a_model(tmp_path: Path, tiny_base: Path) -> None:
