@@ -205,6 +205,9 @@ def combination_problems(config: TrainConfig) -> list[str]:
         problems.append(f"packing only applies to sft and causal_lm, not {task.value}")
     if config.target_modules is not None and method not in TARGETED_METHODS:
         problems.append(f"target_modules only applies to lora, qlora, dora and ia3, not {method.value}")
+    if isinstance(config.target_modules, list) and "lm_head" in config.target_modules:
+        # TRL computes log-probabilities from lm_head.weight directly: an adapter there never trains.
+        problems.append("target_modules: 'lm_head' cannot carry an adapter in SFT training (TRL reads its weight directly)")
     if config.use_rslora and method not in (Method.LORA, Method.QLORA, Method.DORA):
         problems.append(f"use_rslora only applies to the LoRA methods, not {method.value}")
     if config.prompt_init_text is not None and method != Method.PROMPT_TUNING:

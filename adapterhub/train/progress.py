@@ -78,10 +78,11 @@ class RichProgressBar(TrainerCallback):
 
 
 def loss_history(log_history: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
-    """Train and validation loss as [step, loss] pairs from a trainer's log history."""
+    """Train/validation loss and learning rate as [step, value] pairs from a trainer's log history."""
     train = [[entry["step"], entry["loss"]] for entry in log_history if "loss" in entry and "step" in entry]
     validation = [[entry["step"], entry["eval_loss"]] for entry in log_history if "eval_loss" in entry and "step" in entry]
-    return {"train_loss": train, "eval_loss": validation}
+    rates = [[entry["step"], entry["learning_rate"]] for entry in log_history if "learning_rate" in entry and "step" in entry]
+    return {"train_loss": train, "eval_loss": validation, "learning_rate": rates}
 
 
 def plot_learning_curve(history: dict[str, list[list[float]]], path: Path, *, title: str) -> Path:

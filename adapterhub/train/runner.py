@@ -63,7 +63,7 @@ class TrainResult:
             "config": self.config,
             "wall_time_s": round(self.wall_time_s, 3),
             "peak_memory_bytes": self.peak_memory_bytes,
-            "metrics": {k: v for k, v in self.metrics.items() if k not in ("train_loss_history", "eval_loss_history")},
+            "metrics": {k: v for k, v in self.metrics.items() if not k.endswith("_history")},
         }
         if base_fingerprint is not None:
             details["base_fingerprint"] = base_fingerprint
@@ -378,6 +378,7 @@ def train(
         "labels": data.labels,
         "train_loss_history": history["train_loss"],
         "eval_loss_history": history["eval_loss"],
+        "learning_rate_history": history["learning_rate"],
     }
     final_dir = output_dir / FINAL_DIR
     is_full = config.produces_full_model

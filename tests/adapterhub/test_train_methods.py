@@ -1,0 +1,157 @@
+"""Every method and task trains for real on the tiny Llama; resume, early stopping, truncation, packing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from adapterhub.errors import AdapterhubError, ValidationError
+from adapterhub.train import load_config, train
+from adapterhub.train.progress import CURVE_FILE, METRICS_FILE
+
+from .conftest import write_jsonl
+
+FAST = {"max_steps": 3, "batch_size": 4, "validation_split": 0.2, "eval_steps": 3}
+
+
+def _logits(model: Any, tokenizer: Any) -> torch.Tensor:
+    batch = tokenizer(["reverse: fox dog"], return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits[:, -1]  # the last position exists with or without virtual tokens
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "full", "layerwise"])
+def test_each_method_trains_and_saves_a_loadable_result(method: str, tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    extra = {"learning_rate": 1e-2} if method in ("lora", "qlora", "dora") else {}
+    config = load_config({"data": sft_jsonl, "method": method, **FAST, **extra, "layerwise_top_k": 1})
+    result = train(config, base_dir=tiny_base, output_dir=tmp_path / "run", progress=False)
+    out = result.output_path
+    assert out == tmp_path / "run" / "final"
+    assert (out / CURVE_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    assert metrics["global_step"] == 3 and metrics["num_train_examples"] == 20 and metrics["num_validation_examples"] == 4
+    assert metrics["eval_loss"] is not None and len(metrics["train_loss_history"]) >= 1
+    assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"] or method == "full"
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base)
+    before = _logits(base, tokenizer)
+    if result.is_full_model:
+        assert method in ("full", "layerwise")
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+        tuned = AutoModelForCausalLM.from_pretrained(out)
+        changed = {k for k, v in load_file(out / "model.safetensors").items() if not torch.equal(v, base.state_dict()[k])}
+        if method == "layerwise":
+            # Only the top block moved; everything below it is bit-identical to the base.
+            assert changed and all(k.startswith("model.layers.1.") for k in changed)
+    else:
+        assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+        tuned = PeftModel.from_pretrained(base, out)
+    assert not torch.allclose(_logits(tuned, tokenizer), before), "training left the model's outputs unchanged"
+
+
+def test_training_lowers_the_loss(tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
+    # A random tiny base learns fastest through its output layer, so full fine-tuning shows the loop
+    # really optimises; LoRA's learning is shown on SmolLM2 in test_train_quality.py.
+    config = load_config({"data": sft_jsonl, "method": "full", "max_steps": 20, "batch_size": 8, "learning_rate": 3e-3,
+                          "validation_split": 0, "logging_steps": 1})
+    result = train(config, base_dir=tiny_base, output_dir=tmp_path / "run", progress=False)
+    losses = [loss for _, loss in result.metrics["train_loss_history"]]
+    assert len(losses) == 20 and losses[-1] < 0.7 * losses[0], losses
+
+
+def test_options_reach_the_trainer(tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
+    config = load_config({
+        "data": sft_jsonl, "max_steps": 6, "batch_size": 2, "grad_accum": 2, "lr_scheduler": "cosine", "warmup_steps": 2,
+        "optimizer": "adafactor", "gradient_checkpointing": True, "weight_decay": 0.1, "max_grad_norm": 0.5,
+        "validation_split": 0, "logging_steps": 1, "learning_rate": 1e-3,
+    })
+    result = train(config, base_dir=tiny_base, output_dir=tmp_path / "run", progress=False)
+    rates = [rate for _, rate in result.metrics["learning_rate_history"]]
+    assert result.metrics["global_step"] == 6 and len(rates) == 6
+    assert result.config["precision"] == "fp32"  # CPU: full precision chosen from the hardware
+    # Linear warmup over 2 steps to the peak, then a cosine decay towards zero.
+    # (Each step logs the rate it used: 0 at the first warmup step.)
+    assert rates[0] < rates[1] < rates[2] == pytest.approx(1e-3)
+    assert rates[2] > rates[3] > rates[4] > rates[5] > 0
+
+
+def test_truncation_is_counted_and_packing_reduces_steps(tiny_base: Path, tmp_path: Path) -> None:
+    rows = [{"text": " ".join(["the quick brown fox jumps over the lazy dog"] * 6)} for _ in range(3)]
+    rows += [{"text": "a short line"} for _ in range(13)]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    common = {"data": path, "task": "causal_lm", "max_length": 32, "epochs": 1, "batch_size": 2, "validation_split": 0}
+    plain = train(load_config(common), base_dir=tiny_base, output_dir=tmp_path / "plain", progress=False)
+    assert plain.metrics["truncated_examples"] == 3
+    assert any("3 of 16 training examples exceed max_length 32" in note for note in plain.notes)
+    packed = train(load_config({**common, "packing": True}), base_dir=tiny_base, output_dir=tmp_path / "packed", progress=False)
+    assert plain.metrics["global_step"] == 8
+    assert packed.metrics["global_step"] < plain.metrics["global_step"]
+
+
+class _InterruptAfter(TrainerCallback):
+    """Simulates Ctrl-C right after optimizer step `step` (its checkpoint already written)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_ends_at_the_same_adapter(tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
+    values = {"data": sft_jsonl, "max_steps": 6, "save_steps": 2, "batch_size": 4, "learning_rate": 5e-3, "lora_dropout": 0.1, "validation_split": 0}
+    config = load_config(values)
+    straight = train(config, base_dir=tiny_base, output_dir=tmp_path / "straight", progress=False)
+
+    run_dir = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        train(config, base_dir=tiny_base, output_dir=run_dir, progress=False, callbacks=[_InterruptAfter(4)])
+    assert not (run_dir / "final").exists()
+    assert (run_dir / "checkpoints" / "checkpoint-4").is_dir()
+    with pytest.raises(ValidationError, match="learning_rate: was 0.005, now 0.001"):
+        train(load_config({**values, "learning_rate": 1e-3}), base_dir=tiny_base, output_dir=run_dir, progress=False, resume=True)
+    resumed = train(config, base_dir=tiny_base, output_dir=run_dir, progress=False, resume=True)
+    assert resumed.metrics["resumed_from"] == "checkpoint-4"
+
+    expected = load_file(straight.output_path / "adapter_model.safetensors")
+    actual = load_file(resumed.output_path / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys()
+    initial_b = 0.0  # LoRA B starts at zero: a non-zero B proves the weights were trained
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
+        if "lora_B" in key:
+            assert expected[key].abs().max() > initial_b
+    with pytest.raises(AdapterhubError, match="no checkpoint"):
+        train(config, base_dir=tiny_base, output_dir=tmp_path / "fresh", progress=False, resume=True)
+
+
+def test_early_stopping_stops_before_max_steps(tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
+    # A threshold no improvement can meet: every validation after the first counts as "no better".
+    config = load_config({"data": sft_jsonl, "max_steps": 40, "batch_size": 4, "eval_steps": 2,
+                          "early_stopping_patience": 2, "early_stopping_threshold": 100.0})
+    result = train(config, base_dir=tiny_base, output_dir=tmp_path / "run", progress=False)
+    assert result.metrics["stopped_early"] is True
+    assert result.metrics["global_step"] == 6  # validations at 2 (best), 4 and 6 (two without improvement)
+    assert result.metrics["best_eval_loss"] is not None
+
+
+def test_classification_with_a_head(tiny_base: Path, classification_jsonl: Path, tmp_path: Path) -> None:
+    config = load_config({"data": classification_jsonl, "task": "classification", "max_steps": 4, "batch_size": 4,
+                          "validation_split": 0.25, "learning_rate": 5e-3})
+    result = train(config, base_dir=tiny_base, output_dir=tmp_path / "run", progress=False)
+    assert result.metrics["labels"] == ["negative", "positive"]
+    assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0
+    adapter_config = json.loads((result.output_path / "adapter_config.json").read_text())
+    assert adapter_config["task_type"] == "SEQ_CLS" and "score" in adapter_config["modules_to_save"]
+    tensors = load_file(result.output_path / "adapter_model.safetensors")
+    assert any("score" in key for key in tensors)
