@@ -1,9 +1,119 @@
-"""`adapterhub` commands of this area (being built; see the open issue)."""
+"""`adapterhub serve` (the OpenAI-compatible server) and `adapterhub bench serve`.
+
+The commands only wire things together: the registry, a backend, `create_app`, uvicorn; the
+benchmark logic lives in `adapterhub.serving.bench`.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from adapterhub.errors import AdapterhubError, NotFoundError
+
+bench_app = typer.Typer(help="Benchmarks that print a table and write JSON + PNG to benchmarks/results/.", no_args_is_help=True)
+
+
+def serve(
+    base: Annotated[str, typer.Option("--base", help="Registered base model name, or a transformers model directory.")],
+    backend: Annotated[str, typer.Option(help="Engine: torch (embedded, CPU or CUDA).")] = "torch",
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        Optional[str], typer.Option(envvar="ADAPTERHUB_API_KEY", help="Require `Authorization: Bearer KEY` on /v1 routes.")
+    ] = None,
+    max_resident: Annotated[int, typer.Option(min=1, help="Adapters held in device slots at once.")] = 8,
+    max_cpu_adapters: Annotated[int, typer.Option(min=1, help="Adapters kept parsed in host memory (device ones included).")] = 64,
+    preload: Annotated[Optional[list[str]], typer.Option(help="Adapter reference to load and pin at start (repeatable).")] = None,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Rows decoded together in one step.")] = 32,
+    max_waiting: Annotated[int, typer.Option(min=0, help="Queued requests beyond which new ones get 429.")] = 512,
+    max_model_len: Annotated[Optional[int], typer.Option(help="Context window (default: the model's).")] = None,
+    adapter_dir: Annotated[
+        Optional[Path], typer.Option(help="Also serve PEFT adapters found in subdirectories of this folder (by folder name).")
+    ] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: CUDA when present).")] = None,
+    dtype: Annotated[str, typer.Option(help="bf16, fp16, fp32 or auto (from the hardware).")] = "auto",
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the base model and all of its adapters from one OpenAI-compatible endpoint."""
+    import uvicorn
+
+    from adapterhub.models import default_device, resolve_dtype
+    from adapterhub.serving.app import create_app
+    from adapterhub.serving.backends.torch_engine import EngineConfig, TorchEngine
+    from adapterhub.serving.resolver import DirectoryResolver, RegistryResolver
+
+    if backend != "torch":
+        raise AdapterhubError(f"unknown backend {backend!r}; available: torch")
+    if max_cpu_adapters < max_resident:
+        raise AdapterhubError("--max-cpu-adapters must be at least --max-resident")
+    if len(preload or []) > max_resident:
+        raise AdapterhubError(f"{len(preload or [])} --preload adapters do not fit in --max-resident {max_resident}")
+    resolver = None
+    if Path(base).is_dir():
+        model_dir, base_name = Path(base), Path(base).resolve().name
+    else:
+        from adapterhub.registry import Registry
+
+        registry = Registry.open()
+        try:
+            record = registry.get_base_model(base)
+        except NotFoundError:
+            raise AdapterhubError(f"no base model {base!r} in the registry and no such directory (see `adapterhub models list`)") from None
+        model_dir, base_name = Path(record.path), record.name
+        resolver = RegistryResolver(registry, record.name)
+    if adapter_dir is not None:
+        if resolver is not None:
+            raise AdapterhubError("--adapter-dir serves adapters of a base given as a directory; registry bases use the registry")
+        resolver = DirectoryResolver(adapter_dir)
+    chosen_device = device or default_device()
+    config = EngineConfig(
+        max_resident=max_resident, max_cpu_adapters=max_cpu_adapters, max_batch_size=max_batch_size,
+        max_waiting=max_waiting, max_model_len=max_model_len, device=chosen_device,
+        dtype=resolve_dtype(dtype, chosen_device),
+    )
+    typer.secho(f"loading {base_name} from {model_dir} on {chosen_device} …", err=True)
+    engine = TorchEngine(model_dir, base_name=base_name, config=config)
+    app = create_app(engine, resolver, api_key=api_key or os.environ.get("ADAPTERHUB_API_KEY"), preload=tuple(preload or ()))
+    typer.secho(f"serving {base_name} and its adapters at http://{host}:{port}/v1", err=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    url: Annotated[str, typer.Option(help="Base URL of a running `adapterhub serve` (without /v1).")] = "http://127.0.0.1:8000",
+    api_key: Annotated[Optional[str], typer.Option(envvar="ADAPTERHUB_API_KEY", help="API key of the server.")] = None,
+    adapter_counts: Annotated[str, typer.Option(help="Distinct adapters in flight per level, comma-separated.")] = "1,4,16,64",
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 16,
+    requests_per_level: Annotated[int, typer.Option(min=1, help="Requests sent per level.")] = 64,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per request (end-of-sequence ignored).")] = 32,
+    rank: Annotated[int, typer.Option(min=1, help="Rank of the benchmark LoRAs (q/k/v/o).")] = 16,
+    naive: Annotated[bool, typer.Option(help="Also time the naive PEFT set_adapter-per-group baseline in this process.")] = True,
+    hot_loads: Annotated[int, typer.Option(min=0, help="Hot loads (registry -> resident) to time.")] = 8,
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON and PNG go.")] = Path("benchmarks/results"),
+) -> None:
+    """Throughput and TTFT/latency vs distinct adapters, against base-only and naive PEFT swapping.
+
+    Needs the server's registry (same ADAPTERHUB_HOME): random-weight rank-`rank` LoRAs tagged
+    `bench` are registered on the served base when missing (`bench-lora-0..N`).
+    """
+    from adapterhub.serving.bench import BenchSettings, run_serve_benchmark
+
+    counts = tuple(int(c) for c in adapter_counts.split(",") if c.strip())
+    if not counts or min(counts) < 1:
+        raise AdapterhubError("--adapter-counts needs positive integers, e.g. 1,4,16,64")
+    settings = BenchSettings(
+        url=url.rstrip("/"), api_key=api_key, adapter_counts=counts, concurrency=concurrency,
+        requests_per_level=requests_per_level, max_tokens=max_tokens, rank=rank, naive=naive,
+        hot_loads=hot_loads, out_dir=out_dir,
+    )
+    run_serve_benchmark(settings)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to `app`."""
+    """Add `serve` and the `bench` group (with `bench serve`) to `app`."""
+    app.command("serve")(serve)
+    app.add_typer(bench_app, name="bench")

@@ -216,7 +216,8 @@ def _sse(payload: dict[str, Any] | str) -> str:
 
 def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
     return SamplingParams(
-        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop_strings(), seed=body.seed
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop_strings(), seed=body.seed,
+        ignore_eos=body.ignore_eos,
     )
 
 
@@ -335,7 +336,7 @@ def _build_v1_router() -> APIRouter:
         cards = [
             ModelCard(
                 id=backend.base_name, created=state.started_at, root=str(getattr(backend, "model_dir", "")) or None,
-                parent=None, resident=True, tier="device", max_model_len=backend.max_model_len,
+                parent=None, resident=True, tier="device", max_model_len=backend.max_model_len, meta=backend.describe(),
             )
         ]
 

@@ -34,6 +34,7 @@ class _SamplingFields(_Request):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM extension: keep generating past end-of-sequence (benchmarks)
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -56,6 +56,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
     @property
     def greedy(self) -> bool:
@@ -171,3 +172,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def health(self) -> HealthStatus:
         """Whether the engine is running and how busy it is."""
+
+    def describe(self) -> dict[str, Any]:
+        """Engine settings worth showing clients (`/v1/models` puts them on the base card)."""
+        return {}

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from adapterhub.errors import AdapterhubError
+from adapterhub.models import default_device, default_dtype
 from adapterhub.serving.backends.base import (
     AdapterEventListener,
     AdapterLoadError,
@@ -68,7 +69,7 @@ class EngineConfig:
     max_waiting: int = 512  # queued requests beyond which new ones get 429
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     device: str | None = None  # default: CUDA when present, else CPU
-    dtype: torch.dtype | None = None  # default: bf16 on CUDA, fp32 on CPU
+    dtype: torch.dtype | None = None  # default: bf16 (fp16 on older GPUs) on CUDA, fp32 on CPU
 
 
 @dataclass(eq=False)
@@ -135,8 +136,8 @@ class TorchEngine(Backend):
             raise AdapterhubError("max_resident must be at least 1")
         if self.config.max_cpu_adapters < self.config.max_resident:
             raise AdapterhubError("max_cpu_adapters must be at least max_resident (device adapters stay in the CPU tier)")
-        self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = self.config.dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.device = torch.device(self.config.device or default_device())
+        self.dtype = self.config.dtype or default_dtype(str(self.device))
         self.base_name = base_name
         self.model_dir = Path(model_dir)
         if listener is not None:
@@ -193,6 +194,16 @@ class TorchEngine(Backend):
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
             self._thread = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": "torch",
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "max_resident": self.config.max_resident,
+            "max_cpu_adapters": self.config.max_cpu_adapters,
+            "max_batch_size": self.config.max_batch_size,
+        }
 
     async def health(self) -> HealthStatus:
         with self._lock:
@@ -712,7 +723,7 @@ class TorchEngine(Backend):
         request = row.request
         token_id = row.output_ids[-1]
         finish_reason: str | None = None
-        if token_id in self.eos_token_ids:
+        if token_id in self.eos_token_ids and not request.sampling.ignore_eos:
             finish_reason = "stop"
         elif len(row.output_ids) >= request.sampling.max_tokens:
             finish_reason = "length"

@@ -1,0 +1,106 @@
+"""`adapterhub serve` as a real process and `adapterhub bench serve` against it (tiny sizes).
+
+Every wait is bounded: the server must answer /health within 120 s, the benchmark must end
+within 240 s, and the server must exit within 30 s of SIGINT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import build_lora_adapter
+
+CLI = [sys.executable, "-m", "adapterhub.cli.main"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def tiny_home(tiny_base: Path, adapterhub_home: Path, tmp_path: Path) -> Path:
+    from adapterhub.registry import Registry
+
+    registry = Registry.open(home=adapterhub_home)
+    registry.add_base_model(name="tiny", model_dir=tiny_base)
+    registry.put_adapter(name="greeter", source_dir=build_lora_adapter(tiny_base, tmp_path / "greeter", seed=5), base="tiny")
+    return adapterhub_home
+
+
+def _env(home: Path) -> dict[str, str]:
+    # One intra-op thread: a tiny model on a shared 2-core machine runs far faster that way.
+    return {**os.environ, "ADAPTERHUB_HOME": str(home), "OMP_NUM_THREADS": "1", "ADAPTERHUB_API_KEY": "k3y"}
+
+
+def test_serve_process_answers_openai_client_and_bench_runs(tiny_home: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [*CLI, "serve", "--base", "tiny", "--port", str(port), "--max-resident", "2", "--preload", "greeter", "--log-level", "warning"],
+        env=_env(tiny_home), stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy"
+            time.sleep(0.25)
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0, timeout=60)
+        cards = {card.id: card.model_dump() for card in client.models.list().data}
+        assert cards["greeter:1"]["resident"] is True and cards["greeter:1"]["meta"]["pinned"] is True
+        reply = client.chat.completions.create(model="greeter", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0)
+        assert reply.usage.completion_tokens >= 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+
+        out_dir = tmp_path / "results"
+        bench = subprocess.run(
+            [*CLI, "bench", "serve", "--url", url, "--adapter-counts", "1,2", "--concurrency", "2",
+             "--requests-per-level", "4", "--max-tokens", "3", "--rank", "4", "--hot-loads", "2", "--out-dir", str(out_dir)],
+            env=_env(tiny_home), capture_output=True, text=True, timeout=240,
+        )
+        assert bench.returncode == 0, bench.stdout + bench.stderr
+        report = json.loads((out_dir / "serve_bench.json").read_text())
+        systems = {(level["system"], level["adapters"]) for level in report["levels"]}
+        assert systems == {("server (base only)", 0), ("server", 1), ("server", 2), ("naive PEFT set_adapter", 1), ("naive PEFT set_adapter", 2)}
+        assert all(level["errors"] == 0 and level["output_tokens"] == 4 * 3 for level in report["levels"])
+        assert len(report["hot_load_ms"]) == 2
+        assert (out_dir / "serve_bench.png").stat().st_size > 10_000
+        assert "tok/s" in bench.stdout
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        finally:
+            if server.poll() is None:
+                server.kill()
+            log.close()
+
+
+def test_serve_unknown_base_is_one_line_error(adapterhub_home: Path) -> None:
+    result = subprocess.run(
+        [*CLI, "serve", "--base", "no-such-model"], env=_env(adapterhub_home), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: no base model 'no-such-model'")
+    assert "Traceback" not in result.stderr
