@@ -147,6 +147,31 @@ def tiny_vllm_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-vllm"), hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=256)
 
 
+@pytest.fixture(scope="session")
+def smollm2_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ADAPTERHUB_HOME where `adapterhub models add smollm2` ran (the real GGUF conversion, once
+    per session, ~1 min). Tests that need SmolLM2 register `smollm2_dir` in their own home, or
+    copy this home; they must not write into it."""
+    import subprocess
+    import sys
+
+    home = tmp_path_factory.mktemp("smollm2-home")
+    env = os.environ | {"ADAPTERHUB_HOME": str(home)}
+    env.pop("ADAPTERHUB_DATABASE_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "adapterhub.cli.main", "models", "add", "smollm2"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_home: Path) -> Path:
+    """SmolLM2-135M-Instruct as a plain safetensors transformers directory (read-only)."""
+    return smollm2_home / "models" / "smollm2"
+
+
 @pytest.fixture()
 def lora_dir(tiny_base: Path, tmp_path: Path) -> Path:
     """A rank-4 LoRA on q_proj/v_proj of `tiny_base`."""
