@@ -105,3 +105,27 @@ def test_bad_input_is_one_line_and_nothing_stored(registry_with_lora: Registry, 
     assert registry_with_lora.get("rev").evaluations == ()
     assert registry_with_lora.get_base_model("tiny").evaluations == ()
 
+
+
+def test_trained_model_is_asked_in_its_training_format(adapterhub_home: Path, tiny_base: Path, tmp_path: Path) -> None:
+    """`adapterhub train` then `adapterhub eval --compare`: the gain shows only if eval formats
+    prompts exactly as the trainer did (chat template, generation prompt, stop at eos)."""
+    registry = Registry.open(home=adapterhub_home)
+    registry.add_base_model(name="tiny", model_dir=tiny_base)
+    pairs = [("fox", "dog"), ("cat", "sun")]
+    rows = [{"prompt": f"reverse: {a} {b}", "completion": f"{b} {a}"} for a, b in pairs]
+    train_data = write_jsonl(tmp_path / "train.jsonl", rows * 4)
+    eval_data = write_jsonl(tmp_path / "eval.jsonl", rows)
+    trained = runner.invoke(app, [
+        "train", "--base", "tiny", "--data", str(train_data), "--name", "rev", "--method", "full",
+        "--max-steps", "40", "--lr", "5e-3", "--batch-size", "8", "--validation-split", "0", "--no-progress",
+        "--output-dir", str(tmp_path / "run"),
+    ])
+    assert trained.exit_code == 0, trained.output
+    result = runner.invoke(app, ["eval", "rev", "--data", str(eval_data), "--compare", "--max-new-tokens", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["base"]["metrics"]["exact_match"] == 0.0
+    assert payload["deltas"]["exact_match"] >= 0.5
+    stored = {e.metric: e.value for e in registry.get("rev").evaluations}
+    assert stored["exact_match"] == payload["adapter"]["metrics"]["exact_match"]
