@@ -120,6 +120,31 @@ def _check_resume_config(output_dir: Path, resolved: dict[str, Any], resume: boo
             raise ValidationError(f"--resume of {output_dir} with a different config", problems)
 
 
+def last_complete_checkpoint(checkpoints_dir: Path) -> tuple[Path | None, list[Path]]:
+    """The newest checkpoint that was written completely, and the newer ones that were not.
+
+    transformers writes `trainer_state.json` last (after weights, optimizer and RNG states), and
+    not atomically: a run killed while checkpointing leaves a `checkpoint-N` directory without it
+    (or with a truncated one). `get_last_checkpoint` would pick that directory and the resume fail.
+    """
+    if not checkpoints_dir.is_dir():
+        return None, []
+    candidates = sorted(
+        (p for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit()),
+        key=lambda p: int(p.name[11:]),
+        reverse=True,
+    )
+    incomplete: list[Path] = []
+    for candidate in candidates:
+        try:
+            json.loads((candidate / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            incomplete.append(candidate)
+            continue
+        return candidate, incomplete
+    return None, incomplete
+
+
 def _estimated_steps(config: TrainConfig, num_train: int, world_size: int) -> int:
     if config.max_steps:
         return config.max_steps
@@ -287,15 +312,14 @@ def train(
     from accelerate import PartialState
     from datasets.utils.logging import disable_progress_bar
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     validate_run(config, base_dir)
-    if progress:
-        # datasets' per-map bars and transformers' weight-loading bar would bury the training bar
-        disable_progress_bar()
-        from transformers.utils import logging as transformers_logging
+    # datasets' per-map bars and transformers' weight-loading bar would bury the training bar
+    # (or, without one, the per-step log lines).
+    disable_progress_bar()
+    from transformers.utils import logging as transformers_logging
 
-        transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     state = PartialState()
     tokenizer = load_tokenizer(base_dir)
     chat = config.task == Task.SFT and bool(getattr(tokenizer, "chat_template", None))
@@ -310,15 +334,20 @@ def train(
     checkpoints_dir = output_dir / CHECKPOINTS_DIR
     _check_resume_config(output_dir, resolved, resume)
     checkpoint = None
+    notes = list(data.notes)
     if resume:
-        checkpoint = get_last_checkpoint(str(checkpoints_dir)) if checkpoints_dir.is_dir() else None
-        if checkpoint is None:
-            raise AdapterhubError(f"--resume: no checkpoint in {checkpoints_dir} (checkpoints are written every --save-steps steps)")
+        found, incomplete = last_complete_checkpoint(checkpoints_dir)
+        if found is None:
+            raise AdapterhubError(f"--resume: no complete checkpoint in {checkpoints_dir} (checkpoints are written every --save-steps steps)")
+        checkpoint = str(found)
+        if incomplete and state.is_main_process:
+            for partial in incomplete:
+                shutil.rmtree(partial, ignore_errors=True)
+            notes.append(f"skipped checkpoint(s) cut off mid-write: {', '.join(p.name for p in incomplete)}")
     if state.is_main_process:
         (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     truncated = count_truncated(data.train, tokenizer, config)
-    notes = list(data.notes)
     if truncated:
         notes.append(f"{truncated} of {len(data.train)} training examples exceed max_length {config.max_length} tokens and were truncated")
 

@@ -1,0 +1,190 @@
+"""`adapterhub train` / `tune` end to end on the tiny Llama: registered last, with lineage, or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from adapterhub.cli.main import app
+from adapterhub.errors import AdapterhubError, NotFoundError, ValidationError
+from adapterhub.registry import Registry
+from tests.adapterhub.conftest import reverse_rows, write_jsonl
+
+runner = CliRunner()
+ADAPTERHUB = Path(sys.executable).parent / "adapterhub"
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+
+
+@pytest.fixture()
+def registry(adapterhub_home: Path, tiny_base: Path) -> Registry:
+    reg = Registry.open(home=adapterhub_home)
+    reg.add_base_model(name="tiny", model_dir=tiny_base)
+    return reg
+
+
+@pytest.fixture()
+def sft_data(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "rev.jsonl", reverse_rows(16))
+
+
+def test_train_with_yaml_and_flags_registers_with_lineage(registry: Registry, sft_data: Path, tmp_path: Path) -> None:
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(f"base: tiny\ndata: {sft_data.name}\nmethod: lora\nlora_rank: 4\nmax_steps: 3\nbatch_size: 4\n")
+    result = runner.invoke(app, ["train", "--config", str(run_file), "--name", "rev", "--rank", "2", "--tag", "demo", "--json", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{\n"):])
+    assert summary["ref"] == "rev:1" and summary["kind"] == "lora" and summary["steps"] == 3
+
+    record = registry.get("rev")
+    assert record.rank == 2 and record.tags == ("demo",)  # the flag overrode the file's rank 4
+    assert record.lineage is not None and record.lineage.kind == "trained"
+    details = record.lineage.details
+    assert {"dataset_fingerprint", "config", "base_fingerprint", "wall_time_s", "peak_memory_bytes"} <= set(details)
+    assert details["base_fingerprint"] == registry.get_base_model("tiny").fingerprint
+    assert details["config"]["lora_rank"] == 2 and details["config"]["max_steps"] == 3
+    assert details["config"]["data"] == str(sft_data.resolve()) and details["config"]["precision"] == "fp32"
+    assert details["peak_memory_bytes"] > 0 and details["wall_time_s"] > 0
+    assert {"learning_curve.png", "training_metrics.json", "adapter_model.safetensors"} <= set(record.files)
+    materialized = registry.materialize(record)
+    assert json.loads((materialized / "training_metrics.json").read_text())["global_step"] == 3
+    assert not (registry.home / "runs" / "rev").exists()  # the run dir goes once the registry holds the result
+
+    shown = runner.invoke(app, ["show", "rev"])
+    assert "trained" in shown.output and "dataset_fingerprint" in shown.output
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "fragment"),
+    [
+        (["--base", "nope"], NotFoundError, "tiny"),
+        (["--method", "qlora", "--task", "setfit"], ValidationError, "setfit trains the whole sentence encoder"),
+        (["--task", "setfit", "--base", "tiny"], ValidationError, "setfit needs a sentence encoder"),
+        (["--lr", "-1", "--batch-size", "0"], ValidationError, "learning_rate"),
+        (["--bad-rows"], ValidationError, "line 2"),
+    ],
+)
+def test_bad_input_is_one_error_and_registers_nothing(
+    registry: Registry, sft_data: Path, tmp_path: Path, args: list[str], error: type[Exception], fragment: str
+) -> None:
+    data = sft_data
+    if args == ["--bad-rows"]:
+        data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a"}, {"completion": "c"}])
+        args = []
+    result = runner.invoke(app, ["train", "--base", "tiny", "--data", str(data), "--name", "x", "--max-steps", "2", *args])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, error), result.output
+    assert fragment in str(result.exception)
+    if fragment == "line 2":
+        assert "line 3" in str(result.exception)  # every bad row in the one error
+    assert registry.list() == []
+    assert not (registry.home / "runs" / "x").exists()
+
+
+def test_full_model_and_classification_register(registry: Registry, sft_data: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "--base", "tiny", "--data", str(sft_data), "--name", "fullft", "--method", "layerwise",
+                                 "--top-k", "1", "--max-steps", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    record = registry.get("fullft")
+    assert record.is_full_model and {"config.json", "model.safetensors", "tokenizer.json"} <= set(record.files)
+
+    rows = [{"text": f"the {w} is good", "label": "pos"} for w in ("day", "film", "song", "cake")]
+    rows += [{"text": f"the {w} is bad", "label": "neg"} for w in ("day", "film", "song", "cake")]
+    data = write_jsonl(tmp_path / "cls.jsonl", rows)
+    result = runner.invoke(app, ["train", "--base", "tiny", "--data", str(data), "--name", "sentiment", "--task", "classification",
+                                 "--labels", "neg,pos", "--max-steps", "2", "--validation-split", "0.25", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    record = registry.get("sentiment")
+    assert record.config["task_type"] == "SEQ_CLS"
+    assert record.lineage is not None and record.lineage.details["metrics"]["labels"] == ["neg", "pos"]
+
+
+def _env(home: Path) -> dict[str, str]:
+    return {**os.environ, "ADAPTERHUB_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_sigkill_leaves_no_record_and_resume_finishes(registry: Registry, sft_data: Path) -> None:
+    args = ["train", "--base", "tiny", "--data", str(sft_data), "--name", "killed", "--max-steps", "12",
+            "--save-steps", "2", "--batch-size", "2", "--validation-split", "0", "--no-progress"]
+    checkpoints = registry.home / "runs" / "killed" / "checkpoints"
+    process = subprocess.Popen([str(ADAPTERHUB), *args], env=_env(registry.home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        # Killed once a first checkpoint is complete (wherever the run is then, even mid-way through writing the next).
+        while not (checkpoints / "checkpoint-2" / "trainer_state.json").is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, "the run finished before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert registry.list() == []
+
+    again = runner.invoke(app, args)
+    assert isinstance(again.exception, AdapterhubError) and "--resume" in str(again.exception)
+    resumed = runner.invoke(app, [*args, "--resume", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    record = registry.get("killed")
+    metrics = record.lineage.details["metrics"]  # type: ignore[union-attr]
+    assert metrics["global_step"] == 12 and metrics["resumed_from"].startswith("checkpoint-")
+
+
+def test_tune_grid_registers_the_best_trial(registry: Registry, sft_data: Path, tmp_path: Path) -> None:
+    run_file = tmp_path / "tune.yaml"
+    run_file.write_text(
+        f"base: tiny\ndata: {sft_data}\nname: tuned\nmax_steps: 2\nbatch_size: 4\nvalidation_split: 0.25\n"
+        "search:\n  sampler: grid\n  space:\n    lora_rank: [2, 4]\n    learning_rate: [0.001, 0.01]\n"
+    )
+    result = runner.invoke(app, ["tune", "--config", str(run_file), "--trials", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout[result.stdout.index('{\n  "objective"'):])
+    trials = payload["trials"]
+    assert len(trials) == 3 and all(t["state"] == "complete" for t in trials)
+    assert len({(t["params"]["lora_rank"], t["params"]["learning_rate"]) for t in trials}) == 3  # grid points, no repeats
+    best = min(trials, key=lambda t: t["value"])
+    assert payload["best"] == best["number"] and payload["objective"] == "eval_loss"
+    record = registry.get("tuned")
+    assert "tuned" in record.tags and record.rank == best["params"]["lora_rank"]
+    assert record.lineage is not None and record.lineage.details["config"]["learning_rate"] == best["params"]["learning_rate"]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: tiny\ndata: {sft_data}\nname: t2\nsearch:\n  sampler: grid\n  space:\n    lora_rank: {{low: 1, high: 8}}\n")
+    failed = runner.invoke(app, ["tune", "--config", str(bad)])
+    assert isinstance(failed.exception, ValidationError) and "grid search needs lists" in str(failed.exception)
+
+
+def test_setfit_on_the_embedded_minilm(adapterhub_home: Path, tmp_path: Path) -> None:
+    rows = [{"text": f"I loved the {w}, wonderful", "label": "positive"} for w in ("film", "meal", "trip", "book")]
+    rows += [{"text": f"I hated the {w}, terrible", "label": "negative"} for w in ("film", "meal", "trip", "book")]
+    data = write_jsonl(tmp_path / "few.jsonl", rows)
+    result = runner.invoke(app, ["train", "--task", "setfit", "--data", str(data), "--name", "fewshot", "--max-steps", "2",
+                                 "--batch-size", "4", "--setfit-iterations", "1", "--validation-split", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    registry = Registry.open(home=adapterhub_home)
+    record = registry.get("fewshot")
+    assert record.base_name == "all-minilm-l6-v2" and record.is_full_model
+    assert "setfit_head.json" in record.files and not any(f.endswith(".pkl") for f in record.files)
+    from adapterhub.train.setfit_task import predict_setfit
+
+    predictions = predict_setfit(registry.materialize(record), ["I loved the song, wonderful", "I hated the song, terrible"])
+    assert set(predictions) <= {"positive", "negative"}
+
+
+def test_runs_under_accelerate_launch_with_two_processes(registry: Registry, sft_data: Path) -> None:
+    command = [
+        str(ACCELERATE), "launch", "--num_processes", "2", "--num_machines", "1", "--cpu", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "adapterhub.cli.main", "train", "--base", "tiny", "--data", str(sft_data),
+        "--name", "ddp", "--max-steps", "3", "--batch-size", "2", "--no-progress",
+    ]
+    completed = subprocess.run(command, env=_env(registry.home), capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    records = registry.list()
+    assert [r.ref for r in records] == ["ddp:1"]  # only the main process registered
+    metrics = records[0].lineage.details["metrics"]  # type: ignore[union-attr]
+    assert metrics["world_size"] == 2 and metrics["global_step"] == 3
