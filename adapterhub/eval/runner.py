@@ -137,10 +137,8 @@ def compare(
     base_ppl = (_heldout_perplexity(base_loaded, heldout_set, batch_size, _labelled(progress, "base"))
                 if heldout_set else None)
 
-    if _can_reuse_base(adapter_dir, base, model_dir) and not candidate_classifier:
-        # Same weights underneath: wrap the loaded base instead of loading it again.
-        candidate = LoadedModel(model=attach_adapter(base_loaded.model, Path(adapter_dir)),  # type: ignore[arg-type]
-                                tokenizer=base_loaded.tokenizer, is_classifier=False)
+    if adapter_dir is not None and _can_reuse_base(adapter_dir, base, model_dir) and not candidate_classifier:
+        candidate = _wrap_loaded_base(base_loaded, Path(adapter_dir))
     else:
         del base_loaded
         gc.collect()
@@ -180,9 +178,8 @@ def forgetting_check(
     options = LoadOptions(device=device, dtype=dtype, tokenizer_dir=base)
     base_loaded = load_causal(base, options=options)
     base_ppl = _heldout_perplexity(base_loaded, heldout_set, batch_size, _labelled(progress, "base"))
-    if _can_reuse_base(adapter_dir, base, model_dir):
-        candidate = LoadedModel(model=attach_adapter(base_loaded.model, Path(adapter_dir)),
-                                tokenizer=base_loaded.tokenizer, is_classifier=False)
+    if adapter_dir is not None and _can_reuse_base(adapter_dir, base, model_dir):
+        candidate = _wrap_loaded_base(base_loaded, Path(adapter_dir))
     else:
         del base_loaded
         gc.collect()
@@ -264,11 +261,18 @@ def _check_labels_known(dataset: EvalDataset, loaded: LoadedModel) -> None:
         raise ValidationError(f"data file {dataset.path.name}", problems)
 
 
-def _can_reuse_base(adapter_dir: Path | None, base: Path, model_dir: Path) -> bool:
+def _can_reuse_base(adapter_dir: Path, base: Path, model_dir: Path) -> bool:
     """Whether the candidate is the loaded base plus an adapter that brings no tokenizer of its own."""
-    if adapter_dir is None or base.resolve() != model_dir.resolve():
-        return False
-    return not has_tokenizer(Path(adapter_dir))
+    return base.resolve() == model_dir.resolve() and not has_tokenizer(adapter_dir)
+
+
+def _wrap_loaded_base(base_loaded: LoadedModel, adapter_dir: Path) -> LoadedModel:
+    """The base already in memory with the adapter attached: the same weights are not loaded twice.
+
+    PEFT injects the adapter into the loaded modules in place, so the base side must be fully
+    scored before this is called.
+    """
+    return LoadedModel(model=attach_adapter(base_loaded.model, adapter_dir), tokenizer=base_loaded.tokenizer, is_classifier=False)
 
 
 def _load_heldout(path: Path | None) -> EvalDataset:
