@@ -115,6 +115,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per forward pass.")] = 8,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N (default: the best available).")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="fp32, bf16 or fp16 (default: from the hardware).")] = None,
+    show_examples: Annotated[int, typer.Option("--show-examples", help="Print the first N rows with reference and prediction.")] = 0,
     record: Annotated[bool, typer.Option("--record/--no-record", help="Store the results in the registry.")] = True,
     json_output: JsonOption = False,
 ) -> None:
@@ -165,6 +166,8 @@ def evaluate(
         print_json(payload)
         return
     _print_tables(target, report, comparison, forgetting_report, recorded=record)
+    if show_examples > 0:
+        _print_examples(report, comparison, show_examples)
 
 
 def _store(
@@ -229,6 +232,19 @@ def _print_tables(target: EvalTarget, report: Any, comparison: Any, forgetting_r
     if recorded:
         owner = "base model " + target.ref if target.is_base_model else target.ref
         console.print(f"stored {len(report.metrics)} metrics on {owner}" + (" and the base's on " + target.base_name if comparison else ""))
+
+
+def _print_examples(report: Any, comparison: Any, count: int) -> None:
+    """Rows side by side, so a reader sees what a score is made of."""
+    columns = ["LINE", "PROMPT", "REFERENCE"] + (["BASE"] if comparison is not None else []) + ["PREDICTION"]
+    table = Table(*columns, show_lines=True)
+    base_examples = comparison.base.examples if comparison is not None else ()
+    for index, example in enumerate(report.examples[:count]):
+        cells = [str(example.line), example.prompt, example.reference]
+        if comparison is not None:
+            cells.append(base_examples[index].prediction if index < len(base_examples) else "")
+        table.add_row(*cells, example.prediction)
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
