@@ -241,6 +241,9 @@ def _label(record: Mapping[str, Any], problems: list[str]) -> str | None:
         problems.append("missing field 'label'")
         return None
     value = record["label"]
+    if isinstance(value, float) and value.is_integer():
+        # pandas turns an integer CSV column with an empty cell into floats (1 -> 1.0)
+        value = int(value)
     # bool is an int subclass; a true/false label is almost always a mistake in the file
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         problems.append(f"field 'label' must be a string or an integer, got {value!r}")

@@ -73,6 +73,15 @@ def test_csv_bad_row_named_by_file_line(tmp_path: Path) -> None:
         load_eval_dataset(csv)
 
 
+def test_csv_integer_labels_with_a_gap_stay_integers(tmp_path: Path) -> None:
+    csv = tmp_path / "cls.csv"
+    csv.write_text("text,label\ngood,1\nbad,0\nunlabelled,\n", encoding="utf-8")
+    with pytest.raises(ValidationError) as info:
+        load_eval_dataset(csv)
+    # only the row without a label is wrong; the others are not reported as "1.0"
+    assert info.value.problems == ["line 4: missing field 'label'"]
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="not found"):
         load_eval_dataset(tmp_path / "nope.jsonl")
