@@ -320,7 +320,11 @@ def train(
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    state = PartialState()
+    import torch
+
+    # cpu=True on CPU-only machines: with several processes (WORLD_SIZE > 1) accelerate then sets
+    # up gloo DDP (MULTI_CPU) instead of silently running each process as a separate job.
+    state = PartialState(cpu=not torch.cuda.is_available())
     tokenizer = load_tokenizer(base_dir)
     chat = config.task == Task.SFT and bool(getattr(tokenizer, "chat_template", None))
     data = prepare_data(config, chat=chat)

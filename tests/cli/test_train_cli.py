@@ -178,7 +178,9 @@ def test_setfit_on_the_embedded_minilm(adapterhub_home: Path, tmp_path: Path) ->
 
 def test_runs_under_accelerate_launch_with_two_processes(registry: Registry, sft_data: Path) -> None:
     command = [
-        str(ACCELERATE), "launch", "--num_processes", "2", "--num_machines", "1", "--cpu", "--mixed_precision", "no",
+        # On a CPU-only machine accelerate's multi-process launcher is --multi_gpu (torchrun); the
+        # trainer then runs DDP over gloo. (`--cpu` would start a single process.)
+        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "-m", "adapterhub.cli.main", "train", "--base", "tiny", "--data", str(sft_data),
         "--name", "ddp", "--max-steps", "3", "--batch-size", "2", "--no-progress",
     ]
