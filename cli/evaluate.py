@@ -161,7 +161,7 @@ def evaluate(
         if comparison is not None:
             payload.update(comparison.to_json())
         else:
-            payload["adapter" if not target.is_base_model else "model"] = report.to_json()
+            payload["report"] = report.to_json()
             payload["forgetting"] = forgetting_report.to_json() if forgetting_report else None
         print_json(payload)
         return

@@ -75,6 +75,14 @@ def test_eval_base_model_prints_table_and_stores_on_base(registry_with_lora: Reg
     assert {e.metric for e in stored} == {"exact_match", "rouge1", "rouge2", "rougeL", "bleu"}
     assert all(e.details["num_evaluated"] == 2 for e in stored)
 
+    again = runner.invoke(
+        app, ["eval", "tiny", "--data", str(gen_data), "--max-new-tokens", "4", "--max-examples", "2", "--json", "--no-record"]
+    )
+    assert again.exit_code == 0, again.output
+    report = json.loads(again.stdout)["report"]
+    assert report["metrics"] == {e.metric: e.value for e in stored}  # greedy: the same numbers again
+    assert len(registry_with_lora.get_base_model("tiny").evaluations) == len(stored)  # --no-record stored nothing
+
 
 def test_eval_full_model_record_compares_with_its_base(adapterhub_home: Path, tiny_base: Path, tmp_path: Path) -> None:
     registry = Registry.open(home=adapterhub_home)
