@@ -74,7 +74,7 @@ def resolve_metrics(requested: Sequence[str] | None, kind: str, *, default: Sequ
     """
     if requested is None:
         return tuple(default)
-    names = [name.strip() for name in requested if name.strip()]
+    names = [name.strip().lower() for name in requested if name.strip()]
     problems: list[str] = []
     if not names:
         problems.append(f"no metric given; valid metrics: {', '.join(METRICS)}")

@@ -95,4 +95,4 @@ def test_unknown_and_inapplicable_metrics_listed_together() -> None:
 
 def test_resolve_metrics_defaults_and_dedup() -> None:
     assert m.resolve_metrics(None, "generation", default=("exact_match",)) == ("exact_match",)
-    assert m.resolve_metrics(["bleu", " bleu", "rouge"], "generation", default=()) == ("bleu", "rouge")
+    assert m.resolve_metrics(["bleu", " BLEU", "rouge"], "generation", default=()) == ("bleu", "rouge")
