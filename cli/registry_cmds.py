@@ -97,7 +97,7 @@ def list_adapters(
     for r in records:
         table.add_row(
             r.ref, _kind(r), r.base_name, human_bytes(r.size_bytes), ",".join(r.tags),
-            r.lineage.kind if r.lineage else "", r.created_at.strftime("%Y-%m-%d %H:%M"), r.sha256[:12],
+            r.origin or "", r.created_at.strftime("%Y-%m-%d %H:%M"), r.sha256[:12],
         )
     console.print(table)
     console.print(f"{len(records)} record(s)")

@@ -93,6 +93,7 @@ class AdapterRecord:
     evaluations: tuple[Evaluation, ...] = ()
     files: Mapping[str, str] = field(default_factory=dict)
     config: Mapping[str, Any] = field(default_factory=dict)
+    origin: str | None = None  # lineage kind; set on summaries too, where `lineage` is None
 
     @property
     def ref(self) -> str:
@@ -110,6 +111,7 @@ class AdapterRecord:
             "task_type": self.task_type, "rank": self.rank, "alpha": self.alpha,
             "target_modules": list(self.target_modules), "size_bytes": self.size_bytes,
             "created_at": self.created_at.isoformat(), "tags": list(self.tags),
+            "origin": self.origin,
             "lineage": self.lineage.to_json() if self.lineage else None,
             "evaluations": [e.to_json() for e in self.evaluations],
             "files": dict(self.files),

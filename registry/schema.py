@@ -66,6 +66,8 @@ class AdapterRow(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     lineage: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The lineage kind, denormalised so listings need not parse the lineage document.
+    origin: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class AdapterFileRow(Base):

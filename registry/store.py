@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Connection, Engine, String, create_engine, delete, event, func, insert, select, type_coerce, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from adapterhub import settings
@@ -70,11 +70,14 @@ _E = EvaluationRow.__table__
 _L = LineageParentRow.__table__
 _N = AdapterNameRow.__table__
 
+# Listing 10,000 records must stay well under a second: summaries skip the JSON documents
+# (config, lineage) and read the timestamp as text, parsed by the C `fromisoformat`.
 _SUMMARY_COLUMNS = (
     _A.c.id, _A.c.name, _A.c.version, _A.c.sha256, _A.c.peft_type, _A.c.task_type, _A.c.rank, _A.c.alpha,
-    _A.c.target_modules, _A.c.size_bytes, _A.c.created_at, _A.c.lineage, _A.c.config,
+    _A.c.target_modules, _A.c.size_bytes, _A.c.origin,
     _B.c.name.label("base_name"), _B.c.fingerprint.label("base_fingerprint"),
 )
+_FULL_COLUMNS = (*_SUMMARY_COLUMNS, _A.c.created_at, _A.c.lineage, _A.c.config)
 
 
 def _now() -> datetime:
@@ -311,7 +314,7 @@ class Registry:
                     name=name, version=version, sha256=sha256, base_model_id=base_id, peft_type=manifest.peft_type,
                     task_type=manifest.task_type, rank=manifest.rank, alpha=manifest.alpha, target_modules=targets,
                     config=dict(manifest.config), size_bytes=sum(sizes.values()), created_at=_now(),
-                    lineage=lineage.to_json() if lineage else None,
+                    lineage=lineage.to_json() if lineage else None, origin=lineage.kind if lineage else None,
                 )).inserted_primary_key[0]
                 conn.execute(insert(_F), [
                     {"adapter_id": adapter_id, "path": rel, "blob_sha256": files[rel], "size_bytes": sizes[rel]} for rel in files
@@ -389,15 +392,21 @@ class Registry:
             return self._full_record(conn, row)
 
     def resolve(self, ref: str, *, base: str | None = None) -> AdapterRecord | None:
-        """Like `get`, but None when nothing matches (or it belongs to another base)."""
+        """Like `get`, but None when nothing matches (or it belongs to another base).
+
+        Text that is not a valid ref (a model name with a slash, say) is also a miss, so the
+        server can ask about any `model` field. An ambiguous sha prefix still raises.
+        """
         try:
-            record = self.get(ref)
-        except NotFoundError:
-            return None
+            parsed = parse_ref(ref)
         except AdapterhubError:
-            if isinstance(ref, str) and not _looks_like_ref(ref):
+            return None
+        with self._read() as conn:
+            try:
+                row = self._find_row(conn, parsed, explain=False)
+            except NotFoundError:
                 return None
-            raise
+            record = self._full_record(conn, row)
         if base is not None and base not in (record.base_name, record.base_fingerprint):
             return None
         return record
@@ -406,8 +415,13 @@ class Registry:
         self, *, base: str | None = None, tag: str | None = None, name: str | None = None,
         peft_type: str | None = None, latest_only: bool = False,
     ) -> list[AdapterRecord]:
-        """Summary records (no files, no evaluations), newest first, filtered as asked."""
-        query = select(*_SUMMARY_COLUMNS).join(_B, _A.c.base_model_id == _B.c.id)
+        """Summary records, filtered as asked, by name then newest version first.
+
+        Summaries leave out files, evaluations, config and the lineage document (`origin`
+        holds its kind); `get` returns the full record.
+        """
+        created_text = type_coerce(_A.c.created_at, String).label("created_text")
+        query = select(*_SUMMARY_COLUMNS, created_text).join(_B, _A.c.base_model_id == _B.c.id)
         if base is not None:
             query = query.where((_B.c.name == base) | (_B.c.fingerprint == base))
         if name is not None:
@@ -428,7 +442,7 @@ class Registry:
             tags: dict[int, list[str]] = {}
             for adapter_id, tag_value in conn.execute(tag_query):
                 tags.setdefault(adapter_id, []).append(tag_value)
-        return [_adapter_record(row, tags=tuple(sorted(tags.get(row.id, ())))) for row in rows]
+        return [_summary_record(row, tuple(sorted(tags.get(row.id, ())))) for row in rows]
 
     def children(self, ref: str) -> list[AdapterRecord]:
         """Records whose lineage names `ref`'s record as a parent."""
@@ -521,9 +535,9 @@ class Registry:
     # ------------------------------------------------------------------ internals
 
     def _row_query(self) -> Any:
-        return select(*_SUMMARY_COLUMNS).join(_B, _A.c.base_model_id == _B.c.id)
+        return select(*_FULL_COLUMNS).join(_B, _A.c.base_model_id == _B.c.id)
 
-    def _find_row(self, conn: Connection, ref: Ref) -> Any:
+    def _find_row(self, conn: Connection, ref: Ref, *, explain: bool = True) -> Any:
         query = self._row_query().where(_A.c.name == ref.name)
         if ref.version is not None:
             query = query.where(_A.c.version == ref.version)
@@ -531,6 +545,8 @@ class Registry:
             query = query.where(_A.c.sha256.like(f"{ref.sha_prefix}%"))
         rows = conn.execute(query.order_by(_A.c.version.desc())).all()
         if not rows:
+            if not explain:  # `resolve`: a miss is an answer, not an error worth a diagnosis
+                raise NotFoundError(str(ref))
             versions = list(conn.execute(select(_A.c.version).where(_A.c.name == ref.name).order_by(_A.c.version)).scalars())
             if versions:
                 shown = ", ".join(f"{ref.name}:{v}" for v in versions[-10:])
@@ -562,14 +578,6 @@ def _name_problems(name: str) -> list[str]:
     return name_problems(name)
 
 
-def _looks_like_ref(text: str) -> bool:
-    try:
-        parse_ref(text)
-    except AdapterhubError:
-        return False
-    return True
-
-
 def _not_found_message(what: str, wanted: str, candidates: Iterable[str], *, hint: str) -> str:
     names = sorted(set(candidates))
     close = difflib.get_close_matches(wanted.split(":")[0].split("@")[0], names, n=5, cutoff=0.5)
@@ -598,7 +606,22 @@ def _adapter_record(
         base_fingerprint=row.base_fingerprint, peft_type=row.peft_type, task_type=row.task_type, rank=row.rank,
         alpha=row.alpha, target_modules=tuple(row.target_modules or ()), size_bytes=row.size_bytes,
         created_at=_as_utc(row.created_at), tags=tags, lineage=Lineage.from_json(row.lineage),
-        evaluations=evaluations, files=files or {}, config=row.config or {},
+        evaluations=evaluations, files=files or {}, config=row.config or {}, origin=row.origin,
+    )
+
+
+def _parse_timestamp(text: Any) -> datetime:
+    if isinstance(text, datetime):
+        return _as_utc(text)
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+
+
+def _summary_record(row: Any, tags: tuple[str, ...]) -> AdapterRecord:
+    return AdapterRecord(
+        name=row.name, version=row.version, sha256=row.sha256, base_name=row.base_name,
+        base_fingerprint=row.base_fingerprint, peft_type=row.peft_type, task_type=row.task_type, rank=row.rank,
+        alpha=row.alpha, target_modules=tuple(row.target_modules or ()), size_bytes=row.size_bytes,
+        created_at=_parse_timestamp(row.created_text), tags=tags, origin=row.origin,
     )
 
 

@@ -49,6 +49,7 @@ def upgrade() -> None:
     sa.Column('size_bytes', sa.BigInteger(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('lineage', sa.JSON(), nullable=True),
+    sa.Column('origin', sa.String(length=16), nullable=True),
     sa.ForeignKeyConstraint(['base_model_id'], ['base_models.id'], ),
     sa.ForeignKeyConstraint(['name'], ['adapter_names.name'], ),
     sa.PrimaryKeyConstraint('id'),
