@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -142,43 +141,3 @@ def test_trained_model_is_asked_in_its_training_format(adapterhub_home: Path, ti
     stored = {e.metric: e.value for e in registry.get("rev").evaluations}
     assert stored["exact_match"] == payload["adapter"]["metrics"]["exact_match"]
 
-
-_WORDS = (
-    "apple river stone cloud green happy window orange silver garden music paper candle forest yellow "
-    "winter doctor rabbit purple engine summer bottle planet butter mirror pencil tiger castle honey ocean "
-    "jacket violet copper island basket lemon rocket shadow marble"
-).split()
-
-
-def _reverse_rows(rng: random.Random, count: int, used: set[tuple[str, ...]]) -> list[dict[str, str]]:
-    rows = []
-    while len(rows) < count:
-        words = tuple(rng.sample(_WORDS, 3))
-        if words in used:
-            continue
-        used.add(words)
-        rows.append({"prompt": f"Reverse the order of the words: {' '.join(words)}", "completion": " ".join(reversed(words))})
-    return rows
-
-
-@pytest.mark.slow
-def test_smollm2_lora_gain_shown_by_eval_compare(adapterhub_home: Path, tmp_path: Path) -> None:
-    """The issue's quality bar on the real SmolLM2-135M: a LoRA trained through the CLI in a few
-    CPU minutes raises exact match on held-out word reversals by at least 50 points."""
-    rng = random.Random(0)
-    used: set[tuple[str, ...]] = set()
-    train_data = write_jsonl(tmp_path / "train.jsonl", _reverse_rows(rng, 200, used))
-    heldout = write_jsonl(tmp_path / "heldout.jsonl", _reverse_rows(rng, 20, used))  # no triple seen in training
-    assert runner.invoke(app, ["models", "add", "smollm2"]).exit_code == 0
-    trained = runner.invoke(app, [
-        "train", "--base", "smollm2", "--data", str(train_data), "--name", "reverse", "--method", "lora",
-        "--rank", "8", "--target-modules", "q_proj,k_proj,v_proj,o_proj", "--max-steps", "60", "--lr", "2e-3",
-        "--batch-size", "8", "--validation-split", "0", "--no-progress", "--output-dir", str(tmp_path / "run"),
-    ])
-    assert trained.exit_code == 0, trained.output
-    result = runner.invoke(app, ["eval", "reverse", "--data", str(heldout), "--compare", "--max-new-tokens", "12", "--json"])
-    assert result.exit_code == 0, result.output
-    payload = json.loads(result.stdout)
-    print(json.dumps({"base": payload["base"]["metrics"], "adapter": payload["adapter"]["metrics"]}))
-    assert payload["base"]["metrics"]["exact_match"] <= 0.1
-    assert payload["deltas"]["exact_match"] >= 0.5
