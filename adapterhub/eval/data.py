@@ -9,9 +9,10 @@ The shape of a file decides what can be measured on it (`EvalKind`):
 
 Design decisions:
 
-- JSONL is parsed line by line with the standard library, so a malformed line, a missing
-  field or a bad label is reported by its line number in the file (blank lines are skipped
-  but still counted). CSV and Parquet go through `datasets` (pandas/pyarrow underneath);
+- JSONL (and `.json`: one object per line, or one array of objects) is parsed with the
+  standard library, line by line, so a malformed line, a missing field or a bad label is
+  reported by its line number in the file (blank lines are skipped but still counted; an
+  array's rows are numbered from 1). CSV and Parquet go through `datasets` (pandas/pyarrow underneath);
   their rows are numbered as the user sees them: CSV by file line (the header is line 1),
   Parquet by row (1-based).
 - A whole file is validated before any model is loaded, and every bad row is named in one
@@ -150,6 +151,8 @@ def detect_kind(records: Sequence[Mapping[str, Any]], subject: str) -> EvalKind:
 def _read_records(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], str]:
     """(number, record) pairs and the word that numbers them ("line" or "row")."""
     suffix = path.suffix.lower()
+    if suffix == ".json" and _starts_with_array(path):
+        return _read_json_array(path), "row"
     if suffix in (".jsonl", ".json"):
         return _read_jsonl(path), "line"
     if suffix == ".csv":
@@ -159,6 +162,23 @@ def _read_records(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], str]:
     raise ValidationError(
         f"data file {path.name}", [f"unsupported format {suffix or '(no suffix)'}; use one of {', '.join(SUPPORTED_SUFFIXES)}"]
     )
+
+
+def _starts_with_array(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(4096).lstrip().startswith(b"[")
+
+
+def _read_json_array(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """A `.json` file holding one array of row objects; rows are numbered from 1."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValidationError(f"data file {path.name}", [f"not valid JSON ({exc})"]) from None
+    problems = [f"row {n}: expected a JSON object, got {type(r).__name__}" for n, r in enumerate(rows, 1) if not isinstance(r, dict)]
+    if problems:
+        raise ValidationError(f"data file {path.name}", problems)
+    return list(enumerate(rows, start=1))
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:

@@ -82,6 +82,14 @@ def test_csv_integer_labels_with_a_gap_stay_integers(tmp_path: Path) -> None:
     assert info.value.problems == ["line 4: missing field 'label'"]
 
 
+def test_json_array_file_numbers_rows(tmp_path: Path) -> None:
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"text": "a", "label": "x"}, {"text": "b"}, {"text": "c", "label": "y"}]), encoding="utf-8")
+    with pytest.raises(ValidationError) as info:
+        load_eval_dataset(path)
+    assert info.value.problems == ["row 2: missing field 'label'"]
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="not found"):
         load_eval_dataset(tmp_path / "nope.jsonl")
