@@ -167,7 +167,7 @@ def merge(
     labels = [entry.model for entry in recipe.inputs]
     resolved_dirs: list[Path] = []
     for label in labels:
-        directory = (input_dirs or {}).get(label) if input_dirs is not None else Path(label)
+        directory = input_dirs.get(label) if input_dirs is not None else Path(label)
         if directory is None:
             problems.append(f"input {label!r} has no directory in input_dirs")
         else:
@@ -312,7 +312,7 @@ class _Merger:
             if exact_possible and is_matrix:
                 low_rank = self._concatenated(name, touching, coefficients)
                 if low_rank is not None and self.rank is not None and low_rank.rank > self.rank:
-                    low_rank = truncated_svd(low_rank.b @ low_rank.a, rank=self.rank)
+                    low_rank = truncated_svd(low_rank.b @ low_rank.a, rank=self.rank, seed=module_seed(self.global_params.seed, name))
             else:
                 merged = self.merged_delta(name, load)
                 if merged is None:
@@ -325,7 +325,10 @@ class _Merger:
                     if self.energy is not None:
                         low_rank = truncated_svd(oriented, energy=self.energy)
                     else:
-                        low_rank = truncated_svd(oriented, rank=self.rank or self._default_rank(name, touching))
+                        low_rank = truncated_svd(
+                            oriented, rank=self.rank or self._default_rank(name, touching),
+                            seed=module_seed(self.global_params.seed, name),
+                        )
             if low_rank is not None:
                 factored[name] = (low_rank, transpose)
                 errors[name.removesuffix(".weight")] = low_rank.relative_error

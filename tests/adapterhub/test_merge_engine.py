@@ -38,6 +38,7 @@ def adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         "c": build_lora_adapter(tiny_base, root / "c", rank=2, alpha=2, seed=3, target_modules=("v_proj", "down_proj")),
         "dora": build_lora_adapter(tiny_base, root / "dora", rank=4, alpha=8, seed=4, use_dora=True),
         "ia3": build_lora_adapter(tiny_base, root / "ia3", seed=5, peft_type="ia3", target_modules=("q_proj", "v_proj")),
+        "embed": build_lora_adapter(tiny_base, root / "embed", rank=4, alpha=4, seed=6, target_modules=("embed_tokens", "o_proj")),
     }
 
 
@@ -74,7 +75,7 @@ def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits
 
 
-@pytest.mark.parametrize("kind", ["b", "dora", "ia3"])
+@pytest.mark.parametrize("kind", ["b", "dora", "ia3", "embed"])
 def test_task_vectors_match_peft_merge_and_unload(kind: str, tiny_base: Path, adapters: dict[str, Path]) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -112,14 +113,14 @@ def test_linear_merge_of_loras_is_an_exact_rank_concatenation(tiny_base: Path, a
     assert report["method"] == "task_arithmetic" and report["error_report"]["exact"] is True
 
 
-@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
+@pytest.mark.parametrize(("method", "second"), [("linear", "b"), ("ties", "b"), ("dare_ties", "b"), ("linear", "embed"), ("ties", "embed")])
 def test_lora_output_in_peft_gives_the_logits_of_base_plus_merged_delta(
-    method: str, tiny_base: Path, adapters: dict[str, Path], tmp_path: Path
+    method: str, second: str, tiny_base: Path, adapters: dict[str, Path], tmp_path: Path
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    recipe = _recipe(method, [(adapters["a"], {"weight": 0.6, "density": 0.5}), (adapters["b"], {"weight": 0.4, "density": 0.7})], seed=3)
+    recipe = _recipe(method, [(adapters["a"], {"weight": 0.6, "density": 0.5}), (adapters[second], {"weight": 0.4, "density": 0.7})], seed=3)
     # rank 64 = full rank of the tiny model's 64-wide projections: the SVD is exact up to float error
     lora = merge(recipe, base_dir=tiny_base, out_dir=tmp_path / "lora", rank=None if method == "linear" else 64)
     full = merge(recipe, base_dir=tiny_base, out_dir=tmp_path / "full", full_model=True)
