@@ -79,6 +79,7 @@ class EvalDataset:
     num_rows: int  # valid rows in the file, before max_examples
     # Classification: the label set (sorted, as strings). Generation: empty.
     labels: tuple[str, ...] = ()
+    location: str = "line"  # how `EvalRow.line` numbers rows: "line" (JSONL, CSV) or "row"
 
     @property
     def references(self) -> list[str]:
@@ -128,7 +129,8 @@ def load_eval_dataset(path: Path, *, max_examples: int | None = None) -> EvalDat
         raise ValidationError(f"data file {path.name}", [f"classification needs at least two labels, found {list(labels)}"])
     selected = rows[:max_examples] if max_examples is not None else rows
     return EvalDataset(
-        path=path, sha256=file_sha256(path), kind=kind, rows=tuple(selected), num_rows=len(rows), labels=labels
+        path=path, sha256=file_sha256(path), kind=kind, rows=tuple(selected), num_rows=len(rows), labels=labels,
+        location=location,
     )
 
 

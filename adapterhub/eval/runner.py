@@ -254,7 +254,7 @@ def _load(
 def _check_labels_known(dataset: EvalDataset, loaded: LoadedModel) -> None:
     known = set(loaded.id2label.values())
     problems = [
-        f"line {row.line}: label {row.reference!r} is not one of the model's labels ({', '.join(sorted(known))})"
+        f"{dataset.location} {row.line}: label {row.reference!r} is not one of the model's labels ({', '.join(sorted(known))})"
         for row in dataset.rows if row.reference not in known
     ]
     if problems:
