@@ -104,7 +104,7 @@ def test_compare_lora_base_side_equals_plain_base_eval(tiny_base: Path, lora_dir
     assert heldout_base.metrics["perplexity"] == pytest.approx(forgetting.base_perplexity, rel=1e-5)
 
 
-@pytest.mark.parametrize("peft_type", ["prompt_tuning", "ia3"])
+@pytest.mark.parametrize("peft_type", ["prompt_tuning", "prefix_tuning", "ia3"])
 def test_other_peft_types_evaluate(tiny_base: Path, tmp_path: Path, peft_type: str) -> None:
     targets = ("k_proj", "v_proj") if peft_type == "ia3" else ()
     adapter = build_lora_adapter(tiny_base, tmp_path / peft_type, peft_type=peft_type, target_modules=targets)
