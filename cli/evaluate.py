@@ -224,6 +224,7 @@ def _print_tables(target: EvalTarget, report: Any, comparison: Any, forgetting_r
             f"forgetting check on {forgetting_report.dataset.label}: perplexity {forgetting_report.base_perplexity:.2f} "
             f"(base) → {forgetting_report.adapter_perplexity:.2f} (×{forgetting_report.ratio:.3f})"
         )
+    _print_confusion(report.details)
     unmatched = report.details.get("unmatched_answers")
     if unmatched:
         console.print(f"[yellow]{unmatched} generated answers named no label (scored as wrong)[/]")
@@ -232,6 +233,19 @@ def _print_tables(target: EvalTarget, report: Any, comparison: Any, forgetting_r
     if recorded:
         owner = "base model " + target.ref if target.is_base_model else target.ref
         console.print(f"stored {len(report.metrics)} metrics on {owner}" + (" and the base's on " + target.base_name if comparison else ""))
+
+
+def _print_confusion(details: dict[str, Any]) -> None:
+    """Reference labels down, predicted across (answers naming no label in their own column)."""
+    confusion, labels = details.get("confusion"), details.get("labels")
+    if not confusion or not labels or len(labels) > 12:
+        return
+    predicted = list(labels) + sorted({p for row in confusion.values() for p in row} - set(labels))
+    table = Table("REFERENCE / PREDICTED", *predicted, title="confusion")
+    for reference in labels:
+        row = confusion.get(reference, {})
+        table.add_row(reference, *(str(row.get(p, 0)) for p in predicted))
+    console.print(table)
 
 
 def _print_examples(report: Any, comparison: Any, count: int) -> None:

@@ -141,3 +141,22 @@ def test_trained_model_is_asked_in_its_training_format(adapterhub_home: Path, ti
     stored = {e.metric: e.value for e in registry.get("rev").evaluations}
     assert stored["exact_match"] == payload["adapter"]["metrics"]["exact_match"]
 
+
+
+def test_eval_classifier_adapter_prints_confusion(adapterhub_home: Path, tiny_base: Path, tmp_path: Path) -> None:
+    from tests.adapterhub.test_eval_runner import build_classifier_adapter
+
+    registry = Registry.open(home=adapterhub_home)
+    registry.add_base_model(name="tiny", model_dir=tiny_base)
+    adapter = build_classifier_adapter(tiny_base, tmp_path / "cls", ["neg", "pos"])
+    registry.put_adapter(name="sentiment", source_dir=adapter, base="tiny", lineage=Lineage(kind="imported", parents=(), details={}))
+    rows = [("the quick brown fox", "pos"), ("hello world", "neg"), ("yes no", "pos")]
+    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": text, "label": label} for text, label in rows])
+    result = runner.invoke(app, ["eval", "sentiment", "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    assert "confusion" in result.stdout and "REFERENCE / PREDICTED" in result.stdout
+    stored = {e.metric: e for e in registry.get("sentiment").evaluations}
+    assert set(stored) == {"accuracy", "precision", "recall", "f1"}
+    confusion = stored["accuracy"].details["confusion"]
+    assert sum(sum(row.values()) for row in confusion.values()) == 3
+    assert stored["accuracy"].details["label_source"] == "training_metrics.json labels"
