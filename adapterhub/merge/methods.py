@@ -12,7 +12,8 @@ Design decisions:
   DELLA's rank-dependent drop) × **consensus** (none / TIES sign election by total or count)
   × **weighting** (Σ wᵢτᵢ, optionally divided by the weights that took part, times λ).
   Default `normalize`/`rescale` per method follow mergekit 0.1.5 so users bringing a recipe
-  get the same numbers.
+  get the same numbers; `rescale` restores a sparsified task vector's L1 norm (mergekit's
+  definition; DARE's 1/density up to sampling noise, but exact for every draw).
 - The registry refuses a duplicate name and checks the function's signature when it
   registers, so a malformed method fails at import, not in the middle of a merge.
 - Randomness comes only from the `torch.Generator` the caller passes (seeded per module from
@@ -445,9 +446,9 @@ def parameter_problems(method: MergeMethod, params: Sequence[InputParams]) -> li
     problems = []
     if method.name.startswith("della"):
         for index, p in enumerate(params):
-            if p.density < 1 and (p.density - p.epsilon <= 0 or p.density + p.epsilon > 1):
+            if p.density < 1 and (p.density - p.epsilon <= 0 or p.density + p.epsilon >= 1):
                 problems.append(
-                    f"input {index + 1}: della needs 0 < density − epsilon and density + epsilon ≤ 1 "
+                    f"input {index + 1}: della needs 0 < density − epsilon and density + epsilon < 1 "
                     f"(density {p.density}, epsilon {p.epsilon})"
                 )
     for index, p in enumerate(params):
