@@ -146,11 +146,13 @@ class SlotContext:
     def __init__(self) -> None:
         self.row_slots: torch.Tensor | None = None  # int64 [batch] on the compute device
 
-    def set_rows(self, row_slots: torch.Tensor | None) -> None:
+    def set_rows(self, row_slots: list[int] | None, device: torch.device | str = "cpu") -> None:
         # None (or all zeros) means "every row is the base model": wrapped layers skip LoRA math.
-        if row_slots is not None and not bool(row_slots.any()):
-            row_slots = None
-        self.row_slots = row_slots
+        # Checked on the host list, so a GPU step needs no device sync for it.
+        if row_slots is None or not any(row_slots):
+            self.row_slots = None
+        else:
+            self.row_slots = torch.tensor(row_slots, dtype=torch.long, device=device)
 
 
 class SlotLoraLinear(nn.Module):
@@ -178,32 +180,30 @@ class SlotLoraLinear(nn.Module):
         row_slots = self.context.row_slots
         if row_slots is None or self.stack_a is None:
             return result
-        # Rows beyond this layer's stack (slots allocated later for other layers) read slot 0.
-        slots = torch.where(row_slots < self.stack_a.shape[0], row_slots, torch.zeros_like(row_slots))
-        a = self.stack_a.index_select(0, slots)  # [batch, rank, in]
-        b = self.stack_b.index_select(0, slots)  # [batch, out, rank]
-        scale = self.stack_scale.index_select(0, slots).view(-1, 1, 1)
+        # Every allocated stack has `SlotTable.slot_count` slots, so any row's slot is in range.
+        a = self.stack_a.index_select(0, row_slots)  # [batch, rank, in]
+        b = self.stack_b.index_select(0, row_slots)  # [batch, out, rank]
+        scale = self.stack_scale.index_select(0, row_slots).view(-1, 1, 1)
         flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
         delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2)) * scale
         return result + delta.reshape(result.shape).to(result.dtype)
 
-    def write_slot(self, slot: int, weights: LoraModuleWeights | None) -> None:
-        """Put one adapter's factors into `slot` (None zeroes it); grows the stacks as needed."""
-        if weights is None:
-            if self.stack_a is not None and slot < self.stack_a.shape[0]:
-                self.stack_a[slot].zero_()
-                self.stack_b[slot].zero_()
-                self.stack_scale[slot] = 0.0
-            return
-        device, dtype = self.base_layer.weight.device, weights.a.dtype
-        rank = weights.a.shape[0]
+    def write_slot(self, slot: int, weights: LoraModuleWeights | None, slot_count: int) -> None:
+        """Put one adapter's factors into `slot` (None zeroes it), with `slot_count` slots in all."""
         if self.stack_a is None:
-            self.stack_a = torch.zeros(1, rank, self.in_features, device=device, dtype=dtype)
-            self.stack_b = torch.zeros(1, self.out_features, rank, device=device, dtype=dtype)
-            self.stack_scale = torch.zeros(1, device=device, dtype=dtype)
+            if weights is None:
+                return  # never targeted: no stack, no LoRA math in forward
+            device, dtype = self.base_layer.weight.device, weights.a.dtype
+            rank = weights.a.shape[0]
+            self.stack_a = torch.zeros(slot_count, rank, self.in_features, device=device, dtype=dtype)
+            self.stack_b = torch.zeros(slot_count, self.out_features, rank, device=device, dtype=dtype)
+            self.stack_scale = torch.zeros(slot_count, device=device, dtype=dtype)
+        assert self.stack_b is not None and self.stack_scale is not None
         slots, stack_rank = self.stack_a.shape[0], self.stack_a.shape[1]
-        if slot >= slots or rank > stack_rank:
-            new_slots, new_rank = max(slots, slot + 1), max(stack_rank, rank)
+        rank = weights.a.shape[0] if weights is not None else 0
+        if slot_count > slots or rank > stack_rank:
+            new_slots, new_rank = max(slots, slot_count), max(stack_rank, rank)
+            device, dtype = self.stack_a.device, self.stack_a.dtype
             grown_a = torch.zeros(new_slots, new_rank, self.in_features, device=device, dtype=dtype)
             grown_b = torch.zeros(new_slots, self.out_features, new_rank, device=device, dtype=dtype)
             grown_scale = torch.zeros(new_slots, device=device, dtype=dtype)
@@ -213,9 +213,11 @@ class SlotLoraLinear(nn.Module):
             self.stack_a, self.stack_b, self.stack_scale = grown_a, grown_b, grown_scale
         self.stack_a[slot].zero_()
         self.stack_b[slot].zero_()
-        self.stack_a[slot, :rank].copy_(weights.a)
-        self.stack_b[slot, :, :rank].copy_(weights.b)
-        self.stack_scale[slot] = weights.scale
+        self.stack_scale[slot] = 0.0
+        if weights is not None:
+            self.stack_a[slot, :rank].copy_(weights.a)
+            self.stack_b[slot, :, :rank].copy_(weights.b)
+            self.stack_scale[slot] = weights.scale
 
     def stack_bytes(self) -> int:
         if self.stack_a is None:
@@ -230,6 +232,7 @@ class SlotTable:
         self.model = model
         self.context = SlotContext()
         self.layers: dict[str, SlotLoraLinear] = {}
+        self.slot_count = 1  # slots in every allocated stack (slot 0 = no adapter)
         self.linear_shapes: dict[str, tuple[int, int]] = {
             name: (module.out_features, module.in_features)
             for name, module in model.named_modules()
@@ -254,12 +257,13 @@ class SlotTable:
             raise ValueError("slot 0 is reserved for the base model")
         for module_name in weights.modules:
             self._wrap(module_name)
+        self.slot_count = max(self.slot_count, slot + 1)
         for module_name, layer in self.layers.items():
-            layer.write_slot(slot, weights.modules.get(module_name))
+            layer.write_slot(slot, weights.modules.get(module_name), self.slot_count)
 
     def clear(self, slot: int) -> None:
         for layer in self.layers.values():
-            layer.write_slot(slot, None)
+            layer.write_slot(slot, None, self.slot_count)
 
     def stack_bytes(self) -> int:
         return sum(layer.stack_bytes() for layer in self.layers.values())

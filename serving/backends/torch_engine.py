@@ -609,7 +609,7 @@ class TorchEngine(Backend):
         return chosen
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, row_slots: list[int]) -> torch.Tensor:
-        self.slots.context.set_rows(torch.tensor(row_slots, dtype=torch.long, device=self.device))
+        self.slots.context.set_rows(row_slots, self.device)
         try:
             output = self.model(
                 input_ids=input_ids,

@@ -32,7 +32,7 @@ def test_gathered_lora_logits_match_peft_row_by_row(adapter_fleet: AdapterFleet)
     for slot, name in enumerate(names, start=1):
         table.write(slot, read_lora_dir(adapter_fleet.dirs[name], table.linear_shapes, torch.float32))
     input_ids = torch.randint(3, 300, (len(names) + 1, 7), generator=torch.Generator().manual_seed(0))
-    table.context.set_rows(torch.tensor([1, 2, 3, 4, 0]))
+    table.context.set_rows([1, 2, 3, 4, 0])
     with torch.no_grad():
         mixed = model(input_ids).logits
     table.context.set_rows(None)
