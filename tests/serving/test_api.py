@@ -298,3 +298,24 @@ def test_queue_full_is_429_and_pinned_slots_are_503(adapter_fleet: AdapterFleet)
             return status
 
         assert asyncio.run(fill_then_overflow()) == 429
+
+
+def test_client_disconnect_cancels_its_rows(server: RunningServer) -> None:
+    """Closing a stream early frees its batch row: the engine stops generating for it."""
+
+    async def scenario() -> tuple[int, int]:
+        client = server.async_client()
+        steps_before = server.backend.steps
+        stream = await client.completions.create(model="task-1", prompt="hello", max_tokens=400, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        async for _ in stream:
+            break
+        await stream.close()
+        for _ in range(200):
+            if (await server.backend.health()).running_requests == 0:
+                break
+            await asyncio.sleep(0.02)
+        return (await server.backend.health()).running_requests, server.backend.steps - steps_before
+
+    running, steps = asyncio.run(scenario())
+    assert running == 0
+    assert steps < 200  # far fewer than the 400 tokens it asked for
