@@ -9,6 +9,9 @@ Design decisions:
   `...ForSequenceClassification`; everything else is loaded as a causal LM.
 - The tokenizer comes from the adapter or full-model directory when it carries one (a full
   fine-tune may have added tokens), else from the model directory.
+- A SetFit classifier (a sentence encoder with `setfit_head.json`, as adapterhub's trainer
+  writes it: no pickle) is run through the trainer's own `predict_setfit`, so training and
+  evaluation cannot disagree on how the head is rebuilt.
 - A classification head's label names are read from the full model's `config.json`
   (`id2label`), or from the `labels` an adapterhub-trained adapter keeps in its
   `training_metrics.json` (PEFT's format has no place for them). When none is there the trainer's documented
@@ -67,6 +70,25 @@ def adapter_task_type(adapter_dir: Path) -> str | None:
     return str(task_type) if task_type else None
 
 
+# Written by adapterhub's SetFit trainer next to the fine-tuned sentence encoder.
+SETFIT_HEAD_FILE = "setfit_head.json"
+
+
+def is_setfit_dir(model_dir: Path) -> bool:
+    """A SetFit classifier trained by adapterhub (encoder + JSON logistic-regression head)."""
+    return (Path(model_dir) / SETFIT_HEAD_FILE).is_file()
+
+
+def setfit_labels(model_dir: Path) -> list[str]:
+    try:
+        labels = json.loads((Path(model_dir) / SETFIT_HEAD_FILE).read_text(encoding="utf-8")).get("labels")
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise AdapterhubError(f"cannot read {SETFIT_HEAD_FILE} in {model_dir}: {exc}") from None
+    if not isinstance(labels, list) or not labels:
+        raise AdapterhubError(f"{SETFIT_HEAD_FILE} in {model_dir} names no labels")
+    return [str(label) for label in labels]
+
+
 def is_classifier_model_dir(model_dir: Path) -> bool:
     """A full model directory whose architecture has a sequence-classification head."""
     try:
@@ -80,7 +102,7 @@ def wants_classifier(model_dir: Path, adapter_dir: Path | None) -> bool:
     """Whether the evaluated thing has a classification head (and so classifies, not generates)."""
     if adapter_dir is not None:
         return adapter_task_type(adapter_dir) == "SEQ_CLS"
-    return is_classifier_model_dir(model_dir)
+    return is_classifier_model_dir(model_dir) or is_setfit_dir(model_dir)
 
 
 def check_paths(model_dir: Path, adapter_dir: Path | None) -> None:

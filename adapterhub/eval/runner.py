@@ -39,8 +39,10 @@ from adapterhub.eval.loading import (
     attach_adapter,
     check_paths,
     has_tokenizer,
+    is_setfit_dir,
     load_causal,
     load_classifier,
+    setfit_labels,
     wants_classifier,
 )
 from adapterhub.eval.report import Comparison, DatasetInfo, EvalReport, ExampleResult, ForgettingReport
@@ -82,6 +84,8 @@ def evaluate_model(
     dataset = load_eval_dataset(Path(data), max_examples=max_examples)
     classifier = _wants_classifier_checked(Path(model_dir), adapter_dir)
     selected = plan_metrics(dataset, metrics, classifier=classifier)
+    if adapter_dir is None and is_setfit_dir(Path(model_dir)):
+        return _evaluate_setfit(Path(model_dir), dataset, selected, progress=progress)
     options = LoadOptions(device=device, dtype=dtype, tokenizer_dir=tokenizer_dir)
     loaded = _load(Path(model_dir), adapter_dir, dataset, classifier=classifier, options=options)
     return score_loaded(
@@ -125,6 +129,10 @@ def compare(
     heldout_set = _load_heldout(heldout) if forgetting else None
     candidate_classifier = _wants_classifier_checked(model_dir, adapter_dir)
     check_paths(base, None)
+    if adapter_dir is None and is_setfit_dir(model_dir):
+        raise AdapterhubError(
+            "a SetFit model cannot be compared with its base: the base is a sentence encoder with no classifier"
+        )
     if forgetting and candidate_classifier:
         raise AdapterhubError("the forgetting check measures language-model perplexity; a classification model has none")
     selected = plan_metrics(dataset, metrics, classifier=candidate_classifier)
@@ -246,13 +254,36 @@ def _load(
 ) -> LoadedModel:
     if classifier:
         loaded = load_classifier(model_dir, adapter_dir, dataset.labels, options)
-        _check_labels_known(dataset, loaded)
+        _check_labels_known(dataset, set(loaded.id2label.values()))
         return loaded
     return load_causal(model_dir, adapter_dir, options)
 
 
-def _check_labels_known(dataset: EvalDataset, loaded: LoadedModel) -> None:
-    known = set(loaded.id2label.values())
+def _evaluate_setfit(
+    model_dir: Path, dataset: EvalDataset, metric_names: Sequence[str], *, progress: ProgressFactory | None
+) -> EvalReport:
+    """A SetFit classifier scored through the trainer's own prediction path (one call, no batching here)."""
+    from adapterhub.train.setfit_task import predict_setfit
+
+    started = time.perf_counter()
+    labels = setfit_labels(model_dir)
+    _check_labels_known(dataset, set(labels))
+    texts = [str(row.text) for row in dataset.rows]
+    on_batch = _phase(progress, "classifying", len(texts))
+    predictions = [str(label) for label in predict_setfit(model_dir, texts)]
+    if on_batch is not None:
+        on_batch(len(texts))
+    results: dict[str, float] = {}
+    details: dict[str, Any] = {"kind": dataset.kind.value, "metrics": list(metric_names), "model": "setfit",
+                               "label_source": "setfit_head.json labels"}
+    _score_labels(predictions, dataset.references, labels, metric_names, results, details)
+    details["seconds"] = round(time.perf_counter() - started, 3)
+    examples = tuple(ExampleResult(row.line, str(row.text), row.reference, p) for row, p in zip(dataset.rows, predictions))
+    return EvalReport(model_dir=str(model_dir), adapter_dir=None, dataset=_dataset_info(dataset), metrics=results,
+                      details=details, examples=examples)
+
+
+def _check_labels_known(dataset: EvalDataset, known: set[str]) -> None:
     problems = [
         f"{dataset.location} {row.line}: label {row.reference!r} is not one of the model's labels ({', '.join(sorted(known))})"
         for row in dataset.rows if row.reference not in known

@@ -208,3 +208,33 @@ def test_bad_input_fails_before_loading_a_model(tmp_path: Path, tiny_base: Path)
         evaluate_model(model_dir=tiny_base, data=data, batch_size=0)
     with pytest.raises(ValidationError, match="max-examples"):
         load_eval_dataset(data, max_examples=0)
+
+
+def test_setfit_model_scored_through_the_trainers_predictions(tiny_base: Path, tmp_path: Path) -> None:
+    """A SetFit directory as adapterhub's trainer writes it (encoder + JSON head), built small."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer, models
+    from setfit import SetFitModel
+    from sklearn.linear_model import LogisticRegression
+
+    from adapterhub.train.setfit_task import predict_setfit, save_head
+
+    labels = ["neg", "pos"]
+    body = SentenceTransformer(modules=[models.Transformer(str(tiny_base)), models.Pooling(64, "mean")], device="cpu")
+    texts = ["the quick brown fox", "hello world", "yes no", "two plus two", "adapters are small", "the lazy dog"]
+    gold = ["pos", "neg", "neg", "pos", "pos", "neg"]
+    head = LogisticRegression().fit(body.encode(texts), np.array([labels.index(g) for g in gold]))
+    model_dir = tmp_path / "setfit"
+    body.save(str(model_dir))
+    save_head(SetFitModel(model_body=body, model_head=head, labels=labels), model_dir, labels)
+
+    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": g} for t, g in zip(texts, gold)])
+    report = evaluate_model(model_dir=model_dir, data=data)
+    expected = predict_setfit(model_dir, texts)
+    assert [e.prediction for e in report.examples] == expected
+    assert report.metrics["accuracy"] == pytest.approx(sum(p == g for p, g in zip(expected, gold)) / len(gold))
+    outside = write_jsonl(tmp_path / "outside.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "meh"}])
+    with pytest.raises(ValidationError, match=r"line 2: label 'meh'"):
+        evaluate_model(model_dir=model_dir, data=outside)
+    with pytest.raises(AdapterhubError, match="cannot be compared with its base"):
+        compare(model_dir=model_dir, base_dir=tiny_base, data=data)
