@@ -7,7 +7,9 @@ so peak RSS (GPU: peak allocated memory) is that run's alone:
 - `plain`: the SFTTrainer + `peft_config=LoraConfig(...)` script as TRL's docs show it
   (prompt/completion data, model given as a path), with only the precision set from the
   hardware (TRL's bf16 default refuses on CPU) and token counting switched on;
-- `adapterhub`: `adapterhub.train.train` with the same settings;
+- `adapterhub`: `adapterhub.train.train` with the same settings (adapterhub's defaults: no
+  gradient checkpointing, where TRL's SFTConfig turns it on by default);
+- `adapterhub+gc`: the same with gradient checkpointing, as the plain script has it;
 - `adapterhub+packing`: the same with packing (TRL best-fit packing, padding-free);
 - `adapterhub-qlora`: 4-bit NF4 QLoRA with the same settings (memory against LoRA).
 
@@ -38,7 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_WORK = Path("/tmp/adapterhub-train-bench")
-RUNS = ("plain", "adapterhub", "adapterhub+packing", "adapterhub-qlora")
+RUNS = ("plain", "adapterhub", "adapterhub+gc", "adapterhub+packing", "adapterhub-qlora")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 WORDS = (
     "apple river stone cloud green table window music garden orange silver winter candle forest paper bottle "
@@ -125,15 +127,17 @@ def run_plain(base_dir: Path, data: Path, steps: int, batch_size: int, max_lengt
     return {"tokens": int(trainer.state.num_input_tokens_seen), "train_runtime_s": runtime, "final_loss": output.training_loss}
 
 
-def run_adapterhub(base_dir: Path, data: Path, steps: int, batch_size: int, max_length: int, *, packing: bool, method: str) -> dict[str, Any]:
+def run_adapterhub(
+    base_dir: Path, data: Path, steps: int, batch_size: int, max_length: int, *, packing: bool, method: str, checkpointing: bool
+) -> dict[str, Any]:
     from adapterhub.train import load_config, train
 
     config = load_config({
         "data": data, "method": method, "max_steps": steps, "batch_size": batch_size, "learning_rate": 2e-4,
         "lora_rank": 8, "lora_alpha": 16, "target_modules": TARGETS, "max_length": max_length, "packing": packing,
-        "validation_split": 0, "logging_steps": 5,
+        "validation_split": 0, "logging_steps": 5, "gradient_checkpointing": checkpointing,
     })
-    result = train(config, base_dir=base_dir, output_dir=data.parent / f"{method}-{'packed' if packing else 'plain'}-out", progress=False)
+    result = train(config, base_dir=base_dir, output_dir=data.parent / f"{method}-{'packed' if packing else 'plain'}-{checkpointing}-out", progress=False)
     metrics = result.metrics
     return {"tokens": int(metrics["tokens_seen"]), "train_runtime_s": float(metrics["train_runtime_s"]), "final_loss": metrics["train_loss"]}
 
@@ -147,6 +151,7 @@ def worker(args: argparse.Namespace) -> None:
         result = run_adapterhub(
             base_dir, data, args.steps, args.batch_size, args.max_length,
             packing=args.worker == "adapterhub+packing", method="qlora" if args.worker == "adapterhub-qlora" else "lora",
+            checkpointing=args.worker == "adapterhub+gc",
         )
     result.update(_peak_memory())
     result["wall_s"] = time.perf_counter() - started

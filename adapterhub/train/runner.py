@@ -38,7 +38,8 @@ from adapterhub.train.progress import CURVE_FILE, RichProgressBar, loss_history,
 RUN_CONFIG_FILE = "run_config.json"
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
-_OPTIMIZERS = {"adamw": "adamw_torch", "adafactor": "adafactor", "sgd": "sgd"}
+# "adamw" is whatever AdamW transformers defaults to (the fused kernel on torch >= 2.8).
+_OPTIMIZERS = {"adamw": None, "adafactor": "adafactor", "sgd": "sgd"}
 # Keys that may differ between the first start of a run and its resume.
 _RESUME_FREE_KEYS = {"name", "base"}
 
@@ -191,7 +192,7 @@ def _training_arguments(
         max_steps=config.max_steps or -1,
         max_grad_norm=config.max_grad_norm,
         weight_decay=config.weight_decay,
-        optim=_OPTIMIZERS[config.optimizer],
+        optim=_OPTIMIZERS[config.optimizer] or getattr(TrainingArguments, "default_optim", "adamw_torch"),
         gradient_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         bf16=precision == "bf16",

@@ -131,7 +131,7 @@ def test_resume_ends_at_the_same_adapter(tiny_base: Path, sft_jsonl: Path, tmp_p
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
         if "lora_B" in key:
             assert expected[key].abs().max() > initial_b
-    with pytest.raises(AdapterhubError, match="no checkpoint"):
+    with pytest.raises(AdapterhubError, match="no complete checkpoint"):
         train(config, base_dir=tiny_base, output_dir=tmp_path / "fresh", progress=False, resume=True)
 
 
