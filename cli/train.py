@@ -70,7 +70,12 @@ def _run_dir(registry: Any, name: str, output_dir: Path | None, *, resume: bool,
             raise AdapterhubError(
                 f"{run_dir} holds checkpoints of an unfinished run: continue it with --resume, or start over with --overwrite"
             )
-        shutil.rmtree(run_dir)
+        # Only what a run writes goes: a user's --output-dir may hold other files.
+        from adapterhub.train.runner import CHECKPOINTS_DIR, FINAL_DIR, RUN_CONFIG_FILE
+
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+        shutil.rmtree(run_dir / FINAL_DIR, ignore_errors=True)
+        (run_dir / RUN_CONFIG_FILE).unlink(missing_ok=True)
     return run_dir, output_dir is None
 
 

@@ -58,6 +58,28 @@ def test_each_method_trains_and_saves_a_loadable_result(method: str, tiny_base: 
     assert not torch.allclose(_logits(tuned, tokenizer), before), "training left the model's outputs unchanged"
 
 
+def test_lora_knobs_reach_the_saved_adapter_and_8bit_qlora_trains(tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
+    config = load_config({"data": sft_jsonl, "method": "qlora", "quant_bits": 8, "use_rslora": True, "lora_rank": 4,
+                          "lora_alpha": 4, "lora_dropout": 0.1, "target_modules": "q_proj,k_proj,down_proj", "max_steps": 2,
+                          "batch_size": 4, "validation_split": 0})
+    result = train(config, base_dir=tiny_base, output_dir=tmp_path / "run", progress=False)
+    saved = json.loads((result.output_path / "adapter_config.json").read_text())
+    assert saved["use_rslora"] is True and saved["r"] == 4 and saved["lora_alpha"] == 4 and saved["lora_dropout"] == 0.1
+    assert sorted(saved["target_modules"]) == ["down_proj", "k_proj", "q_proj"]
+    assert result.metrics["global_step"] == 2
+
+
+def test_qlora_is_refused_up_front_where_bitsandbytes_cannot_load(
+    tiny_base: Path, sft_jsonl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` raise ImportError
+    with pytest.raises(ValidationError, match="qlora needs bitsandbytes, which cannot be imported here"):
+        train(load_config({"data": sft_jsonl, "method": "qlora"}), base_dir=tiny_base, output_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_training_lowers_the_loss(tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
     # A random tiny base learns fastest through its output layer, so full fine-tuning shows the loop
     # really optimises; LoRA's learning is shown on SmolLM2 in test_train_quality.py.
@@ -146,10 +168,12 @@ def test_early_stopping_stops_before_max_steps(tiny_base: Path, sft_jsonl: Path,
 
 
 def test_classification_with_a_head(tiny_base: Path, classification_jsonl: Path, tmp_path: Path) -> None:
-    config = load_config({"data": classification_jsonl, "task": "classification", "max_steps": 4, "batch_size": 4,
-                          "validation_split": 0.25, "learning_rate": 5e-3})
+    validation = write_jsonl(tmp_path / "val.jsonl", [{"text": "the film is great", "label": "positive"}, {"text": "the film is bad", "label": "negative"}])
+    config = load_config({"data": classification_jsonl, "validation_data": validation, "task": "classification", "max_steps": 4,
+                          "batch_size": 4, "learning_rate": 5e-3})
     result = train(config, base_dir=tiny_base, output_dir=tmp_path / "run", progress=False)
     assert result.metrics["labels"] == ["negative", "positive"]
+    assert result.metrics["num_train_examples"] == 16 and result.metrics["num_validation_examples"] == 2
     assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0
     adapter_config = json.loads((result.output_path / "adapter_config.json").read_text())
     assert adapter_config["task_type"] == "SEQ_CLS" and "score" in adapter_config["modules_to_save"]
