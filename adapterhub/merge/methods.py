@@ -92,20 +92,53 @@ def rescale_to_l1(original: torch.Tensor, masked: torch.Tensor, *, eps: float = 
     return masked * (before / after)
 
 
-def magnitude_mask(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """Mask of the `density` share of entries with the largest magnitudes (at least one).
+def _largest(flat: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the `count` largest values; among equal values the lowest indices win.
 
-    Ties at the threshold are broken by a stable sort (lowest flat index first), so the
-    result is deterministic; mergekit's unstable argsort may keep other equal-magnitude
-    entries, which is the only way the two can differ.
+    Selection by `kthvalue` (linear time) instead of a sort: the same set a stable
+    descending sort would give, several times faster on million-entry weights.
     """
     import torch
 
+    if count >= flat.numel():
+        return torch.ones_like(flat, dtype=torch.bool)
+    if count <= 0:
+        return torch.zeros_like(flat, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, flat.numel() - count + 1).values
+    mask = flat > threshold
+    missing = count - int(mask.sum())
+    if missing > 0:
+        equal = flat == threshold
+        mask |= equal & (torch.cumsum(equal, dim=0) <= missing)
+    return mask
+
+
+def _smallest(flat: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the `count` smallest values; among equal values the lowest indices win."""
+    import torch
+
+    if count >= flat.numel():
+        return torch.ones_like(flat, dtype=torch.bool)
+    if count <= 0:
+        return torch.zeros_like(flat, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, count).values
+    mask = flat < threshold
+    missing = count - int(mask.sum())
+    if missing > 0:
+        equal = flat == threshold
+        mask |= equal & (torch.cumsum(equal, dim=0) <= missing)
+    return mask
+
+
+def magnitude_mask(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """Mask of the `density` share of entries with the largest magnitudes (at least one).
+
+    Ties at the threshold go to the lowest flat indices, so the result is deterministic;
+    mergekit's unstable argsort may keep other equal-magnitude entries, which is the only
+    way the two can differ.
+    """
     k = max(1, int(density * tensor.numel()))
-    order = torch.sort(tensor.abs().flatten().float(), descending=True, stable=True).indices[:k]
-    mask = torch.zeros(tensor.numel(), dtype=torch.bool)
-    mask[order] = True
-    return mask.view(tensor.shape)
+    return _largest(tensor.abs().flatten().float(), k).view(tensor.shape)
 
 
 def random_mask(tensor: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -121,14 +154,11 @@ def outlier_mask(tensor: torch.Tensor, density: float, gamma: float) -> torch.Te
     `density` of the entries are kept: those ranked just below the top outliers. When
     density + gamma > 1 fewer outliers are dropped so the density still holds (mergekit's rule).
     """
-    import torch
-
     count = tensor.numel()
     keep_count = int(density * count)
     bottom_count = max(0, count - keep_count - int(gamma * count))
-    order = torch.sort(tensor.abs().flatten().float(), descending=False, stable=True).indices
-    mask = torch.zeros(count, dtype=torch.bool)
-    mask[order[bottom_count : bottom_count + keep_count]] = True
+    magnitudes = tensor.abs().flatten().float()
+    mask = _smallest(magnitudes, bottom_count + keep_count) & ~_smallest(magnitudes, bottom_count)
     return mask.view(tensor.shape)
 
 

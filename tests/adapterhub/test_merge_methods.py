@@ -18,7 +18,9 @@ from adapterhub.merge.methods import (
     GlobalParams,
     InputParams,
     get_method,
+    magnitude_mask,
     method_names,
+    outlier_mask,
     register_merge_method,
 )
 
@@ -100,6 +102,24 @@ def _topk_reference(x: np.ndarray, density: float) -> np.ndarray:
     k = max(1, int(density * x.size))
     threshold = np.sort(np.abs(x).ravel())[::-1][k - 1]
     return np.where(np.abs(x) >= threshold, x, 0.0)  # random floats: no ties at the threshold
+
+
+def test_selection_with_tied_magnitudes_matches_a_stable_sort() -> None:
+    x = torch.tensor([1.0, -2.0, 2.0, 0.5, 2.0, -1.0])
+    assert magnitude_mask(x, 0.5).tolist() == [False, True, True, False, True, False]
+    assert magnitude_mask(x, 0.34).tolist() == [False, True, True, False, False, False]  # lowest index wins a tie
+    quantized = torch.randint(-4, 5, (40, 30), generator=torch.Generator().manual_seed(0)).float()  # many ties
+    order = torch.sort(quantized.abs().flatten(), descending=True, stable=True).indices
+    for density in (0.1, 0.37, 0.5, 0.9):
+        expected = torch.zeros(quantized.numel(), dtype=torch.bool)
+        expected[order[: int(density * quantized.numel())]] = True
+        assert torch.equal(magnitude_mask(quantized, density).flatten(), expected)
+    ascending = torch.sort(quantized.abs().flatten(), stable=True).indices
+    n, keep = quantized.numel(), int(0.4 * quantized.numel())
+    bottom = n - keep - int(0.1 * n)
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[ascending[bottom : bottom + keep]] = True
+    assert torch.equal(outlier_mask(quantized, 0.4, 0.1).flatten(), expected)
 
 
 def test_linear_reference() -> None:
