@@ -267,7 +267,7 @@ def _print_table(report: BenchReport) -> None:
             f"{level.ttft_p50_ms:.0f}", f"{level.ttft_p99_ms:.0f}", f"{level.latency_p50_ms:.0f}",
             f"{level.latency_p99_ms:.0f}", str(level.errors),
         )
-    console = Console()
+    console = Console(width=150)
     console.print(table)
     if report.hot_load_ms:
         console.print(

@@ -4,14 +4,15 @@ Design decisions:
 - Every `nn.Linear` that some resident adapter targets is wrapped by `SlotLoraLinear`, which
   keeps a stack of LoRA factors, one slot per resident adapter (slot 0 is all zeros and stands
   for "no adapter"). A forward pass gathers each row's factors by its slot index and adds
-  `scale[slot] * (x @ A[slot]^T) @ B[slot]^T` with two `bmm`s — the punica/S-LoRA "BGMV" idea
+  `(x @ A[slot]^T) @ (scale * B[slot])^T` with a `bmm` and a fused `baddbmm` — the punica/S-LoRA "BGMV" idea
   without a custom kernel. This replaces PEFT's `adapter_names` mixed batches, which loop over
   adapters per module in Python and ran at 0.44x base throughput here (ENVIRONMENT.md).
 - A row on slot 0 gets `base(x) + 0`, bit-identical to the base model, so base requests are
   exact under mixed load (the bug vLLM's CPU build has does not arise).
 - Ranks differ between adapters: stacks are padded to the largest rank seen per module; zero
-  padding adds exact zeros. Stacks grow one slot at a time, so device memory rises by about one
-  adapter's size per resident adapter rather than being reserved up front.
+  padding adds exact zeros. Stacks grow with the number of resident adapters (capacity doubling,
+  capped at `--max-resident`), so device memory follows the adapters held rather than being
+  reserved up front.
 - `read_lora_dir` is the only function here that touches files; it validates everything
   (PEFT type, DoRA, module names and shapes) and reports every problem at once.
 """
@@ -162,10 +163,9 @@ class SlotLoraLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.context = context
-        # [slots, rank, in], [slots, out, rank], [slots]; allocated when an adapter first targets us.
+        # [slots, rank, in] and [slots, out, rank] (B pre-scaled); allocated when an adapter first targets us.
         self.stack_a: torch.Tensor | None = None
         self.stack_b: torch.Tensor | None = None
-        self.stack_scale: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -180,56 +180,61 @@ class SlotLoraLinear(nn.Module):
         row_slots = self.context.row_slots
         if row_slots is None or self.stack_a is None:
             return result
-        # Every allocated stack has `SlotTable.slot_count` slots, so any row's slot is in range.
+        # Every allocated stack has at least `SlotTable.slot_count` slots, so any row's slot is in range.
         a = self.stack_a.index_select(0, row_slots)  # [batch, rank, in]
-        b = self.stack_b.index_select(0, row_slots)  # [batch, out, rank]
-        scale = self.stack_scale.index_select(0, row_slots).view(-1, 1, 1)
-        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
-        delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2)) * scale
-        return result + delta.reshape(result.shape).to(result.dtype)
+        b = self.stack_b.index_select(0, row_slots)  # [batch, out, rank], pre-scaled by alpha/r
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        if flat.dtype != a.dtype:
+            flat = flat.to(a.dtype)
+        # result + (x A^T) (s B)^T in one fused op; four tensor ops per layer keep the per-step
+        # overhead small when a batch holds many adapters.
+        delta_base = result.reshape(result.shape[0], -1, result.shape[-1])
+        return torch.baddbmm(delta_base, torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2)).reshape(result.shape)
 
-    def write_slot(self, slot: int, weights: LoraModuleWeights | None, slot_count: int) -> None:
-        """Put one adapter's factors into `slot` (None zeroes it), with `slot_count` slots in all."""
+    def write_slot(self, slot: int, weights: LoraModuleWeights | None, slot_count: int, max_slots: int = 0) -> None:
+        """Put one adapter's factors into `slot` (None zeroes it); keep at least `slot_count` slots.
+
+        B is stored pre-multiplied by the adapter's scale, so forward needs no per-row scale.
+        """
+        rank = weights.a.shape[0] if weights is not None else 0
         if self.stack_a is None:
             if weights is None:
                 return  # never targeted: no stack, no LoRA math in forward
             device, dtype = self.base_layer.weight.device, weights.a.dtype
-            rank = weights.a.shape[0]
-            self.stack_a = torch.zeros(slot_count, rank, self.in_features, device=device, dtype=dtype)
-            self.stack_b = torch.zeros(slot_count, self.out_features, rank, device=device, dtype=dtype)
-            self.stack_scale = torch.zeros(slot_count, device=device, dtype=dtype)
-        assert self.stack_b is not None and self.stack_scale is not None
+            capacity = max(slot_count, min(2, max_slots))
+            self.stack_a = torch.zeros(capacity, rank, self.in_features, device=device, dtype=dtype)
+            self.stack_b = torch.zeros(capacity, self.out_features, rank, device=device, dtype=dtype)
+        assert self.stack_b is not None
         slots, stack_rank = self.stack_a.shape[0], self.stack_a.shape[1]
-        rank = weights.a.shape[0] if weights is not None else 0
         if slot_count > slots or rank > stack_rank:
-            new_slots, new_rank = max(slots, slot_count), max(stack_rank, rank)
-            device, dtype = self.stack_a.device, self.stack_a.dtype
-            grown_a = torch.zeros(new_slots, new_rank, self.in_features, device=device, dtype=dtype)
-            grown_b = torch.zeros(new_slots, self.out_features, new_rank, device=device, dtype=dtype)
-            grown_scale = torch.zeros(new_slots, device=device, dtype=dtype)
+            # Capacity grows geometrically up to `max_slots`: a hot load rarely pays for copying
+            # every existing slot, and memory stays within 2x of what resident adapters use.
+            new_slots = max(slot_count, min(2 * slots, max_slots)) if slot_count > slots else slots
+            new_rank = max(stack_rank, rank)
+            grown_a = self.stack_a.new_zeros(new_slots, new_rank, self.in_features)
+            grown_b = self.stack_b.new_zeros(new_slots, self.out_features, new_rank)
             grown_a[:slots, :stack_rank] = self.stack_a
             grown_b[:slots, :, :stack_rank] = self.stack_b
-            grown_scale[:slots] = self.stack_scale
-            self.stack_a, self.stack_b, self.stack_scale = grown_a, grown_b, grown_scale
+            self.stack_a, self.stack_b = grown_a, grown_b
         self.stack_a[slot].zero_()
         self.stack_b[slot].zero_()
-        self.stack_scale[slot] = 0.0
         if weights is not None:
             self.stack_a[slot, :rank].copy_(weights.a)
-            self.stack_b[slot, :, :rank].copy_(weights.b)
-            self.stack_scale[slot] = weights.scale
+            self.stack_b[slot, :, :rank].copy_(weights.b * weights.scale)
 
     def stack_bytes(self) -> int:
         if self.stack_a is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.stack_a, self.stack_b, self.stack_scale))
+        assert self.stack_b is not None
+        return sum(t.numel() * t.element_size() for t in (self.stack_a, self.stack_b))
 
 
 class SlotTable:
     """Owns the wrapped layers of one model and writes adapters into numbered slots."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, max_slots: int = 0) -> None:
         self.model = model
+        self.max_slots = max_slots  # capacity cap of the stacks (max resident adapters + 1); 0: exact growth
         self.context = SlotContext()
         self.layers: dict[str, SlotLoraLinear] = {}
         self.slot_count = 1  # slots in every allocated stack (slot 0 = no adapter)
@@ -259,11 +264,11 @@ class SlotTable:
             self._wrap(module_name)
         self.slot_count = max(self.slot_count, slot + 1)
         for module_name, layer in self.layers.items():
-            layer.write_slot(slot, weights.modules.get(module_name), self.slot_count)
+            layer.write_slot(slot, weights.modules.get(module_name), self.slot_count, self.max_slots)
 
     def clear(self, slot: int) -> None:
         for layer in self.layers.values():
-            layer.write_slot(slot, None, self.slot_count)
+            layer.write_slot(slot, None, self.slot_count, self.max_slots)
 
     def stack_bytes(self) -> int:
         return sum(layer.stack_bytes() for layer in self.layers.values())

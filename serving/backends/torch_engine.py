@@ -149,7 +149,7 @@ class TorchEngine(Backend):
         self.eos_token_ids = self._eos_token_ids()
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         self.base_weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.slots = SlotTable(self.model)
+        self.slots = SlotTable(self.model, max_slots=self.config.max_resident + 1)
 
         self._lock = threading.Lock()  # guards the adapter tables, waiting queue and counters
         self._wakeup = threading.Condition(self._lock)
