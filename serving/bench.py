@@ -15,7 +15,8 @@ Design decisions:
   should not need a training run. They are written in PEFT's format and go through the
   registry's validation like any import.
 - Hot-load latency is `/v1/load_lora_adapter` by registry name after an unload: resolve,
-  materialize (hash-verified), parse, copy into a device slot. Memory per adapter is read from
+  materialize, parse, copy into a device slot. The first load of each adapter in the server
+  process also hash-verifies its blobs and is reported apart. Memory per adapter is read from
   the server's own `/metrics` while adapters are loaded one by one.
 - Results: a table on stdout, `serve_bench.json` and `serve_bench.png` in `out_dir`.
 """
@@ -80,7 +81,8 @@ class BenchReport:
     settings: dict[str, Any]
     server: dict[str, Any]
     levels: list[LevelResult] = field(default_factory=list)
-    hot_load_ms: list[float] = field(default_factory=list)
+    hot_load_ms: list[float] = field(default_factory=list)  # unload, then load by registry name
+    hot_load_first_ms: list[float] = field(default_factory=list)  # first load in the server process
     memory: dict[str, Any] = field(default_factory=dict)
     goals: dict[str, Any] = field(default_factory=dict)
 
@@ -272,7 +274,8 @@ def _print_table(report: BenchReport) -> None:
     if report.hot_load_ms:
         console.print(
             f"hot-load (registry -> resident, rank {report.settings['rank']}): median "
-            f"{statistics.median(report.hot_load_ms):.1f} ms, max {max(report.hot_load_ms):.1f} ms over {len(report.hot_load_ms)}"
+            f"{statistics.median(report.hot_load_ms):.1f} ms, max {max(report.hot_load_ms):.1f} ms over {len(report.hot_load_ms)}; "
+            f"first load in the process (blob hash check included): median {statistics.median(report.hot_load_first_ms):.1f} ms"
         )
     if report.memory:
         console.print(f"memory: {json.dumps(report.memory)}")
@@ -334,22 +337,32 @@ def run_serve_benchmark(settings: BenchSettings) -> BenchReport:
     server_info = {"base": base_name, **base_card.get("meta", {})}
     registry = Registry.open()
     base_record = registry.get_base_model(base_name)
-    names = ensure_bench_adapters(registry, base_name, Path(base_record.path), max(settings.adapter_counts), settings.rank)
+    names = ensure_bench_adapters(
+        registry, base_name, Path(base_record.path), max(*settings.adapter_counts, settings.hot_loads), settings.rank
+    )
     report = BenchReport(settings={k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}, server=server_info)
 
     # Hot-load latency and memory per adapter, on adapters not yet resident (a fresh server is best).
     before = _scrape(http)
     loaded_for_memory = 0
-    for name in names[: settings.hot_loads]:
-        http.post("/v1/unload_lora_adapter", json={"lora_name": name})
+
+    def timed_load(name: str) -> float:
+        http.post("/v1/unload_lora_adapter", json={"lora_name": name})  # 404 when not held: fine
         started = time.perf_counter()
         response = http.post("/v1/load_lora_adapter", json={"lora_name": name})
         elapsed = (time.perf_counter() - started) * 1000
         if response.status_code != 200:
             raise AdapterhubError(f"loading {name} failed: {response.status_code} {response.text[:200]}")
-        report.hot_load_ms.append(round(elapsed, 2))
+        return round(elapsed, 2)
+
+    # First load of each adapter in this server process: registry blob verification included.
+    for name in names[: settings.hot_loads]:
+        report.hot_load_first_ms.append(timed_load(name))
         loaded_for_memory += 1
     after = _scrape(http)
+    # Again after an unload (dropped from every tier, so read from disk again; blobs already verified).
+    for name in names[: settings.hot_loads]:
+        report.hot_load_ms.append(timed_load(name))
     if loaded_for_memory:
         device = int(after.get('adapterhub_resident_adapters{tier="device"}', 0))
         adapter_sizes = [v for k, v in after.items() if k.startswith("adapterhub_adapter_resident_bytes") and 'tier="device"' in k]
@@ -391,6 +404,7 @@ def run_serve_benchmark(settings: BenchSettings) -> BenchReport:
         report.goals[f"{reference_count}_adapters_vs_naive"] = round(server_level.tokens_per_s / naive_level.tokens_per_s, 2)
     if report.hot_load_ms:
         report.goals["hot_load_median_ms"] = round(statistics.median(report.hot_load_ms), 1)
+        report.goals["first_load_median_ms"] = round(statistics.median(report.hot_load_first_ms), 1)
 
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     json_path = settings.out_dir / "serve_bench.json"

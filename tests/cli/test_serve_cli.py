@@ -84,7 +84,7 @@ def test_serve_process_answers_openai_client_and_bench_runs(tiny_home: Path, tmp
         systems = {(level["system"], level["adapters"]) for level in report["levels"]}
         assert systems == {("server (base only)", 0), ("server", 1), ("server", 2), ("naive PEFT set_adapter", 1), ("naive PEFT set_adapter", 2)}
         assert all(level["errors"] == 0 and level["output_tokens"] == 4 * 3 for level in report["levels"])
-        assert len(report["hot_load_ms"]) == 2
+        assert len(report["hot_load_ms"]) == 2 and len(report["hot_load_first_ms"]) == 2
         assert (out_dir / "serve_bench.png").stat().st_size > 10_000
         assert "tok/s" in bench.stdout
     finally:
