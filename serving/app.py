@@ -235,7 +235,6 @@ def _check_context(backend: Backend, prompt_ids: list[int], max_tokens: int, par
 async def _respond(
     state: ServerState,
     *,
-    model: str,
     adapter: AdapterSpec | None,
     prompts: list[list[int]],
     n: int,
@@ -384,7 +383,7 @@ def _build_v1_router() -> APIRouter:
             return CompletionResponse(id=rid, created=created, model=body.model, choices=[], usage=usage).model_dump()
 
         return await _respond(
-            state, model=body.model, adapter=adapter, prompts=prompts, n=body.n, sampling=_sampling(body, max_tokens),
+            state, adapter=adapter, prompts=prompts, n=body.n, sampling=_sampling(body, max_tokens),
             stream=body.stream, include_usage=bool(body.stream_options and body.stream_options.include_usage),
             shape_final=shape_final, shape_chunk=shape_chunk, shape_usage_chunk=shape_usage_chunk, id_prefix="cmpl",
         )
@@ -430,7 +429,7 @@ def _build_v1_router() -> APIRouter:
             return ChatCompletionChunk(id=rid, created=created, model=body.model, choices=[], usage=usage).model_dump()
 
         return await _respond(
-            state, model=body.model, adapter=adapter, prompts=[prompt_ids], n=body.n, sampling=_sampling(body, max_tokens),
+            state, adapter=adapter, prompts=[prompt_ids], n=body.n, sampling=_sampling(body, max_tokens),
             stream=body.stream, include_usage=bool(body.stream_options and body.stream_options.include_usage),
             shape_final=shape_final, shape_chunk=shape_chunk, shape_usage_chunk=shape_usage_chunk, id_prefix="chatcmpl",
         )
