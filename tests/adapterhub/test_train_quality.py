@@ -4,6 +4,11 @@ The task is reversing three words. The instruct base answers with chatter, so it
 near zero; a LoRA trained in a few CPU minutes must raise exact match on held-out triples (no
 triple of the test set is in the training set) by at least 50 points, as measured by
 `adapterhub eval --compare`, which also stores the result in the registry.
+
+Calibration (same data, settings and fp32 code path, run on an H100 where it takes seconds):
+base 0/24, LoRA 23/24 after 20 steps and 24/24 after 40; 24 steps here. On 2 idle CPU cores
+SmolLM2 takes about 4-8 s per step of 8 examples, so the test takes a few minutes; on a
+heavily shared machine it can take far longer (hence the long timeout).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ def test_lora_through_the_cli_raises_exact_match_by_50_points(adapterhub_home: P
     assert added.exit_code == 0, added.output
     trained = runner.invoke(app, [
         "train", "--base", "smollm2", "--data", str(train_file), "--name", "reverse3", "--method", "lora",
-        "--rank", "16", "--alpha", "32", "--target-modules", "all-linear", "--lr", "2e-3", "--max-steps", "40",
+        "--rank", "16", "--alpha", "32", "--target-modules", "all-linear", "--lr", "2e-3", "--max-steps", "24",
         "--batch-size", "8", "--max-length", "96", "--validation-split", "0", "--no-progress", "--json",
     ])
     assert trained.exit_code == 0, trained.output
@@ -73,4 +78,4 @@ def test_lora_through_the_cli_raises_exact_match_by_50_points(adapterhub_home: P
 
     record = Registry.open(home=adapterhub_home).get("reverse3")
     assert any(e.metric == "exact_match" and e.value == pytest.approx(adapter_em) for e in record.evaluations)
-    assert record.lineage is not None and record.lineage.details["metrics"]["global_step"] == 40
+    assert record.lineage is not None and record.lineage.details["metrics"]["global_step"] == 24

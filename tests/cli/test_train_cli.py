@@ -188,5 +188,5 @@ def test_runs_under_accelerate_launch_with_two_processes(registry: Registry, sft
     assert completed.returncode == 0, completed.stderr[-3000:]
     records = registry.list()
     assert [r.ref for r in records] == ["ddp:1"]  # only the main process registered
-    metrics = records[0].lineage.details["metrics"]  # type: ignore[union-attr]
+    metrics = registry.get("ddp:1").lineage.details["metrics"]  # type: ignore[union-attr]
     assert metrics["world_size"] == 2 and metrics["global_step"] == 3
