@@ -102,7 +102,7 @@ def _serve_and_query(models: list[str], prompts: dict[str, list[dict[str, str]]]
 
 def demo(
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("reports/demo"),
-    steps: Annotated[int, typer.Option(help="Training steps per adapter.")] = 60,
+    steps: Annotated[int, typer.Option(help="Training steps per adapter.")] = 40,
     heldout: Annotated[int, typer.Option(help="Held-out examples scored per task.")] = 30,
     requests_per_model: Annotated[int, typer.Option(help="Requests sent to each served model.")] = 4,
 ) -> None:
