@@ -36,7 +36,7 @@ def test_import_list_show_tag_export_rm_gc(home: Path, lora_dir: Path, tmp_path:
 
     listed = json.loads(run_cli(home, "list", "--json").stdout)
     assert [r["ref"] for r in listed] == ["rev:2", "rev:1"]
-    assert listed[1]["tags"] == ["demo"] and listed[1]["lineage"]["kind"] == "imported"
+    assert listed[1]["tags"] == ["demo"] and listed[1]["origin"] == "imported"
     assert [r["ref"] for r in json.loads(run_cli(home, "list", "--tag", "demo", "--json").stdout)] == ["rev:1"]
 
     shown = json.loads(run_cli(home, "show", "rev:1", "--json").stdout)
