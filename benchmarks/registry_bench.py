@@ -26,14 +26,12 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-from safetensors.numpy import load_file, save_file
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapterhub.registry import Registry  # noqa: E402
 from tests.conftest import build_lora_adapter, build_tiny_llama  # noqa: E402
+from tests.registry.conftest import make_variant as variant  # noqa: E402
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -49,14 +47,6 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     peak = tracemalloc.get_traced_memory()[1] / 1e6
     tracemalloc.stop()
     return statistics.median(samples), peak
-
-
-def variant(source: Path, dest: Path, seed: int) -> Path:
-    shutil.copytree(source, dest)
-    tensors = load_file(source / "adapter_model.safetensors")
-    rng = np.random.default_rng(seed)
-    save_file({k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in tensors.items()}, dest / "adapter_model.safetensors")
-    return dest
 
 
 def smollm2_lora(work: Path) -> tuple[Path, Path]:

@@ -114,20 +114,11 @@ def _largest(flat: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _smallest(flat: torch.Tensor, count: int) -> torch.Tensor:
-    """Mask of the `count` smallest values; among equal values the lowest indices win."""
-    import torch
+    """Mask of the `count` smallest values; among equal values the lowest indices win.
 
-    if count >= flat.numel():
-        return torch.ones_like(flat, dtype=torch.bool)
-    if count <= 0:
-        return torch.zeros_like(flat, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, count).values
-    mask = flat < threshold
-    missing = count - int(mask.sum())
-    if missing > 0:
-        equal = flat == threshold
-        mask |= equal & (torch.cumsum(equal, dim=0) <= missing)
-    return mask
+    Negation is exact in floating point, so this is `_largest` of `-flat` with the same ties.
+    """
+    return _largest(-flat, count)
 
 
 def magnitude_mask(tensor: torch.Tensor, density: float) -> torch.Tensor:
