@@ -44,7 +44,14 @@ from adapterhub.formats import (
     base_model_spec,
     check_adapter_against_base,
 )
-from adapterhub.merge.io import DEFAULT_MAX_SHARD_BYTES, LazyTensorReader, ShardedWriter, copy_non_weight_files, write_json
+from adapterhub.merge.io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    LazyTensorReader,
+    ShardedWriter,
+    copy_non_weight_files,
+    safetensors_dtype,
+    write_json,
+)
 from adapterhub.merge.lowrank import LowRank, concatenate_ranks, pad_to_rank, truncated_svd
 from adapterhub.merge.methods import GlobalParams, InputParams, MergeMethod, get_method
 from adapterhub.merge.recipe import MergeRecipe
@@ -266,30 +273,48 @@ class _Merger:
         import torch
 
         out_dtype = getattr(torch, dtype) if dtype else None
-        writer = ShardedWriter(out_dir, max_shard_bytes=max_shard_bytes)
         names = self.base.names()
         extra = sorted(set().union(*self.touched) - set(names)) if self.touched else []
         if extra:
             raise ValidationError("merge", [f"inputs change weights the base model does not have: {', '.join(extra[:5])}"])
+        layout = [(name, self._output_dtype_code(name, out_dtype), self.base.info(name).shape) for name in names]
+        writer = ShardedWriter(out_dir, layout, max_shard_bytes=max_shard_bytes)
         load = self._base_loader()
         merged_count = 0
-        for index, name in enumerate(names):
-            merged = self.merged_delta(name, load) if self._touching(name) else None
-            if merged is None:
-                tensor = self.base.get(name)
-            else:
-                tensor = (load(name) + merged).to(self.base.torch_dtype(name))
-                merged_count += 1
-            if out_dtype is not None and tensor.is_floating_point() and tensor.dtype != out_dtype:
-                tensor = tensor.to(out_dtype)
-            writer.add(name, tensor)
-            if self.progress:
-                self.progress(index + 1, len(names), name)
-        writer.finish()
+        try:
+            for index, name in enumerate(names):
+                merged = self.merged_delta(name, load) if self._touching(name) else None
+                if merged is None and self.base.info(name).dtype == writer.slots[name].dtype:
+                    writer.copy_from(name, self.base)  # unchanged and same dtype: bytes, file to file
+                else:
+                    if merged is None:
+                        tensor = self.base.get(name)
+                    else:
+                        # In place: base + τ is exactly τ + base, without a third weight-sized tensor.
+                        tensor = merged.add_(load(name)).to(self.base.torch_dtype(name))
+                        merged_count += 1
+                    if out_dtype is not None and tensor.is_floating_point() and tensor.dtype != out_dtype:
+                        tensor = tensor.to(out_dtype)
+                    writer.write(name, tensor)
+                    del tensor
+                merged = None
+                if self.progress:
+                    self.progress(index + 1, len(names), name)
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
         copy_non_weight_files(base_dir, out_dir)
         if dtype:
             _set_config_dtype(out_dir / "config.json", dtype)
         return {"modules_merged": merged_count}
+
+    def _output_dtype_code(self, name: str, out_dtype: torch.dtype | None) -> str:
+        """The safetensors dtype a weight is written in: the recipe's dtype for floats, else as stored."""
+        stored = self.base.torch_dtype(name)
+        if out_dtype is not None and stored.is_floating_point and stored != out_dtype:
+            return safetensors_dtype(out_dtype)
+        return self.base.info(name).dtype
 
     # -- LoRA adapter -------------------------------------------------------------------
 

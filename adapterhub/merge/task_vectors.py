@@ -183,7 +183,8 @@ class InputModel:
         if self.is_full_model:
             if weight_name not in self._reader:
                 return None
-            return self._reader.get_float(weight_name) - base_weight(weight_name)
+            # The freshly read tensor is ours: subtract in place (bit-equal to W_ft − W_base).
+            return self._reader.get_float(weight_name).sub_(base_weight(weight_name))
         parts = self._parts.get(weight_name)
         if parts is None:
             return None
