@@ -479,16 +479,37 @@ def _prompt_learning_problems(manifest: AdapterManifest, spec: BaseModelSpec) ->
     return problems
 
 
+def classification_head_of(architecture: str | None, base_architecture: str) -> bool:
+    """Whether `architecture` is the sequence-classification variant of the base's causal LM.
+
+    A full or layer-wise fine-tune for classification is saved by transformers as
+    `XForSequenceClassification` (the base's body plus a `score` head, no `lm_head`); it is
+    still a model of that base, so the registry keeps it on the base like any other full model.
+    """
+    if not architecture or not architecture.endswith("ForSequenceClassification"):
+        return False
+    stem = architecture.removesuffix("ForSequenceClassification")
+    return base_architecture.removesuffix("ForCausalLM") == stem
+
+
+# The classification heads transformers puts on decoder-only bodies (`score`) and encoders (`classifier`).
+_CLASSIFICATION_HEAD_PREFIXES = ("score.", "classifier.")
+
+
 def _full_model_problems(manifest: AdapterManifest, spec: BaseModelSpec) -> list[str]:
     problems: list[str] = []
     base_shapes = {f"{k}.weight": v for k, v in spec.module_shapes.items()} | dict(spec.param_shapes)
+    arch = (manifest.config.get("architectures") or [None])[0]
+    classifier = classification_head_of(arch, spec.architecture)
     for name, info in manifest.tensors.items():
         expected = base_shapes.get(name)
-        if expected is None:
+        if expected is None and classifier and name.startswith(_CLASSIFICATION_HEAD_PREFIXES):
+            if info.shape and info.shape[-1] != spec.hidden_size:
+                problems.append(f"classification head {name!r} has width {info.shape[-1]}, the base model's hidden size is {spec.hidden_size}")
+        elif expected is None:
             problems.append(f"tensor {name!r} is not in the base model ({spec.architecture})")
         elif tuple(info.shape) != tuple(expected):
             problems.append(f"tensor {name!r} has shape {list(info.shape)}, the base model's is {list(expected)}")
-    arch = (manifest.config.get("architectures") or [None])[0]
-    if arch and arch != spec.architecture and not problems:
+    if arch and arch != spec.architecture and not classifier and not problems:
         problems.append(f"architecture {arch} differs from the base model's {spec.architecture}")
     return problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])

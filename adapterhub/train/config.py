@@ -196,11 +196,6 @@ def combination_problems(config: TrainConfig) -> list[str]:
     if task == Task.SETFIT and method != Method.FULL:
         # SetFit fine-tunes the whole sentence encoder contrastively; the PEFT kinds have no meaning there.
         problems.append(f"task setfit trains the whole sentence encoder: use method 'full' (got '{method.value}')")
-    if task == Task.CLASSIFICATION and method in (Method.FULL, Method.LAYERWISE, Method.PREFIX_TUNING):
-        problems.append(
-            f"task classification supports lora, qlora, dora, ia3 and prompt_tuning (got '{method.value}'): "
-            "a full sequence-classification model has a different architecture than the registered base"
-        )
     if task in (Task.CLASSIFICATION, Task.SETFIT) and config.packing:
         problems.append(f"packing only applies to sft and causal_lm, not {task.value}")
     if config.target_modules is not None and method not in TARGETED_METHODS:

@@ -223,8 +223,20 @@ def build_model(
             blocks = transformer_blocks(model)
             for block in list(blocks)[-config.layerwise_top_k:]:
                 block.requires_grad_(True)
+            if config.task == Task.CLASSIFICATION:
+                # The head is new (randomly initialised): it must train with the top blocks.
+                classification_head(model).requires_grad_(True)
         return model
     return get_peft_model(model, _peft_config(config, task_type, tokenizer, base_dir))
+
+
+def classification_head(model: Any) -> Any:
+    """The sequence-classification head transformers put on the body (`score` or `classifier`)."""
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if head is not None:
+            return head
+    raise ValueError(f"cannot find the classification head of {type(model).__name__}")
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:

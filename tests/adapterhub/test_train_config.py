@@ -43,7 +43,6 @@ def test_every_config_problem_in_one_error() -> None:
     ("values", "fragment"),
     [
         ({"task": "setfit", "method": "lora"}, "setfit trains the whole sentence encoder"),
-        ({"task": "classification", "method": "full"}, "task classification supports"),
         ({"task": "classification", "packing": True}, "packing only applies"),
         ({"method": "prompt_tuning", "target_modules": "q_proj"}, "target_modules only applies"),
         ({"method": "ia3", "use_rslora": True}, "use_rslora only applies"),

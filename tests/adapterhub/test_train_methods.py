@@ -167,6 +167,26 @@ def test_early_stopping_stops_before_max_steps(tiny_base: Path, sft_jsonl: Path,
     assert result.metrics["best_eval_loss"] is not None
 
 
+@pytest.mark.parametrize("method", ["prefix_tuning", "full"])
+def test_classification_with_other_methods_registers_and_scores(
+    method: str, tiny_base: Path, classification_jsonl: Path, tmp_path: Path
+) -> None:
+    from adapterhub.eval import evaluate_model
+    from adapterhub.registry import Registry
+
+    config = load_config({"data": classification_jsonl, "task": "classification", "method": method, "max_steps": 2,
+                          "batch_size": 4, "validation_split": 0})
+    out = train(config, base_dir=tiny_base, output_dir=tmp_path / "run", progress=False).output_path
+    registry = Registry.open(home=tmp_path / "home")
+    registry.add_base_model(name="tiny", model_dir=tiny_base)
+    record = registry.put_adapter(name="cls", source_dir=out, base="tiny").record
+    assert record.is_full_model == (method == "full")
+    full = method == "full"
+    report = evaluate_model(model_dir=out if full else tiny_base, adapter_dir=None if full else out, data=classification_jsonl,
+                            tokenizer_dir=tiny_base)
+    assert set(report.metrics) >= {"accuracy", "f1"}
+
+
 def test_classification_with_a_head(tiny_base: Path, classification_jsonl: Path, tmp_path: Path) -> None:
     validation = write_jsonl(tmp_path / "val.jsonl", [{"text": "the film is great", "label": "positive"}, {"text": "the film is bad", "label": "negative"}])
     config = load_config({"data": classification_jsonl, "validation_data": validation, "task": "classification", "max_steps": 4,

@@ -105,6 +105,20 @@ def test_full_model_and_classification_register(registry: Registry, sft_data: Pa
     assert record.config["task_type"] == "SEQ_CLS"
     assert record.lineage is not None and record.lineage.details["metrics"]["labels"] == ["neg", "pos"]
 
+    # Layer-wise classification: the top block and the new head train; the result is a full
+    # XForSequenceClassification model kept on the base, which `eval` scores as a classifier.
+    result = runner.invoke(app, ["train", "--base", "tiny", "--data", str(data), "--name", "sentiment-top", "--task", "classification",
+                                 "--method", "layerwise", "--top-k", "1", "--labels", "neg,pos", "--max-steps", "2",
+                                 "--validation-split", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    record = registry.get("sentiment-top")
+    assert record.is_full_model and record.base_name == "tiny"
+    assert json.loads((registry.materialize("sentiment-top") / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    result = runner.invoke(app, ["eval", "sentiment-top", "--data", str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert 0.0 <= payload["report"]["metrics"]["accuracy"] <= 1.0
+
 
 def _env(home: Path) -> dict[str, str]:
     return {**os.environ, "ADAPTERHUB_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -149,3 +149,28 @@ def test_dora_and_embedding_lora_import(registry: Registry, tiny_base: Path, tmp
 def test_prompt_tuning_of_another_width_is_refused(registry: Registry, tiny_base_other: Path, tmp_path: Path) -> None:
     foreign = build_lora_adapter(tiny_base_other, tmp_path / "pt", peft_type="prompt_tuning")
     _assert_rejected(registry, foreign, "token_dim 96 differs")
+
+
+def _classifier_of(base: Path, dest: Path, num_labels: int = 2) -> Path:
+    """The base's body with a sequence-classification head, saved as transformers does."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=num_labels)
+    model.save_pretrained(dest)
+    return dest
+
+
+def test_sequence_classifier_of_the_base_is_a_full_model(registry: Registry, tiny_base: Path, tmp_path: Path) -> None:
+    record = registry.put_adapter(name="cls", source_dir=_classifier_of(tiny_base, tmp_path / "cls", 3), base="tiny").record
+    assert record.is_full_model
+
+
+def test_sequence_classifier_with_a_bad_head_or_body_is_refused(
+    registry: Registry, tiny_base: Path, tiny_base_other: Path, tmp_path: Path
+) -> None:
+    bad_head = _classifier_of(tiny_base, tmp_path / "bad-head")
+    tensors = load_file(bad_head / "model.safetensors")
+    tensors["score.weight"] = np.zeros((2, 7), dtype=tensors["score.weight"].dtype)
+    save_file(tensors, bad_head / "model.safetensors", metadata={"format": "pt"})
+    _assert_rejected(registry, bad_head, "classification head 'score.weight' has width 7")
+    _assert_rejected(registry, _classifier_of(tiny_base_other, tmp_path / "foreign"), "has shape")
