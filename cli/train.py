@@ -132,6 +132,8 @@ def train_command(
     validation_split: Annotated[Optional[float], typer.Option(help="Share of --data held out for validation (default 0.1).")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Tokens per example; longer ones are truncated and counted.")] = None,
     packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Pack examples into full sequences.")] = None,
+    padding_free: Annotated[Optional[bool], typer.Option(
+        "--padding-free/--no-padding-free", help="Batch sft/causal_lm examples end to end without pad tokens (default on).")] = None,
     lora_rank: Annotated[Optional[int], typer.Option("--rank", help="LoRA rank.")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha.")] = None,
     lora_dropout: Annotated[Optional[float], typer.Option("--dropout", help="LoRA dropout.")] = None,
@@ -172,7 +174,7 @@ def train_command(
 
     flags = _flag_values(
         base=base, data=data, name=name, method=method, task=task, validation_data=validation_data,
-        validation_split=validation_split, max_length=max_length, packing=packing, lora_rank=lora_rank,
+        validation_split=validation_split, max_length=max_length, packing=packing, padding_free=padding_free, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules, use_rslora=use_rslora,
         quant_bits=quant_bits, num_virtual_tokens=num_virtual_tokens, prompt_init_text=prompt_init_text,
         layerwise_top_k=layerwise_top_k, labels=labels, setfit_iterations=setfit_iterations,

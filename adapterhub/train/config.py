@@ -50,6 +50,8 @@ class Task(str, Enum):
 FULL_MODEL_METHODS = frozenset({Method.FULL, Method.LAYERWISE})
 # Methods that put trainable tensors inside the base's linear layers (take target_modules).
 TARGETED_METHODS = frozenset({Method.LORA, Method.QLORA, Method.DORA, Method.IA3})
+# Soft prompts are prepended to every row of a batch, so a row must hold exactly one example.
+SOFT_PROMPT_METHODS = frozenset({Method.PROMPT_TUNING, Method.PREFIX_TUNING})
 
 # Learning rates that work out of the box for each method on small models; a config that sets
 # `learning_rate` overrides them. Soft prompts need a much larger step than weight updates.
@@ -87,6 +89,11 @@ class TrainConfig(BaseModel):
     # Sequence handling.
     max_length: int = Field(512, ge=8, description="tokens per example; longer ones are truncated (and counted)")
     packing: bool = Field(False, description="pack several examples into one sequence (TRL best-fit packing)")
+    padding_free: bool = Field(
+        True,
+        description="sft/causal_lm batches without pad tokens: the batch's examples are laid end to end in one row, each "
+        "with its own positions and attention (packing is padding-free already; soft-prompt methods keep padded rows)",
+    )
 
     # LoRA family.
     lora_rank: int = Field(8, ge=1)
@@ -198,6 +205,9 @@ def combination_problems(config: TrainConfig) -> list[str]:
         problems.append(f"task setfit trains the whole sentence encoder: use method 'full' (got '{method.value}')")
     if task in (Task.CLASSIFICATION, Task.SETFIT) and config.packing:
         problems.append(f"packing only applies to sft and causal_lm, not {task.value}")
+    if method in SOFT_PROMPT_METHODS and config.packing:
+        # A packed row holds several examples, but PEFT prepends the soft prompt once per row.
+        problems.append(f"packing cannot be used with {method.value}: the soft prompt is prepended once per row, not per example")
     if config.target_modules is not None and method not in TARGETED_METHODS:
         problems.append(f"target_modules only applies to lora, qlora, dora and ia3, not {method.value}")
     if isinstance(config.target_modules, list) and "lm_head" in config.target_modules:

@@ -44,6 +44,7 @@ def test_every_config_problem_in_one_error() -> None:
     [
         ({"task": "setfit", "method": "lora"}, "setfit trains the whole sentence encoder"),
         ({"task": "classification", "packing": True}, "packing only applies"),
+        ({"method": "prefix_tuning", "packing": True}, "soft prompt is prepended once per row"),
         ({"method": "prompt_tuning", "target_modules": "q_proj"}, "target_modules only applies"),
         ({"method": "ia3", "use_rslora": True}, "use_rslora only applies"),
         ({"labels": ["a", "b"]}, "labels only apply"),

@@ -119,6 +119,26 @@ def test_truncation_is_counted_and_packing_reduces_steps(tiny_base: Path, tmp_pa
     assert packed.metrics["global_step"] < plain.metrics["global_step"]
 
 
+def test_padding_free_batches_train_exactly_like_padded_ones(tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
+    # Mixed lengths, one longer than max_length: the padded and the padding-free runs must see
+    # the same truncated tokens and compute the same losses and updates (only the pads differ).
+    rows = [json.loads(line) for line in sft_jsonl.read_text().splitlines()][:11]
+    rows.append({"prompt": "reverse: " + " ".join(["fox dog cat"] * 20), "completion": "cat dog fox"})
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    common = {"data": path, "max_length": 40, "max_steps": 3, "batch_size": 4, "validation_split": 0,
+              "learning_rate": 1e-2, "logging_steps": 1}
+    padded = train(load_config({**common, "padding_free": False}), base_dir=tiny_base, output_dir=tmp_path / "padded", progress=False)
+    flat = train(load_config(common), base_dir=tiny_base, output_dir=tmp_path / "flat", progress=False)
+    assert flat.config["padding_free"] is True
+    assert flat.metrics["tokens_seen"] == padded.metrics["tokens_seen"]
+    assert flat.metrics["tokens_seen"] <= 40 * 12  # truncation applies without padding too
+    losses = [[loss for _, loss in run.metrics["train_loss_history"]] for run in (padded, flat)]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    weights = [load_file(run.output_path / "adapter_model.safetensors") for run in (padded, flat)]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-5)
+
+
 class _InterruptAfter(TrainerCallback):
     """Simulates Ctrl-C right after optimizer step `step` (its checkpoint already written)."""
 
