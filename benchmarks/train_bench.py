@@ -1,15 +1,17 @@
 """Training benchmark: `adapterhub train` against a plain TRL SFTTrainer + PEFT script.
 
 Same base (SmolLM2-135M-Instruct by default), same data, same LoRA settings (r=8, alpha=16,
-q/k/v/o), same batch size and number of optimizer steps. Four runs, each in its own process
+q/k/v/o), same batch size and number of optimizer steps. Five runs, each in its own process
 so peak RSS (GPU: peak allocated memory) is that run's alone:
 
 - `plain`: the SFTTrainer + `peft_config=LoraConfig(...)` script as TRL's docs show it
   (prompt/completion data, model given as a path), with only the precision set from the
   hardware (TRL's bf16 default refuses on CPU) and token counting switched on;
-- `adapterhub`: `adapterhub.train.train` with the same settings (adapterhub's defaults: no
-  gradient checkpointing, where TRL's SFTConfig turns it on by default);
-- `adapterhub+gc`: the same with gradient checkpointing, as the plain script has it;
+- `adapterhub`: `adapterhub.train.train` with the same settings and adapterhub's defaults:
+  padding-free batches (the batch's examples end to end in one row, no pad tokens) and no
+  gradient checkpointing (TRL's SFTConfig turns it on by default);
+- `adapterhub+gc`: the same with gradient checkpointing on, as the plain script has it: the
+  like-for-like comparison of speed and memory;
 - `adapterhub+packing`: the same with packing (TRL best-fit packing, padding-free);
 - `adapterhub-qlora`: 4-bit NF4 QLoRA with the same settings (memory against LoRA).
 
@@ -21,7 +23,7 @@ A `--base-dir` holding only config.json and tokenizer files gets seeded random w
 architecture (speed and memory do not depend on their values; used on GPU machines without the
 model's weights).
 
-Run:  .venv/bin/python benchmarks/train_bench.py [--steps 20] [--batch-size 8] [--base-dir DIR]
+Run:  .venv/bin/python benchmarks/train_bench.py [--steps 10] [--batch-size 8] [--base-dir DIR]
 Writes benchmarks/results/train_bench.json and train_bench.png and prints a table.
 """
 
@@ -183,7 +185,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--examples", type=int, default=400)
