@@ -108,8 +108,9 @@ def _largest(flat: torch.Tensor, count: int) -> torch.Tensor:
     mask = flat > threshold
     missing = count - int(mask.sum())
     if missing > 0:
-        equal = flat == threshold
-        mask |= equal & (torch.cumsum(equal, dim=0) <= missing)
+        # The first `missing` entries equal to the threshold, by index (nonzero is ascending);
+        # only the tied entries are listed, not a running count over the whole weight.
+        mask[torch.nonzero(flat == threshold).flatten()[:missing]] = True
     return mask
 
 
@@ -177,12 +178,13 @@ def sign_consensus_mask(weighted: torch.Tensor, method: Consensus) -> torch.Tens
     An entry takes part when its sign equals the elected one; zero entries never do, and a
     zero total elects '+', as in the TIES reference code and mergekit.
     """
-    sign = weighted.sign()
-    if method is Consensus.SUM:
-        elected = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
-    else:
-        elected = (sign.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
-    return sign == elected
+    import torch
+
+    source = weighted if method is Consensus.SUM else weighted.sign()
+    positive = source.sum(dim=0) >= 0
+    # sign(w) == elected, without float sign/elected tensors: w > 0 where '+' won, w < 0
+    # where '−' did (zeros and NaN take part in neither).
+    return torch.where(positive, weighted > 0, weighted < 0)
 
 
 def sparsify(
@@ -220,23 +222,24 @@ def combine(
     """
     import torch
 
-    stacked = torch.stack(list(task_vectors), dim=0)
-    weights = torch.tensor([p.weight for p in params], dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
-    weighted = stacked * weights
+    # In place on the stack (a tensor of our own) wherever the values are the same as the
+    # out-of-place formula: every weight-sized temporary costs a pass and fresh memory.
+    weighted = torch.stack(list(task_vectors), dim=0)
+    weights = torch.tensor([p.weight for p in params], dtype=weighted.dtype).view(-1, *([1] * (weighted.dim() - 1)))
+    weighted.mul_(weights)
     if consensus is Consensus.NONE:
         merged = weighted.sum(dim=0)
         if normalize:
             divisor = weights.sum()
-            merged = merged / (divisor if divisor.abs() >= 1e-8 else 1.0)
+            merged.div_(divisor if divisor.abs() >= 1e-8 else 1.0)
     else:
         mask = sign_consensus_mask(weighted, consensus)
-        merged = (weighted * mask).sum(dim=0)
-        if normalize:
-            divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1.0
-            merged = merged / divisor
+        divisor = (weights * mask).sum(dim=0) if normalize else None
+        merged = weighted.mul_(mask).sum(dim=0)
+        if divisor is not None:
+            merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
     if lambda_ != 1:
-        merged = merged * lambda_
+        merged.mul_(lambda_)
     return merged
 
 
