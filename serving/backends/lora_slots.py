@@ -1,29 +1,53 @@
-"""Gathered LoRA: many adapters applied row by row inside one batched forward pass.
+"""Gathered adapters: LoRA, DoRA and (IA)³ applied row by row inside one batched forward pass.
 
 Design decisions:
-- Every `nn.Linear` that some resident adapter targets is wrapped by `SlotLoraLinear`, which
-  keeps a stack of LoRA factors, one slot per resident adapter (slot 0 is all zeros and stands
-  for "no adapter"). A forward pass gathers each row's factors by its slot index and adds
-  `(x @ A[slot]^T) @ (scale * B[slot])^T` with a `bmm` and a fused `baddbmm` — the punica/S-LoRA "BGMV" idea
-  without a custom kernel. This replaces PEFT's `adapter_names` mixed batches, which loop over
-  adapters per module in Python and ran at 0.44x base throughput here (ENVIRONMENT.md).
-- A row on slot 0 gets `base(x) + 0`, bit-identical to the base model, so base requests are
+- Every `nn.Linear` that some resident adapter targets is wrapped by `SlotAdapterLinear`, which
+  keeps stacks of per-adapter tensors, one slot per resident adapter (slot 0 stands for "no
+  adapter"). A forward pass gathers each row's entries by its slot index:
+  - LoRA: `(x @ A[slot]^T) @ B'[slot]^T` with a `bmm` and a fused `baddbmm` (the punica/S-LoRA
+    "BGMV" idea without a custom kernel), B' = scale * B, pre-multiplied when written. This
+    replaces PEFT's `adapter_names` mixed batches, which loop over adapters per module in Python
+    and ran at 0.44x base throughput here (ENVIRONMENT.md).
+  - DoRA (PEFT's formula at inference, dropout off): `y = base(x) + (g - 1) * (base(x) - bias)
+    + g * scale * B A x` with `g = magnitude / ||W + scale * B A||` (L2 norm of each output row,
+    as `peft.tuners.lora.dora.DoraLinearLayer.get_weight_norm` computes it). `g` is computed once
+    when the adapter is read (W is frozen), folded into B' (`B' = g * scale * B`), and `g - 1` is a
+    per-slot vector, 0 for every non-DoRA slot.
+  - (IA)³: a per-slot vector multiplies the layer's output, or its input for feedforward modules
+    (PEFT stores those as `[1, in]` instead of `[out, 1]`); 1 for every other slot.
+  A stack exists in a layer only once some adapter needs it, so a LoRA-only fleet pays for no
+  DoRA or (IA)³ math.
+- A row on slot 0 gets `base(x) * 1 + 0`, bit-identical to the base model, so base requests are
   exact under mixed load (the bug vLLM's CPU build has does not arise).
-- Ranks differ between adapters: stacks are padded to the largest rank seen per module; zero
-  padding adds exact zeros. Stacks grow with the number of resident adapters (capacity doubling,
-  capped at `--max-resident`), so device memory follows the adapters held rather than being
-  reserved up front.
-- `read_lora_dir` is the only function here that touches files; it validates everything
-  (PEFT type, DoRA, module names and shapes) and reports every problem at once.
+- Ranks differ between adapters: LoRA stacks are padded to the largest rank seen per module; zero
+  padding adds exact zeros.
+- Slot capacity (shared by every stack) grows one slot at a time while small and by 1/8 of its
+  size beyond 8 slots, capped at `--max-resident` + 1: memory follows the adapters held (within
+  1/8, plus the all-zero slot 0) instead of doubling, and a hot load rarely pays for copying
+  every existing slot.
+- Reading is the hot-load path: `read_adapter_dir` memory-maps `adapter_model.safetensors`
+  (private copy-on-write mapping of an immutable registry blob) and returns zero-copy views, so
+  the only copy is the one into the slot stacks. `SlotTable.write` batches those copies with
+  `torch._foreach_*` ops (one C++ call for all layers rather than several Python-level ops per
+  layer). Measured on SmolLM2 (rank 16, q/k/v/o, 240 tensors): `safetensors.load_file` took
+  15-23 ms and per-layer writes ~11 ms; this path is a few ms for both.
+- `read_adapter_dir` is the only function here that touches files; it validates everything
+  (PEFT type, module names, shapes) and reports every problem at once. Prompt and prefix tuning
+  (virtual tokens, per-request KV prefixes) cannot be expressed as per-row layer deltas and are
+  refused with an error naming the kind.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import re
+import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -31,29 +55,57 @@ from torch import nn
 from adapterhub.serving.backends.base import AdapterLoadError
 
 _PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
+# `<module>.lora_A.weight`, `<module>.lora_A.<adapter>.weight`, `<module>.lora_magnitude_vector`, `<module>.ia3_l`
+_ADAPTER_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_magnitude_vector|ia3_l)(?:\.[^.]+)*$")
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+}
+#: PEFT types the gathered-slot engine serves (DoRA is a LoRA config with `use_dora`).
+SERVED_PEFT_TYPES = frozenset({"LORA", "IA3"})
+_WHY_NOT_SERVED = {
+    "PROMPT_TUNING": "prompt tuning prepends learned virtual tokens to every request",
+    "P_TUNING": "p-tuning prepends virtual tokens produced by a prompt encoder",
+    "PREFIX_TUNING": "prefix tuning injects a learned key/value prefix into every attention layer",
+    "FULL": "it is a full model, not an adapter of the served base (serve it as its own base model)",
+}
+AdapterKind = Literal["LORA", "DORA", "IA3"]
 
 
 @dataclass(frozen=True)
-class LoraModuleWeights:
-    """One module's LoRA factors: `a` [r, in], `b` [out, r], and the scale alpha/r."""
+class ModuleDelta:
+    """What one adapter does to one linear layer.
 
-    a: torch.Tensor
-    b: torch.Tensor
-    scale: float
+    LoRA/DoRA: `a` [r, in], `b` [out, r] and `b_scale` (alpha/r, or for DoRA the vector
+    g * alpha/r of shape [out, 1]) by which B is multiplied when written; `dora_offset` = g - 1 [out].
+    (IA)³: `in_scale` [in] (feedforward modules) or `out_scale` [out].
+    """
 
-
-@dataclass(frozen=True)
-class LoraWeights:
-    """A LoRA adapter as tensors keyed by the base model's module names (CPU tier form)."""
-
-    modules: Mapping[str, LoraModuleWeights]
-    rank: int
-    target_modules: tuple[str, ...]
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    b_scale: float | torch.Tensor = 1.0
+    dora_offset: torch.Tensor | None = None
+    in_scale: torch.Tensor | None = None
+    out_scale: torch.Tensor | None = None
 
     @property
-    def size_bytes(self) -> int:
-        return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() for m in self.modules.values())
+    def rank(self) -> int:
+        return 0 if self.a is None else int(self.a.shape[0])
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """An adapter as tensors keyed by the base model's module names (the CPU-tier form).
+
+    The tensors are views over `source` (the file's memory map), so holding an adapter costs its
+    file size in (shared, reclaimable) page cache and nothing more.
+    """
+
+    kind: AdapterKind
+    modules: Mapping[str, ModuleDelta]
+    rank: int
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    source: Any = field(default=None, compare=False, repr=False)
 
 
 def _pattern_value(module_name: str, patterns: Mapping[str, float], default: float) -> float:
@@ -64,61 +116,115 @@ def _pattern_value(module_name: str, patterns: Mapping[str, float], default: flo
     return default
 
 
-def read_lora_dir(
-    adapter_dir: Path, linear_shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype
-) -> LoraWeights:
-    """Read a PEFT LoRA directory into `LoraWeights`, checked against the base's linear layers.
+def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], mmap.mmap]:
+    """Every tensor of a safetensors file as a zero-copy view over a private memory map.
 
-    `linear_shapes` maps module names of the base model to `(out_features, in_features)`.
-    Raises `AdapterLoadError` listing every problem found.
+    The format is an 8-byte little-endian header length, a JSON header of
+    `{name: {dtype, shape, data_offsets}}`, then the data. A tensor whose offset is not aligned
+    to its element size (legal, though safetensors' writer never produces it) is copied.
     """
-    from safetensors.torch import load_file
+    with path.open("rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    (header_len,) = struct.unpack("<Q", mapped[:8])
+    header = json.loads(mapped[8 : 8 + header_len])
+    raw = torch.frombuffer(mapped, dtype=torch.uint8)
+    start = 8 + header_len
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise AdapterLoadError(f"{path.name}: tensor {name!r} has dtype {info['dtype']}, not a float type")
+        begin, end = info["data_offsets"]
+        chunk = raw[start + begin : start + end]
+        try:
+            tensor = chunk.view(dtype)
+        except RuntimeError:  # unaligned
+            tensor = chunk.clone().view(dtype)
+        tensors[name] = tensor.view(info["shape"])
+    return tensors, mapped
 
+
+def read_adapter_dir(adapter_dir: Path, base_layers: Mapping[str, nn.Linear]) -> AdapterWeights:
+    """Read a PEFT LoRA, DoRA or (IA)³ directory into `AdapterWeights`, checked against the base.
+
+    `base_layers` maps module names of the base model to its linear layers (DoRA needs their
+    weights for the norm of W + scale * B A). Raises `AdapterLoadError` listing every problem found.
+    """
     config_path = adapter_dir / "adapter_config.json"
     weights_path = adapter_dir / "adapter_model.safetensors"
     if not config_path.is_file():
         raise AdapterLoadError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter directory)")
     config = json.loads(config_path.read_text())
-    problems: list[str] = []
     peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
+    if peft_type not in SERVED_PEFT_TYPES:
+        why = _WHY_NOT_SERVED.get(peft_type, "it is not a per-layer weight delta")
         raise AdapterLoadError(
-            f"{adapter_dir.name}: the torch backend serves LoRA adapters only, this one is {peft_type or 'unknown'}"
+            f"{adapter_dir.name}: {peft_type or 'unknown'} adapters cannot be served by the torch backend ({why}); "
+            f"it batches {', '.join(sorted(SERVED_PEFT_TYPES))} (LoRA with or without DoRA) adapters"
         )
-    if config.get("use_dora"):
-        problems.append("DoRA adapters are not supported by the batched engine (merge it or serve it on vLLM)")
+    problems: list[str] = []
     if config.get("lora_bias"):
         problems.append("LoRA bias terms are not supported")
+    if config.get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out (Conv1D layers) is not supported")
     if not weights_path.is_file():
         problems.append("no adapter_model.safetensors (pickled .bin weights are not loaded)")
     if problems:
         raise AdapterLoadError(f"{adapter_dir.name}: " + "; ".join(problems))
 
-    tensors = load_file(str(weights_path))
-    factors: dict[str, dict[str, torch.Tensor]] = {}
+    tensors, mapped = map_safetensors(weights_path)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _LORA_KEY.match(key)
+        match = _ADAPTER_KEY.match(key)
         if match is None:
-            problems.append(f"unsupported tensor {key!r} (only lora_A/lora_B of linear layers are served)")
+            problems.append(f"unsupported tensor {key!r} (only lora_A/lora_B/lora_magnitude_vector/ia3_l of linear layers are served)")
             continue
-        module = match["module"].removeprefix(_PEFT_PREFIX)
-        factors.setdefault(module, {})[match["which"]] = tensor
+        parts.setdefault(match["module"].removeprefix(_PEFT_PREFIX), {})[match["part"]] = tensor
+    if peft_type == "IA3":
+        modules = _ia3_modules(parts, base_layers, problems)
+        kind: AdapterKind = "IA3"
+    else:
+        modules = _lora_modules(parts, base_layers, config, problems)
+        kind = "DORA" if config.get("use_dora") else "LORA"
+    if not modules and not problems:
+        problems.append("no adapter weights found")
+    if problems:
+        raise AdapterLoadError(f"{adapter_dir.name}: " + "; ".join(problems))
+    short_names = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    return AdapterWeights(
+        kind=kind,
+        modules=modules,
+        rank=max(m.rank for m in modules.values()),
+        target_modules=tuple(short_names),
+        size_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+        source=mapped,
+    )
 
+
+def _lora_modules(
+    parts: Mapping[str, Mapping[str, torch.Tensor]], base_layers: Mapping[str, nn.Linear],
+    config: Mapping[str, Any], problems: list[str],
+) -> dict[str, ModuleDelta]:
+    use_dora = bool(config.get("use_dora"))
+    expected_parts = {"lora_A", "lora_B", "lora_magnitude_vector"} if use_dora else {"lora_A", "lora_B"}
     alpha = float(config.get("lora_alpha", 8))
     rank_default = int(config.get("r", 8))
     alpha_pattern = config.get("alpha_pattern") or {}
     rank_pattern = config.get("rank_pattern") or {}
     use_rslora = bool(config.get("use_rslora"))
-    modules: dict[str, LoraModuleWeights] = {}
-    for module, pair in sorted(factors.items()):
-        if set(pair) != {"A", "B"}:
-            problems.append(f"{module}: has {sorted(pair)} but needs both lora_A and lora_B")
+    modules: dict[str, ModuleDelta] = {}
+    for module, found in sorted(parts.items()):
+        if set(found) != expected_parts:
+            problems.append(f"{module}: has {sorted(found)} but a {'DoRA' if use_dora else 'LoRA'} module needs {sorted(expected_parts)}")
             continue
-        if module not in linear_shapes:
+        layer = base_layers.get(module)
+        if layer is None:
             problems.append(f"{module}: no linear layer of that name in the base model")
             continue
-        a, b = pair["A"], pair["B"]
-        out_features, in_features = linear_shapes[module]
+        a, b = found["lora_A"], found["lora_B"]
+        out_features, in_features = layer.out_features, layer.in_features
         rank = a.shape[0]
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_features or b.shape != (out_features, rank):
             problems.append(
@@ -131,14 +237,55 @@ def read_lora_dir(
             problems.append(f"{module}: rank {rank} in the weights but {expected_rank} in the config")
             continue
         module_alpha = _pattern_value(module, alpha_pattern, alpha)
-        scale = module_alpha / (rank**0.5 if use_rslora else rank)
-        modules[module] = LoraModuleWeights(a=a.to(dtype).contiguous(), b=b.to(dtype).contiguous(), scale=scale)
-    if not modules and not problems:
-        problems.append("no LoRA weights found")
-    if problems:
-        raise AdapterLoadError(f"{adapter_dir.name}: " + "; ".join(problems))
-    short_names = sorted({name.rsplit(".", 1)[-1] for name in modules})
-    return LoraWeights(modules=modules, rank=max(m.a.shape[0] for m in modules.values()), target_modules=tuple(short_names))
+        scale = module_alpha / (math.sqrt(rank) if use_rslora else rank)
+        if not use_dora:
+            modules[module] = ModuleDelta(a=a, b=b, b_scale=scale)
+            continue
+        magnitude = found["lora_magnitude_vector"].reshape(-1)
+        if magnitude.shape[0] != out_features:
+            problems.append(f"{module}: lora_magnitude_vector has {magnitude.shape[0]} entries for {out_features} outputs")
+            continue
+        gain = _dora_gain(layer.weight, a, b, scale, magnitude)
+        modules[module] = ModuleDelta(a=a, b=b, b_scale=(gain * scale).unsqueeze(1), dora_offset=gain - 1)
+    return modules
+
+
+@torch.no_grad()
+def _dora_gain(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's g = magnitude / ||W + scale * B A|| per output row, in fp32 on the weight's device.
+
+    The base weight is frozen, so PEFT's per-forward norm is a constant that can be computed once.
+    """
+    device = weight.device
+    lora_weight = b.to(device, torch.float32) @ a.to(device, torch.float32)
+    norm = torch.linalg.norm(weight.float() + scale * lora_weight, dim=1)
+    return magnitude.to(device, torch.float32) / norm
+
+
+def _ia3_modules(
+    parts: Mapping[str, Mapping[str, torch.Tensor]], base_layers: Mapping[str, nn.Linear], problems: list[str]
+) -> dict[str, ModuleDelta]:
+    modules: dict[str, ModuleDelta] = {}
+    for module, found in sorted(parts.items()):
+        if set(found) != {"ia3_l"}:
+            problems.append(f"{module}: has {sorted(found)} but an (IA)3 module needs only ia3_l")
+            continue
+        layer = base_layers.get(module)
+        if layer is None:
+            problems.append(f"{module}: no linear layer of that name in the base model")
+            continue
+        vector = found["ia3_l"]
+        # PEFT builds the vector [1, in] for feedforward modules (scales the input), else [out, 1].
+        if tuple(vector.shape) == (layer.out_features, 1):
+            modules[module] = ModuleDelta(out_scale=vector.reshape(-1))
+        elif tuple(vector.shape) == (1, layer.in_features):
+            modules[module] = ModuleDelta(in_scale=vector.reshape(-1))
+        else:
+            problems.append(
+                f"{module}: ia3_l {tuple(vector.shape)} fits neither the output ({layer.out_features}, 1) nor the "
+                f"input (1, {layer.in_features}) of the layer"
+            )
+    return modules
 
 
 class SlotContext:
@@ -148,7 +295,7 @@ class SlotContext:
         self.row_slots: torch.Tensor | None = None  # int64 [batch] on the compute device
 
     def set_rows(self, row_slots: list[int] | None, device: torch.device | str = "cpu") -> None:
-        # None (or all zeros) means "every row is the base model": wrapped layers skip LoRA math.
+        # None (or all zeros) means "every row is the base model": wrapped layers skip adapter math.
         # Checked on the host list, so a GPU step needs no device sync for it.
         if row_slots is None or not any(row_slots):
             self.row_slots = None
@@ -156,16 +303,59 @@ class SlotContext:
             self.row_slots = torch.tensor(row_slots, dtype=torch.long, device=device)
 
 
-class SlotLoraLinear(nn.Module):
-    """An `nn.Linear` plus per-row LoRA deltas gathered from slot stacks."""
+@dataclass
+class _WritePlan:
+    """The tensor ops of one slot write, collected over all layers and run as a few foreach calls."""
+
+    zeros: list[torch.Tensor] = field(default_factory=list)
+    ones: list[torch.Tensor] = field(default_factory=list)
+    copy_dst: list[torch.Tensor] = field(default_factory=list)
+    copy_src: list[torch.Tensor] = field(default_factory=list)
+    scalar_dst: list[torch.Tensor] = field(default_factory=list)
+    scalars: list[float] = field(default_factory=list)
+    tensor_dst: list[torch.Tensor] = field(default_factory=list)
+    tensor_factors: list[torch.Tensor] = field(default_factory=list)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.copy_dst.append(dst)
+        self.copy_src.append(src)
+
+    def scale(self, dst: torch.Tensor, factor: float | torch.Tensor) -> None:
+        if isinstance(factor, torch.Tensor):
+            self.tensor_dst.append(dst)
+            self.tensor_factors.append(factor.to(dst.device, dst.dtype))
+        elif factor != 1.0:
+            self.scalar_dst.append(dst)
+            self.scalars.append(factor)
+
+    def run(self) -> None:
+        # Order matters: zero/one resets, then copies into (sub-)views, then in-place scaling.
+        if self.zeros:
+            torch._foreach_zero_(self.zeros)
+        if self.ones:
+            torch._foreach_zero_(self.ones)
+            torch._foreach_add_(self.ones, 1.0)
+        if self.copy_dst:
+            torch._foreach_copy_(self.copy_dst, self.copy_src)
+        if self.scalar_dst:
+            torch._foreach_mul_(self.scalar_dst, self.scalars)
+        if self.tensor_dst:
+            torch._foreach_mul_(self.tensor_dst, self.tensor_factors)
+
+
+class SlotAdapterLinear(nn.Module):
+    """An `nn.Linear` plus per-row adapter effects gathered from slot stacks."""
 
     def __init__(self, base_layer: nn.Linear, context: SlotContext) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.context = context
-        # [slots, rank, in] and [slots, out, rank] (B pre-scaled); allocated when an adapter first targets us.
-        self.stack_a: torch.Tensor | None = None
-        self.stack_b: torch.Tensor | None = None
+        # Allocated when an adapter first needs them, each with `capacity` slots:
+        self.stack_a: torch.Tensor | None = None  # [slots, rank, in]
+        self.stack_b: torch.Tensor | None = None  # [slots, out, rank], pre-scaled (and DoRA-gained)
+        self.stack_dora: torch.Tensor | None = None  # [slots, out]: g - 1 (0: not DoRA)
+        self.stack_in: torch.Tensor | None = None  # [slots, in]: (IA)3 input scale (1: none)
+        self.stack_out: torch.Tensor | None = None  # [slots, out]: (IA)3 output scale (1: none)
 
     @property
     def in_features(self) -> int:
@@ -176,99 +366,172 @@ class SlotLoraLinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         row_slots = self.context.row_slots
-        if row_slots is None or self.stack_a is None:
-            return result
-        # Every allocated stack has at least `SlotTable.slot_count` slots, so any row's slot is in range.
-        a = self.stack_a.index_select(0, row_slots)  # [batch, rank, in]
-        b = self.stack_b.index_select(0, row_slots)  # [batch, out, rank], pre-scaled by alpha/r
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])
-        if flat.dtype != a.dtype:
-            flat = flat.to(a.dtype)
-        # result + (x A^T) (s B)^T in one fused op; four tensor ops per layer keep the per-step
-        # overhead small when a batch holds many adapters.
-        delta_base = result.reshape(result.shape[0], -1, result.shape[-1])
-        return torch.baddbmm(delta_base, torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2)).reshape(result.shape)
+        if row_slots is None:
+            return self.base_layer(x)
+        # Every allocated stack has `SlotTable.capacity` slots, so any row's slot is in range.
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [batch, tokens, in]
+        base_input = flat
+        if self.stack_in is not None:
+            base_input = flat * self.stack_in.index_select(0, row_slots).unsqueeze(1).to(flat.dtype)
+        result = self.base_layer(base_input)
+        if self.stack_out is not None:
+            result = result * self.stack_out.index_select(0, row_slots).unsqueeze(1).to(result.dtype)
+        if self.stack_dora is not None:
+            bias = self.base_layer.bias
+            without_bias = result if bias is None else result - bias
+            result = torch.addcmul(result, self.stack_dora.index_select(0, row_slots).unsqueeze(1).to(result.dtype), without_bias)
+        if self.stack_a is not None:
+            assert self.stack_b is not None
+            a = self.stack_a.index_select(0, row_slots)  # [batch, rank, in]
+            b = self.stack_b.index_select(0, row_slots)  # [batch, out, rank]
+            lora_input = flat if flat.dtype == a.dtype else flat.to(a.dtype)
+            # result + (x A^T) B'^T in one fused op; few tensor ops per layer keep the per-step
+            # overhead small when a batch holds many adapters.
+            result = torch.baddbmm(result, torch.bmm(lora_input, a.transpose(1, 2)), b.transpose(1, 2))
+        return result.reshape(*x.shape[:-1], result.shape[-1])
 
-    def write_slot(self, slot: int, weights: LoraModuleWeights | None, slot_count: int, max_slots: int = 0) -> None:
-        """Put one adapter's factors into `slot` (None zeroes it); keep at least `slot_count` slots.
+    # -------------------------------------------------------------- stacks (engine thread)
 
-        B is stored pre-multiplied by the adapter's scale, so forward needs no per-row scale.
-        """
-        rank = weights.a.shape[0] if weights is not None else 0
+    def _new_stack(self, capacity: int, *shape: int, fill: float, dtype: torch.dtype) -> torch.Tensor:
+        device = self.base_layer.weight.device
+        return torch.full((capacity, *shape), fill, device=device, dtype=dtype)
+
+    def grow(self, capacity: int) -> None:
+        """Give every allocated stack `capacity` slots (new slots: no adapter)."""
+        for name, fill in (("stack_a", 0.0), ("stack_b", 0.0), ("stack_dora", 0.0), ("stack_in", 1.0), ("stack_out", 1.0)):
+            stack = getattr(self, name)
+            if stack is None or stack.shape[0] >= capacity:
+                continue
+            grown = stack.new_full((capacity, *stack.shape[1:]), fill)
+            grown[: stack.shape[0]] = stack
+            setattr(self, name, grown)
+
+    def _ensure_lora(self, rank: int, capacity: int, dtype: torch.dtype) -> None:
         if self.stack_a is None:
-            if weights is None:
-                return  # never targeted: no stack, no LoRA math in forward
-            device, dtype = self.base_layer.weight.device, weights.a.dtype
-            capacity = max(slot_count, min(2, max_slots))
-            self.stack_a = torch.zeros(capacity, rank, self.in_features, device=device, dtype=dtype)
-            self.stack_b = torch.zeros(capacity, self.out_features, rank, device=device, dtype=dtype)
+            self.stack_a = self._new_stack(capacity, rank, self.in_features, fill=0.0, dtype=dtype)
+            self.stack_b = self._new_stack(capacity, self.out_features, rank, fill=0.0, dtype=dtype)
+            return
         assert self.stack_b is not None
-        slots, stack_rank = self.stack_a.shape[0], self.stack_a.shape[1]
-        if slot_count > slots or rank > stack_rank:
-            # Capacity grows geometrically up to `max_slots`: a hot load rarely pays for copying
-            # every existing slot, and memory stays within 2x of what resident adapters use.
-            new_slots = max(slot_count, min(2 * slots, max_slots)) if slot_count > slots else slots
-            new_rank = max(stack_rank, rank)
-            grown_a = self.stack_a.new_zeros(new_slots, new_rank, self.in_features)
-            grown_b = self.stack_b.new_zeros(new_slots, self.out_features, new_rank)
-            grown_a[:slots, :stack_rank] = self.stack_a
-            grown_b[:slots, :, :stack_rank] = self.stack_b
+        stack_rank = self.stack_a.shape[1]
+        if rank > stack_rank:  # zero padding of the other slots adds exact zeros
+            grown_a = self.stack_a.new_zeros(self.stack_a.shape[0], rank, self.in_features)
+            grown_b = self.stack_b.new_zeros(self.stack_b.shape[0], self.out_features, rank)
+            grown_a[:, :stack_rank] = self.stack_a
+            grown_b[:, :, :stack_rank] = self.stack_b
             self.stack_a, self.stack_b = grown_a, grown_b
-        self.stack_a[slot].zero_()
-        self.stack_b[slot].zero_()
-        if weights is not None:
-            self.stack_a[slot, :rank].copy_(weights.a)
-            self.stack_b[slot, :, :rank].copy_(weights.b * weights.scale)
+
+    def plan_write(self, slot: int, delta: ModuleDelta | None, capacity: int, dtype: torch.dtype, plan: _WritePlan) -> None:
+        """Add the ops that put `delta` (None: no adapter) into `slot` of every stack to `plan`."""
+        if delta is not None and delta.a is not None:
+            assert delta.b is not None
+            self._ensure_lora(delta.rank, capacity, dtype)
+        if delta is not None and delta.dora_offset is not None and self.stack_dora is None:
+            self.stack_dora = self._new_stack(capacity, self.out_features, fill=0.0, dtype=dtype)
+        if delta is not None and delta.in_scale is not None and self.stack_in is None:
+            self.stack_in = self._new_stack(capacity, self.in_features, fill=1.0, dtype=dtype)
+        if delta is not None and delta.out_scale is not None and self.stack_out is None:
+            self.stack_out = self._new_stack(capacity, self.out_features, fill=1.0, dtype=dtype)
+
+        if self.stack_a is not None:
+            assert self.stack_b is not None
+            if delta is None or delta.a is None:
+                plan.zeros += [self.stack_a[slot], self.stack_b[slot]]
+            else:
+                assert delta.b is not None
+                rank = delta.rank
+                if rank == self.stack_a.shape[1]:
+                    dst_a, dst_b = self.stack_a[slot], self.stack_b[slot]
+                else:
+                    plan.zeros += [self.stack_a[slot], self.stack_b[slot]]
+                    dst_a, dst_b = self.stack_a[slot, :rank], self.stack_b[slot, :, :rank]
+                plan.copy(dst_a, delta.a)
+                plan.copy(dst_b, delta.b)
+                plan.scale(dst_b, delta.b_scale)
+        for stack, value, neutral in (
+            (self.stack_dora, None if delta is None else delta.dora_offset, plan.zeros),
+            (self.stack_in, None if delta is None else delta.in_scale, plan.ones),
+            (self.stack_out, None if delta is None else delta.out_scale, plan.ones),
+        ):
+            if stack is None:
+                continue
+            if value is None:
+                neutral.append(stack[slot])
+            else:
+                plan.copy(stack[slot], value)
 
     def stack_bytes(self) -> int:
-        if self.stack_a is None:
-            return 0
-        assert self.stack_b is not None
-        return sum(t.numel() * t.element_size() for t in (self.stack_a, self.stack_b))
+        stacks = (self.stack_a, self.stack_b, self.stack_dora, self.stack_in, self.stack_out)
+        return sum(t.numel() * t.element_size() for t in stacks if t is not None)
 
 
 class SlotTable:
     """Owns the wrapped layers of one model and writes adapters into numbered slots."""
 
-    def __init__(self, model: nn.Module, max_slots: int = 0) -> None:
+    def __init__(self, model: nn.Module, max_slots: int = 0, dtype: torch.dtype | None = None) -> None:
         self.model = model
-        self.max_slots = max_slots  # capacity cap of the stacks (max resident adapters + 1); 0: exact growth
+        self.max_slots = max_slots  # capacity cap (max resident adapters + 1); 0: no cap
+        self.dtype = dtype or next((p.dtype for p in model.parameters()), torch.float32)
         self.context = SlotContext()
-        self.layers: dict[str, SlotLoraLinear] = {}
-        self.slot_count = 1  # slots in every allocated stack (slot 0 = no adapter)
-        self.linear_shapes: dict[str, tuple[int, int]] = {
-            name: (module.out_features, module.in_features)
-            for name, module in model.named_modules()
-            if isinstance(module, nn.Linear)
+        self.layers: dict[str, SlotAdapterLinear] = {}
+        self.capacity = 1  # slots in every allocated stack (slot 0 = no adapter)
+        # The base model's linear layers by module name, taken before any wrapping.
+        self.base_layers: dict[str, nn.Linear] = {
+            name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)
         }
 
-    def _wrap(self, module_name: str) -> SlotLoraLinear:
+    @property
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """`module -> (out_features, in_features)` of every linear layer of the base."""
+        return {name: (layer.out_features, layer.in_features) for name, layer in self.base_layers.items()}
+
+    def _wrap(self, module_name: str) -> SlotAdapterLinear:
         layer = self.layers.get(module_name)
         if layer is not None:
             return layer
         parent_name, _, child_name = module_name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        base_layer = getattr(parent, child_name)
-        layer = SlotLoraLinear(base_layer, self.context)
+        layer = SlotAdapterLinear(getattr(parent, child_name), self.context)
         setattr(parent, child_name, layer)
         self.layers[module_name] = layer
         return layer
 
-    def write(self, slot: int, weights: LoraWeights) -> None:
-        """Install `weights` in `slot` of every layer (zeros where the adapter has no factors)."""
+    def _ensure_capacity(self, slots: int) -> None:
+        if slots <= self.capacity:
+            return
+        # One slot at a time up to 8, then by 1/8: memory tracks the resident adapters closely
+        # while the copies that growth costs stay amortized O(1) per load.
+        grown = max(slots, self.capacity + self.capacity // 8)
+        if self.max_slots:
+            if slots > self.max_slots:
+                raise ValueError(f"slot {slots - 1} is beyond the {self.max_slots - 1} adapter slots")
+            grown = min(grown, self.max_slots)
+        for layer in self.layers.values():
+            layer.grow(grown)
+        self.capacity = grown
+
+    def write(self, slot: int, weights: AdapterWeights) -> None:
+        """Install `weights` in `slot` of every layer (no effect where the adapter has none)."""
         if slot < 1:
             raise ValueError("slot 0 is reserved for the base model")
+        self._ensure_capacity(slot + 1)
         for module_name in weights.modules:
             self._wrap(module_name)
-        self.slot_count = max(self.slot_count, slot + 1)
-        for module_name, layer in self.layers.items():
-            layer.write_slot(slot, weights.modules.get(module_name), self.slot_count, self.max_slots)
+        plan = _WritePlan()
+        with torch.no_grad():
+            for module_name, layer in self.layers.items():
+                layer.plan_write(slot, weights.modules.get(module_name), self.capacity, self.dtype, plan)
+            plan.run()
 
     def clear(self, slot: int) -> None:
-        for layer in self.layers.values():
-            layer.write_slot(slot, None, self.slot_count, self.max_slots)
+        """Reset `slot` to "no adapter" in every stack."""
+        if slot >= self.capacity:
+            return
+        plan = _WritePlan()
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.plan_write(slot, None, self.capacity, self.dtype, plan)
+            plan.run()
 
     def stack_bytes(self) -> int:
         return sum(layer.stack_bytes() for layer in self.layers.values())

@@ -9,8 +9,8 @@ Design decisions:
   every running row. Rows leave as soon as they finish. The KV cache is a transformers
   `DynamicCache` over a left-padded batch with an explicit attention mask and per-row position
   ids, so padding never changes a row's result.
-- Rows of different adapters share every forward pass via `SlotTable` (gathered LoRA, see
-  `lora_slots.py`); a request's output does not depend on its batch-mates.
+- Rows of different adapters share every forward pass via `SlotTable` (gathered LoRA, DoRA and
+  (IA)³, see `lora_slots.py`); a request's output does not depend on its batch-mates.
 - Two adapter tiers. CPU tier: an LRU of parsed adapters (`--max-cpu-adapters`), filled by
   worker threads (`asyncio.to_thread`), so a disk read never stalls the engine. Device tier:
   `--max-resident` numbered slots; putting an adapter into a slot is a memory copy done on the
@@ -53,7 +53,7 @@ from adapterhub.serving.backends.base import (
     SamplingParams,
     UnavailableError,
 )
-from adapterhub.serving.backends.lora_slots import LoraWeights, SlotTable, read_lora_dir
+from adapterhub.serving.backends.lora_slots import SERVED_PEFT_TYPES, AdapterWeights, SlotTable, read_adapter_dir
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class EngineConfig:
 @dataclass(eq=False)
 class _AdapterEntry:
     key: str
-    weights: LoraWeights
+    weights: AdapterWeights
     pinned: bool = False
     slot: int | None = None
     refs: int = 0  # requests holding it (waiting or running): never dropped from the CPU tier then
@@ -121,6 +121,8 @@ def _pad_left(tensor: torch.Tensor, length: int, dim: int, value: float = 0) -> 
 class TorchEngine(Backend):
     """A `Backend` running a transformers causal LM in-process, CPU or CUDA."""
 
+    supported_peft_types = SERVED_PEFT_TYPES
+
     def __init__(
         self,
         model_dir: Path,
@@ -149,7 +151,7 @@ class TorchEngine(Backend):
         self.eos_token_ids = self._eos_token_ids()
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         self.base_weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.slots = SlotTable(self.model, max_slots=self.config.max_resident + 1)
+        self.slots = SlotTable(self.model, max_slots=self.config.max_resident + 1, dtype=self.dtype)
 
         self._lock = threading.Lock()  # guards the adapter tables, waiting queue and counters
         self._wakeup = threading.Condition(self._lock)
@@ -216,13 +218,13 @@ class TorchEngine(Backend):
 
     # ----------------------------------------------------------------- adapters
 
-    def _read_adapter(self, adapter: AdapterSpec) -> LoraWeights:
+    def _read_adapter(self, adapter: AdapterSpec) -> AdapterWeights:
         try:
             adapter_dir = adapter.locate()
         except AdapterhubError as exc:
             raise AdapterLoadError(f"{adapter.key}: {exc}") from exc
         try:
-            return read_lora_dir(Path(adapter_dir), self.slots.linear_shapes, self.dtype)
+            return read_adapter_dir(Path(adapter_dir), self.slots.base_layers)
         except AdapterhubError:
             raise
         except Exception as exc:  # unreadable files: safetensors, JSON or OS errors

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from adapterhub.serving.backends.base import AdapterLoadError, AdapterSpec, SamplingParams
-from adapterhub.serving.backends.lora_slots import SlotTable, read_lora_dir
+from adapterhub.serving.backends.lora_slots import SlotTable, read_adapter_dir
 from adapterhub.serving.backends.torch_engine import EngineConfig, TorchEngine
 from tests.conftest import build_lora_adapter
-from tests.serving.conftest import AdapterFleet, ReferenceGenerator
+from tests.serving.conftest import AdapterFleet, ReferenceGenerator, build_kind_adapter
 
 
 def _spec(fleet: AdapterFleet, name: str) -> AdapterSpec:
@@ -30,7 +30,7 @@ def test_gathered_lora_logits_match_peft_row_by_row(adapter_fleet: AdapterFleet)
     model = AutoModelForCausalLM.from_pretrained(adapter_fleet.base_dir).eval()
     table = SlotTable(model)
     for slot, name in enumerate(names, start=1):
-        table.write(slot, read_lora_dir(adapter_fleet.dirs[name], table.linear_shapes, torch.float32))
+        table.write(slot, read_adapter_dir(adapter_fleet.dirs[name], table.base_layers))
     input_ids = torch.randint(3, 300, (len(names) + 1, 7), generator=torch.Generator().manual_seed(0))
     table.context.set_rows([1, 2, 3, 4, 0])
     with torch.no_grad():
@@ -50,18 +50,55 @@ def test_gathered_lora_logits_match_peft_row_by_row(adapter_fleet: AdapterFleet)
             assert not torch.allclose(mixed[row], mixed[-1], atol=1e-4)  # the adapter does change the row
 
 
-def test_read_lora_dir_reports_every_problem(adapter_fleet: AdapterFleet, tiny_base_other: Path, tmp_path: Path) -> None:
-    model_shapes = SlotTable(torch.nn.Sequential()).linear_shapes  # no linear layers at all
+def test_dora_and_ia3_rows_match_peft_beside_lora_and_base(adapter_fleet: AdapterFleet, tmp_path: Path) -> None:
+    """DoRA (magnitude-rescaled LoRA) and (IA)3 (output and feedforward-input scaling) rows in one
+    forward pass with a LoRA row and a base row each equal PEFT running that adapter alone."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dirs = {
+        "dora": build_kind_adapter(adapter_fleet.base_dir, tmp_path / "dora", "dora", seed=1),
+        "ia3": build_kind_adapter(adapter_fleet.base_dir, tmp_path / "ia3", "ia3", seed=2),
+        "task-2": adapter_fleet.dirs["task-2"],  # LoRA on every projection, overlapping both
+    }
+    model = AutoModelForCausalLM.from_pretrained(adapter_fleet.base_dir).eval()
+    table = SlotTable(model)
+    for slot, adapter_dir in enumerate(dirs.values(), start=1):
+        weights = read_adapter_dir(adapter_dir, table.base_layers)
+        table.write(slot, weights)
+    assert [read_adapter_dir(d, table.base_layers).kind for d in dirs.values()] == ["DORA", "IA3", "LORA"]
+    input_ids = torch.randint(3, 300, (4, 7), generator=torch.Generator().manual_seed(1))
+    table.context.set_rows([1, 2, 3, 0])
+    with torch.no_grad():
+        mixed = model(input_ids).logits
+    table.context.set_rows(None)
+
+    for row, adapter_dir in enumerate([*dirs.values(), None]):
+        reference_model = AutoModelForCausalLM.from_pretrained(adapter_fleet.base_dir)
+        if adapter_dir is not None:
+            reference_model = PeftModel.from_pretrained(reference_model, adapter_dir)
+        with torch.no_grad():
+            expected = reference_model.eval()(input_ids[row : row + 1]).logits[0]
+        if adapter_dir is None:
+            assert torch.equal(mixed[row], expected)
+        else:
+            torch.testing.assert_close(mixed[row], expected, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(mixed[row], mixed[-1], atol=1e-3)
+
+
+def test_read_adapter_dir_reports_every_problem(adapter_fleet: AdapterFleet, tiny_base_other: Path, tmp_path: Path) -> None:
+    no_layers = SlotTable(torch.nn.Sequential()).base_layers  # no linear layers at all
     with pytest.raises(AdapterLoadError, match="no linear layer of that name"):
-        read_lora_dir(adapter_fleet.dirs["task-0"], model_shapes, torch.float32)
-    ia3 = build_lora_adapter(adapter_fleet.base_dir, tmp_path / "ia3", peft_type="ia3")
-    with pytest.raises(AdapterLoadError, match="LoRA adapters only, this one is IA3"):
-        read_lora_dir(ia3, model_shapes, torch.float32)
+        read_adapter_dir(adapter_fleet.dirs["task-0"], no_layers)
+    for kind in ("prompt_tuning", "prefix_tuning"):
+        adapter = build_lora_adapter(adapter_fleet.base_dir, tmp_path / kind, peft_type=kind)
+        with pytest.raises(AdapterLoadError, match=f"{kind.upper()} adapters cannot be served by the torch backend"):
+            read_adapter_dir(adapter, no_layers)
     from transformers import AutoModelForCausalLM
 
     other = SlotTable(AutoModelForCausalLM.from_pretrained(tiny_base_other))
     with pytest.raises(AdapterLoadError) as wrong_base:
-        read_lora_dir(adapter_fleet.dirs["task-1"], other.linear_shapes, torch.float32)
+        read_adapter_dir(adapter_fleet.dirs["task-1"], other.base_layers)
     # Every one of the 8 target layers (q/k/v/o in 2 blocks) is listed, not just the first.
     assert str(wrong_base.value).count("do not fit") == 8
 
