@@ -353,6 +353,9 @@ def _build_v1_router() -> APIRouter:
             cards.append(adapter_card(name, spec.key, state.started_at, (), {"source": "load_lora_adapter"}))
         if state.resolver is not None:
             for listing in await asyncio.to_thread(state.resolver.list, backend.base_name):
+                peft_type = listing.meta.get("peft_type")
+                if peft_type is not None and str(peft_type).upper() not in backend.supported_peft_types:
+                    continue  # prompt/prefix tuning, full models: not servable here, so not advertised
                 cards.append(adapter_card(listing.id, listing.key, listing.created, listing.aliases, dict(listing.meta)))
         return ModelList(data=cards)
 

@@ -134,6 +134,10 @@ class Backend(abc.ABC):
     tokenizer: Any
     #: Longest prompt + completion the engine accepts, in tokens.
     max_model_len: int
+    #: PEFT types (`adapter_config.json`'s `peft_type`) this backend can serve. `/v1/models` lists
+    #: only adapters of these types, as vLLM lists only what it can serve; asking for another
+    #: kind by name still gets an `AdapterLoadError` that names the kind.
+    supported_peft_types: frozenset[str] = frozenset({"LORA"})
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -235,7 +235,7 @@ def test_adapter_that_fails_to_load_fails_only_its_request(
 ) -> None:
     from tests.conftest import build_lora_adapter
 
-    dora = build_lora_adapter(adapter_fleet.base_dir, tmp_path / "dora", use_dora=True)
+    soft_prompt = build_lora_adapter(adapter_fleet.base_dir, tmp_path / "soft-prompt", peft_type="prompt_tuning")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "adapter_config.json").write_text((adapter_fleet.dirs["task-0"] / "adapter_config.json").read_text())
@@ -249,7 +249,7 @@ def test_adapter_that_fails_to_load_fails_only_its_request(
         ]
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
             bad = [
-                http.post("/v1/load_lora_adapter", json={"lora_name": "dora", "lora_path": str(dora)}),
+                http.post("/v1/load_lora_adapter", json={"lora_name": "soft-prompt", "lora_path": str(soft_prompt)}),
                 http.post("/v1/load_lora_adapter", json={"lora_name": "corrupt", "lora_path": str(corrupt)}),
             ]
             return await asyncio.gather(*good, *bad)
@@ -261,7 +261,7 @@ def test_adapter_that_fails_to_load_fails_only_its_request(
     for response in results[3:]:
         assert response.status_code == 400
         assert _error(response)["code"] == "adapter_load_failed"
-    assert "DoRA" in _error(results[3])["message"]
+    assert "PROMPT_TUNING adapters cannot be served" in _error(results[3])["message"]
     assert httpx.get(f"{server.base_url}/health", timeout=10).json()["status"] == "ok"
 
 
