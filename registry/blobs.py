@@ -6,7 +6,14 @@ and the directory fsynced: a blob is either complete at its address or absent, e
 SIGKILL or power loss. Identical content lands at the same address once.
 
 Reads are verified: `verified_path` re-hashes the file and raises `CorruptBlobError` on a
-mismatch, so bit rot or a hand-edited blob is detected before anyone loads it.
+mismatch, so bit rot or a hand-edited blob is detected before anyone loads it. A successful
+check leaves a stamp (`blobs/verified/<sha256>`: size, mtime, ctime and inode); `materialize`
+(the server's hot-load path, where hashing was most of a first load's time) accepts a blob
+whose stat still matches its stamp without re-hashing it, as git trusts its index. Any write,
+chmod or replacement of the file changes its ctime, so an edited blob is hashed again; a stamp is
+only written for a file whose ctime is over 2 s old, so an edit within the same timestamp tick
+as the check cannot go unnoticed ("racy git"). Silent media corruption under an unchanged inode
+is caught by `export` and the first check, not by stamped reads.
 
 Writers and GC coordinate with `flock` on `blobs/.lock`: each writer holds it shared from
 its first blob write until its record is committed; GC takes it exclusively, so it never
@@ -21,12 +28,14 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from adapterhub.errors import CorruptBlobError, NotFoundError
 
 _CHUNK = 4 * 1024 * 1024
+_RACY_SECONDS = 2.0  # a stamp is written only for files whose ctime is older than this
 
 
 def _fsync_dir(path: Path) -> None:
@@ -53,8 +62,10 @@ class BlobStore:
         self.root = root
         self.objects = root / "sha256"
         self.tmp = root / "tmp"
+        self.stamps = root / "verified"
         self.objects.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self.stamps.mkdir(parents=True, exist_ok=True)
         self._lock_path = root / ".lock"
         self._lock_path.touch(exist_ok=True)
 
@@ -112,18 +123,41 @@ class BlobStore:
             tmp_path.unlink(missing_ok=True)
             raise
 
-    def verified_path(self, sha256: str) -> Path:
-        """The blob's path after checking its content still hashes to its address."""
+    def verified_path(self, sha256: str, *, trust_stamp: bool = False) -> Path:
+        """The blob's path after checking its content still hashes to its address.
+
+        With `trust_stamp`, a blob whose stat matches the stamp of an earlier successful check
+        is not hashed again (see the module docstring for what that does and does not catch).
+        """
         path = self.path_for(sha256)
-        if not path.exists():
-            raise NotFoundError(f"blob {sha256[:12]}… is missing from {self.objects} (the store was altered outside adapterhub)")
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {sha256[:12]}… is missing from {self.objects} (the store was altered outside adapterhub)") from None
+        signature = f"{stat.st_size} {stat.st_mtime_ns} {stat.st_ctime_ns} {stat.st_ino}"
+        stamp = self.stamps / sha256
+        if trust_stamp:
+            with contextlib.suppress(OSError):
+                if stamp.read_text() == signature:
+                    return path
         actual = hash_file(path)
         if actual != sha256:
+            stamp.unlink(missing_ok=True)
             raise CorruptBlobError(
                 f"blob {sha256[:12]}… is corrupt on disk: its content hashes to {actual[:12]}… ({path}); "
                 "restore it from a backup or re-import the adapter"
             )
+        if time.time_ns() - stat.st_ctime_ns > _RACY_SECONDS * 1e9:
+            with contextlib.suppress(OSError):  # a lost stamp only costs a re-hash next time
+                fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="stamp-")
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(signature)
+                os.replace(tmp_name, stamp)
         return path
+
+    def forget(self, sha256: str) -> None:
+        """Drop the verification stamp of a blob (GC calls it for removed blobs)."""
+        (self.stamps / sha256).unlink(missing_ok=True)
 
     def iter_blobs(self) -> Iterator[tuple[str, Path]]:
         for fan in self.objects.iterdir():

@@ -8,7 +8,8 @@ Invariants, and how they hold:
 - *Concurrent writers.* SQLite runs in WAL mode and write transactions start with
   `BEGIN IMMEDIATE`, so version numbers are assigned under the database's write lock; the
   `(name, version)` unique constraint backs this up on any database (a conflict retries).
-- *Verified reads.* `materialize` and `export` re-hash every blob they hand out.
+- *Verified reads.* `export` re-hashes every blob it hands out; `materialize` does too, except
+  for blobs whose stat still matches the stamp of an earlier check (see `registry/blobs.py`).
 
 The registry imports no torch: adapters are checked against a base model through safetensors
 headers (`adapterhub.formats`).
@@ -461,24 +462,34 @@ class Registry:
     def materialize(self, record_or_ref: AdapterRecord | str, *, verify: bool = True) -> Path:
         """A directory with the record's files, every blob verified, for PEFT/transformers to load.
 
+        A blob already hashed once and unchanged since (same size, mtime, ctime, inode) is not
+        hashed again: this is the server's hot-load path.
+
         Cached at `$ADAPTERHUB_HOME/cache/<sha256>` (hard links to the blobs, so it costs no
         space); the directory appears atomically. Treat it as read-only.
         """
         record = self.get(record_or_ref) if isinstance(record_or_ref, str) else record_or_ref
         if not record.files:
             record = self.get(record.ref)
-        if verify:
-            for sha in set(record.files.values()):
-                self.blobs.verified_path(sha)
         target = self.cache_dir / record.sha256
-        if target.exists():
-            return target
+        if not target.exists():
+            self._link_cache_dir(record, target)
+        if verify:
+            # After linking: a new hard link changes the blob's ctime, which would void a stamp.
+            for sha in set(record.files.values()):
+                self.blobs.verified_path(sha, trust_stamp=True)
+        return target
+
+    def _link_cache_dir(self, record: AdapterRecord, target: Path) -> None:
+        """Create `target` atomically with hard links (or copies) of the record's blobs."""
         staging = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".tmp-"))
         try:
             for rel, sha in record.files.items():
                 dest = staging / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 source = self.blobs.path_for(sha)
+                if not source.exists():
+                    self.blobs.verified_path(sha)  # raises NotFoundError naming the missing blob
                 try:
                     os.link(source, dest)
                 except OSError:
@@ -490,7 +501,6 @@ class Registry:
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return target
 
     def export(self, ref: str, dest: Path) -> Path:
         """Write the record's files (verified) into `dest`, a new or empty directory."""
@@ -525,6 +535,7 @@ class Registry:
                     continue
                 removed_bytes += path.stat().st_size
                 path.unlink()
+                self.blobs.forget(sha)
                 removed += 1
             temp_files = 0
             for path in list(self.blobs.iter_temp_files()):

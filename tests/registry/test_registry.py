@@ -123,6 +123,33 @@ def test_corrupted_blob_is_detected_on_read(registry: Registry, lora_dir: Path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_materialize_trusts_a_verification_stamp_until_the_blob_changes(
+    registry: Registry, lora_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from adapterhub.registry import blobs
+
+    monkeypatch.setattr(blobs, "_RACY_SECONDS", -1.0)  # stamp even a blob written a moment ago
+    hashed: list[Path] = []
+    real_hash = blobs.hash_file
+    monkeypatch.setattr(blobs, "hash_file", lambda path: hashed.append(path) or real_hash(path))
+    record = registry.put_adapter(name="a", source_dir=lora_dir, base="tiny").record
+    registry.materialize(record)
+    first = len(hashed)
+    assert first == len(set(record.files.values()))
+    registry.materialize(record)
+    assert len(hashed) == first  # unchanged since the check: no second hash
+    time.sleep(0.1)  # past the file system's timestamp tick, so the edit gets a new ctime
+    blob = registry.blobs.path_for(record.files["adapter_model.safetensors"])
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(CorruptBlobError):
+        registry.materialize(record)
+
+
 def test_lineage_evaluations_and_children(registry: Registry, lora_dir: Path, tmp_path: Path) -> None:
     registry.put_adapter(name="parent", source_dir=lora_dir, base="tiny")
     child = registry.put_adapter(
