@@ -122,6 +122,22 @@ def test_selection_with_tied_magnitudes_matches_a_stable_sort() -> None:
     assert torch.equal(outlier_mask(quantized, 0.4, 0.1).flatten(), expected)
 
 
+@pytest.mark.parametrize("kind", ["continuous", "tied", "mostly_zero"])
+def test_large_weight_selection_takes_the_sampled_bracket_and_matches_a_stable_sort(kind: str) -> None:
+    # Past 16 × 65536 entries the threshold comes from a sampled bracket, not a full kthvalue.
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(1_200_000, generator=generator)
+    if kind == "tied":
+        x = (x * 4).round()
+    elif kind == "mostly_zero":
+        x = x * (torch.rand(x.shape, generator=generator) < 0.2)
+    order = torch.sort(x.abs(), descending=True, stable=True).indices
+    for density in (0.01, 0.3, 0.5, 0.97):
+        expected = torch.zeros(x.numel(), dtype=torch.bool)
+        expected[order[: int(density * x.numel())]] = True
+        assert torch.equal(magnitude_mask(x, density), expected)
+
+
 def test_linear_reference() -> None:
     tvs = _task_vectors(3)
     weights = [0.2, 0.5, 1.3]
