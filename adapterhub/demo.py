@@ -7,6 +7,12 @@ merge keeps of each task" show up clearly:
 - `reverse`: reverse the order of three words;
 - `spell`: spell out three digits as English words.
 
+Six more tasks of the same kind (`SYNTHETIC_TASKS`) serve the merge benchmark, which needs
+eight adapters with distinct skills: `letters` (spell a made-up word letter by letter), `first` and
+`last` (pick a word), `count` (how many words, as a digit), `sort` (alphabetical order) and
+`repeat` (say the words twice). None of them depends on letter case, because exact match
+compares case-folded text.
+
 Data is generated deterministically from a seed, as prompt/completion JSONL (the format the
 trainer and evaluator read), with disjoint train and held-out rows.
 """
@@ -29,14 +35,65 @@ _DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 TASKS = ("reverse", "spell")
 
 
+def _words(rng: random.Random, low: int, high: int) -> list[str]:
+    return rng.sample(_WORDS, rng.randint(low, high))
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(_WORDS, 3)
+    return f"Reverse the order of these words: {' '.join(words)}", " ".join(reversed(words))
+
+
+def _spell(rng: random.Random) -> tuple[str, str]:
+    digits = [rng.randrange(10) for _ in range(3)]
+    return f"Spell out these digits: {' '.join(map(str, digits))}", " ".join(_DIGITS[d] for d in digits)
+
+
+def _letters(rng: random.Random) -> tuple[str, str]:
+    # Made-up words of two or three syllables: enough distinct prompts, and no memorised spellings.
+    word = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3)))
+    return f"Spell this word letter by letter: {word}", " ".join(word)
+
+
+def _first(rng: random.Random) -> tuple[str, str]:
+    words = _words(rng, 3, 5)
+    return f"Give the first of these words: {' '.join(words)}", words[0]
+
+
+def _last(rng: random.Random) -> tuple[str, str]:
+    words = _words(rng, 3, 5)
+    return f"Give the last of these words: {' '.join(words)}", words[-1]
+
+
+def _count(rng: random.Random) -> tuple[str, str]:
+    words = _words(rng, 2, 7)
+    return f"How many words are in this list: {' '.join(words)}", str(len(words))
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(_WORDS, 3)
+    return f"Sort these words alphabetically: {' '.join(words)}", " ".join(sorted(words))
+
+
+def _repeat(rng: random.Random) -> tuple[str, str]:
+    words = _words(rng, 2, 3)
+    return f"Repeat these words twice: {' '.join(words)}", " ".join(words + words)
+
+
+_GENERATORS = {
+    "reverse": _reverse, "spell": _spell, "letters": _letters, "first": _first,
+    "last": _last, "count": _count, "sort": _sort, "repeat": _repeat,
+}
+SYNTHETIC_TASKS = tuple(_GENERATORS)
+
+
 def _example(task: str, rng: random.Random) -> dict[str, str]:
-    if task == "reverse":
-        words = rng.sample(_WORDS, 3)
-        return {"prompt": f"Reverse the order of these words: {' '.join(words)}", "completion": " ".join(reversed(words))}
-    if task == "spell":
-        digits = [rng.randrange(10) for _ in range(3)]
-        return {"prompt": f"Spell out these digits: {' '.join(map(str, digits))}", "completion": " ".join(_DIGITS[d] for d in digits)}
-    raise ValueError(f"unknown demo task {task!r}; choose from {', '.join(TASKS)}")
+    try:
+        generate = _GENERATORS[task]
+    except KeyError:
+        raise ValueError(f"unknown demo task {task!r}; choose from {', '.join(SYNTHETIC_TASKS)}") from None
+    prompt, completion = generate(rng)
+    return {"prompt": prompt, "completion": completion}
 
 
 def write_task_data(task: str, out_dir: Path, *, train_rows: int = 240, heldout_rows: int = 40, seed: int = 0) -> tuple[Path, Path]:
