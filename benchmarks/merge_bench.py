@@ -9,18 +9,21 @@ the max absolute difference of the outputs and the share of elements differing b
 `dare_ties` draws random masks; the two tools use different generators, so its outputs
 are not comparable element-wise (reported, not judged).
 
-Part 2 — adapter → adapter. Eight rank-16 LoRAs on q/k/v/o are merged into one adapter by
-adapterhub (from disk to disk) and by PEFT's `add_weighted_adapter` (in memory, after the
-adapters are loaded; loading is not timed). Quality is measured in weight space, per
-module, against the method's definition on the exact ΔW = scale·B·A: the relative Frobenius
-error of the merged ΔW (for the random DARE, against its expectation: the same merge
-without the drop), and "retention" of each parent i, ⟨ΔW_merged, ΔWᵢ⟩ / ⟨ΔW_ref, ΔWᵢ⟩
-(1.0 = the parent's direction kept as the exact merge keeps it). PEFT's non-SVD types merge
-A and B separately, which shows up here as a large error.
+Part 2 — adapter → adapter, judged by what the merged adapter still does. Eight rank-16
+LoRAs (q/k/v/o) are trained with adapterhub.train on eight synthetic tasks
+(`adapterhub.demo.SYNTHETIC_TASKS`: reverse, spell digits, spell a word letter by letter,
+first word, last word, count words, sort words, repeat twice; 240 training rows each, cached
+under the work directory so reruns do not retrain). They are merged into one adapter by
+adapterhub (disk to disk) and by PEFT's `add_weighted_adapter` (in memory, after the
+adapters are loaded; loading is not timed) with the matching definitions, and every merged
+adapter, every single adapter (on its own task) and the base are scored by exact match on
+held-out rows of every task (adapterhub.eval, batched greedy generation). Weight-space
+figures come along: the relative error of the merged ΔW against the method's definition on
+the exact ΔW = scale·B·A (random methods: against the merge without the drop), and a
+retention proxy per parent, ⟨ΔW_merged, ΔWᵢ⟩ / ⟨ΔW_ref, ΔWᵢ⟩.
 
-By default the LoRAs are synthetic (seeded random, PEFT-style init for A, small random B),
-because training sixteen adapters takes longer than the benchmark; pass `--adapters DIR...`
-(at least two, rank 16 on q/k/v/o for part 2) to use trained ones.
+`--skip-adapters` runs part 1 alone, `--skip-full` part 2 alone; a skipped part keeps its
+figures from the previous run in the JSON.
 
 Run:  .venv/bin/python benchmarks/merge_bench.py [--mergekit benchmarks/.venv-mergekit/bin/mergekit-yaml]
 Writes benchmarks/results/merge_bench.json and merge_bench.png and prints a table.
@@ -35,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,14 +187,52 @@ def part_full(base: Path, variants: list[Path], work: Path, mergekit: Path, seed
 
 
 # ---------------------------------------------------------------------------------------------
-# Part 2: 8 adapters, adapterhub vs PEFT add_weighted_adapter
+# Part 2: 8 trained adapters, adapterhub vs PEFT add_weighted_adapter
 
-# (label, adapterhub method, PEFT combination types, weight per input, density, output rank)
-ADAPTER_CASES = (
-    ("linear (weights 1/8)", "task_arithmetic", ("cat", "linear", "svd"), 0.125, 1.0, None),
-    ("ties (density 0.5)", "ties", ("ties_svd", "ties"), 1.0, 0.5, 16),
-    ("dare_linear (density 0.5)", "dare_linear", ("dare_linear_svd", "dare_linear"), 0.125, 0.5, 16),
+LORA_RANK = 16
+TRAIN_ROWS = 240
+
+# (label, adapterhub method, extra recipe parameters, weight per input, density, PEFT combination types)
+# Weights and normalisation are chosen so both tools compute the same definition: PEFT's
+# `ties`/`dare_ties` take the disjoint mean of the agreeing entries, which is adapterhub's
+# `normalize: true` (the default of `ties`; set here for `dare_ties`, whose mergekit default sums).
+# PEFT's non-SVD types combine A and B separately; they are listed as PEFT offers them.
+ADAPTER_CASES: tuple[tuple[str, str, dict[str, Any], float, float, tuple[str, ...]], ...] = (
+    ("sum (task arithmetic, w=1)", "task_arithmetic", {}, 1.0, 1.0, ("cat",)),
+    ("mean (w=1/8)", "task_arithmetic", {}, 0.125, 1.0, ("cat", "linear")),
+    ("ties (density 0.5, w=1)", "ties", {}, 1.0, 0.5, ("ties_svd", "ties")),
+    ("dare_ties (density 0.5, w=1)", "dare_ties", {"normalize": True}, 1.0, 0.5, ("dare_ties_svd",)),
 )
+
+
+def task_data(work: Path, heldout: int) -> dict[str, tuple[Path, Path]]:
+    """Train and held-out JSONL of the eight synthetic tasks (deterministic, disjoint)."""
+    from adapterhub.demo import SYNTHETIC_TASKS, write_task_data
+
+    return {task: write_task_data(task, work / "tasks", train_rows=TRAIN_ROWS, heldout_rows=heldout) for task in SYNTHETIC_TASKS}
+
+
+def trained_adapters(base: Path, data: dict[str, tuple[Path, Path]], work: Path, *, steps: int, seed: int) -> dict[str, Path]:
+    """One rank-16 LoRA (q/k/v/o) per task, trained with adapterhub.train; cached across runs."""
+    from adapterhub.train import TrainConfig
+
+    adapters = {}
+    for task, (train_file, _) in data.items():
+        run_dir = work / "trained" / f"{task}-r{LORA_RANK}-s{steps}-seed{seed}"
+        final = run_dir / "final"
+        if not (final / "adapter_model.safetensors").exists():
+            from adapterhub.train import train
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"[adapters] training the {task!r} adapter ({steps} steps) …", flush=True)
+            config = TrainConfig(
+                data=train_file, method="lora", task="sft", lora_rank=LORA_RANK, lora_alpha=2 * LORA_RANK,
+                target_modules=list(ATTENTION), max_steps=steps, batch_size=8, learning_rate=2e-3,
+                validation_split=0.0, max_length=96, seed=seed,
+            )
+            final = train(config, base_dir=base, output_dir=run_dir, progress=False).output_path
+        adapters[task] = final
+    return adapters
 
 
 def _lora_deltas(adapter_dir: Path) -> dict[str, Any]:
@@ -208,7 +250,11 @@ def _peft_deltas(peft_model: Any, adapter_name: str) -> dict[str, Any]:
     return deltas
 
 
-def _quality(merged: dict[str, Any], reference: dict[str, Any], parents: list[dict[str, Any]]) -> dict[str, float]:
+def _weight_space(merged: dict[str, Any], reference: dict[str, Any], parents: list[dict[str, Any]]) -> dict[str, float]:
+    """Relative error of the merged ΔW against the method's definition, and a retention proxy.
+
+    Retention of parent i: ⟨ΔW_merged, ΔWᵢ⟩ / ⟨ΔW_ref, ΔWᵢ⟩ (1.0 = kept as the exact merge keeps it).
+    """
     import torch
 
     error_num = sum(float((merged[n] - reference[n]).norm() ** 2) for n in reference)
@@ -225,76 +271,137 @@ def _quality(merged: dict[str, Any], reference: dict[str, Any], parents: list[di
     }
 
 
-def part_adapters(base: Path, adapters: list[Path], work: Path, seed: int) -> list[dict[str, Any]]:
+class _Scorer:
+    """Exact match on held-out rows through adapterhub.eval, one PEFT model holding every adapter.
+
+    The base is loaded once; parents and adapterhub's merges are loaded into the same
+    `PeftModel` that PEFT's `add_weighted_adapter` merges in, and each is scored after
+    `set_adapter` with batched greedy generation (`adapterhub.eval.runner.score_loaded`).
+    """
+
+    def __init__(self, base: Path, parents: dict[str, Path], heldout: dict[str, Path], *, max_new_tokens: int) -> None:
+        from peft import PeftModel
+
+        from adapterhub.eval.data import load_eval_dataset
+        from adapterhub.eval.loading import load_causal
+
+        self.base = base
+        self.loaded = load_causal(base)
+        self.datasets = {task: load_eval_dataset(path) for task, path in heldout.items()}
+        self.max_new_tokens = max_new_tokens
+        first, *rest = parents.items()
+        self.model = PeftModel.from_pretrained(self.loaded.model, str(first[1]), adapter_name=first[0], is_trainable=False)
+        for name, path in rest:
+            self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        self.model.eval()
+
+    def load(self, name: str, adapter_dir: Path) -> None:
+        self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+
+    def score(self, adapter_name: str | None, tasks: Sequence[str]) -> dict[str, float]:
+        """Exact match per task; `adapter_name=None` scores the base with every adapter off."""
+        import contextlib
+
+        from adapterhub.eval.loading import LoadedModel
+        from adapterhub.eval.runner import score_loaded
+
+        loaded = LoadedModel(model=self.model, tokenizer=self.loaded.tokenizer, is_classifier=False)
+        if adapter_name is not None:
+            self.model.set_adapter(adapter_name)
+        context = self.model.disable_adapter() if adapter_name is None else contextlib.nullcontext()
+        scores = {}
+        with context:
+            for task in tasks:
+                dataset = self.datasets[task]
+                report = score_loaded(
+                    loaded, dataset, ("exact_match",), model_dir=self.base, adapter_dir=None,
+                    max_new_tokens=self.max_new_tokens, batch_size=len(dataset.rows),
+                )
+                scores[task] = report.metrics["exact_match"]
+        return scores
+
+
+def part_adapters(base: Path, work: Path, *, seed: int, steps: int, heldout: int) -> dict[str, Any]:
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from adapterhub.merge import MergeRecipe, get_method, merge
-    from adapterhub.merge.methods import GlobalParams, InputParams
 
-    parents = [_lora_deltas(a) for a in adapters]
-    names = sorted(parents[0])
-    rows = []
-    print(f"[adapters] loading base + {len(adapters)} adapters into PEFT …", flush=True)
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapters[0], adapter_name="p0")
-    for i, adapter in enumerate(adapters[1:], 1):
-        peft_model.load_adapter(adapter, adapter_name=f"p{i}")
-    for label, method, peft_types, weight, density, rank in ADAPTER_CASES:
-        # Random methods are judged against their expectation, the merge without the drop.
-        reference_method = get_method(method)
-        if reference_method.random:
-            reference_method = get_method("task_arithmetic")
-        params = [InputParams(weight=weight, density=1.0 if reference_method.name == "task_arithmetic" else density)] * len(adapters)
+    data = task_data(work, heldout)
+    tasks = list(data)
+    parents = trained_adapters(base, data, work, steps=steps, seed=seed)
+    parent_deltas = [_lora_deltas(parents[t]) for t in tasks]
+    names = sorted(parent_deltas[0])
+    print(f"[adapters] loading base + {len(parents)} adapters into PEFT …", flush=True)
+    scorer = _Scorer(base, parents, {t: h for t, (_, h) in data.items()}, max_new_tokens=20)
+    print("[adapters] scoring the base and each adapter on its own task …", flush=True)
+    base_scores = scorer.score(None, tasks)
+    single_scores = {t: scorer.score(t, [t])[t] for t in tasks}
+    rows: list[dict[str, Any]] = []
+    for label, method, extra, weight, density, peft_types in ADAPTER_CASES:
+        recipe_dict = {
+            "merge_method": method,
+            "models": [{"model": str(parents[t]), "parameters": {"weight": weight, "density": density}} for t in tasks],
+            "parameters": {"seed": seed, **extra},
+        }
+        recipe = MergeRecipe.from_dict(recipe_dict)
+        # The reference is the method's own definition on the dense ΔW; a random method is
+        # judged against its expectation, the same merge without the drop (density 1).
+        definition = get_method(method)
+        params = recipe.input_params()
+        if definition.random:
+            params = [type(p)(weight=p.weight, density=1.0) for p in params]
         reference = {}
         for name in names:
-            vectors = [p.get(name, torch.zeros_like(parents[0][name])) for p in parents]
-            reference[name] = reference_method.function(
-                vectors, None, params=params, global_params=GlobalParams(seed=seed), generator=torch.Generator().manual_seed(seed)
+            vectors = [d.get(name, torch.zeros_like(parent_deltas[0][name])) for d in parent_deltas]
+            reference[name] = definition.function(
+                vectors, None, params=params, global_params=recipe.global_params(), generator=torch.Generator().manual_seed(seed)
             )
-        recipe = MergeRecipe.from_dict({
-            "merge_method": method,
-            "models": [{"model": str(a), "parameters": {"weight": weight, "density": density}} for a in adapters],
-            "parameters": {"seed": seed},
-        })
-        out = work / f"adapters-{method}"
+        out = work / f"adapters-{method}-{weight}"
         shutil.rmtree(out, ignore_errors=True)
         print(f"[adapters] {label}: adapterhub …", flush=True)
+        rank = None if definition.linear else LORA_RANK * len(tasks)
         start = time.perf_counter()
         result = merge(recipe, base_dir=base, out_dir=out, rank=rank)
-        ours_time = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        adapter_name = f"ah_{len(rows)}"
+        scorer.load(adapter_name, out)
         rows.append({
-            "case": label, "tool": "adapterhub", "type": method + (" (exact concat)" if result.exact else f" (SVD r{rank})"),
-            "seconds": ours_time, "rank": result.rank, "reported_max_error": result.max_relative_error,
-            **_quality(_lora_deltas(out), reference, parents),
+            "case": label, "tool": "adapterhub", "type": method + (" (exact concat)" if result.exact else f" (SVD r{result.rank})"),
+            "seconds": seconds, "rank": result.rank, "exact_match": scorer.score(adapter_name, tasks),
+            **_weight_space(_lora_deltas(out), reference, parent_deltas),
         })
+        scorer.model.delete_adapter(adapter_name)
         for combination in peft_types:
-            adapter_name = f"m_{combination}"
+            adapter_name = f"peft_{len(rows)}"
             kwargs: dict[str, Any] = {"combination_type": combination}
             if "svd" in combination:
-                kwargs["svd_rank"] = rank or 16
+                kwargs["svd_rank"] = LORA_RANK * len(tasks)
             if combination.startswith(("ties", "dare")):
                 kwargs["density"] = density
             print(f"[adapters] {label}: PEFT {combination} …", flush=True)
             torch.manual_seed(seed)
             start = time.perf_counter()
-            peft_model.add_weighted_adapter([f"p{i}" for i in range(len(adapters))], [weight] * len(adapters), adapter_name, **kwargs)
+            scorer.model.add_weighted_adapter(tasks, [weight] * len(tasks), adapter_name, **kwargs)
             seconds = time.perf_counter() - start
-            merged = _peft_deltas(peft_model, adapter_name)
             rows.append({
                 "case": label, "tool": "peft", "type": combination, "seconds": seconds,
-                "rank": int(peft_model.peft_config[adapter_name].r),
-                "reported_max_error": None, **_quality(merged, reference, parents),
+                "rank": int(scorer.model.peft_config[adapter_name].r), "exact_match": scorer.score(adapter_name, tasks),
+                **_weight_space(_peft_deltas(scorer.model, adapter_name), reference, parent_deltas),
             })
-            peft_model.delete_adapter(adapter_name)
-    return rows
+            scorer.model.delete_adapter(adapter_name)
+    for row in rows:
+        row["mean_exact_match"] = sum(row["exact_match"].values()) / len(tasks)
+    return {
+        "tasks": tasks, "train_steps": steps, "heldout_per_task": heldout, "rank": LORA_RANK,
+        "base": base_scores, "single": single_scores, "merges": rows,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Report
 
 
-def print_tables(full_rows: list[dict[str, Any]], adapter_rows: list[dict[str, Any]]) -> None:
+def print_tables(full_rows: list[dict[str, Any]], adapters: dict[str, Any] | None) -> None:
     if full_rows:
         print("\nFull-model merges of two SmolLM2-135M variants (fp32), adapterhub vs mergekit 0.1.5")
         print(f"{'method':<16}{'ours s':>9}{'mk s':>9}{'ratio':>7}{'ours MB':>10}{'mk MB':>9}{'ratio':>7}{'max |diff|':>13}{'differ>1e-5':>13}")
@@ -305,23 +412,36 @@ def print_tables(full_rows: list[dict[str, Any]], adapter_rows: list[dict[str, A
                 f"{r['method']:<16}{r['adapterhub']['wall_s']:>9.1f}{r['mergekit']['wall_s']:>9.1f}{r['wall_ratio']:>7.2f}"
                 f"{r['adapterhub']['peak_rss_mb']:>10.0f}{r['mergekit']['peak_rss_mb']:>9.0f}{r['rss_ratio']:>7.2f}{diff:>13}{share:>13}"
             )
-    if adapter_rows:
-        print("\nEight rank-16 LoRAs → one LoRA, adapterhub (disk to disk) vs PEFT add_weighted_adapter (in memory)")
-        print(f"{'case':<26}{'tool':<12}{'type':<28}{'s':>7}{'rank':>6}{'rel err':>9}{'keep min':>10}{'keep mean':>10}")
-        for r in adapter_rows:
+    if adapters:
+        tasks = adapters["tasks"]
+        print(
+            f"\nEight rank-{adapters['rank']} LoRAs (q/k/v/o, {adapters['train_steps']} steps each) → one LoRA: "
+            f"exact match on {adapters['heldout_per_task']} held-out rows per task"
+        )
+        head = f"{'case':<30}{'tool':<11}{'type':<30}{'s':>7}{'rank':>5}" + "".join(f"{t[:7]:>8}" for t in tasks)
+        print(head + f"{'mean':>7}{'rel err':>9}{'keep':>7}")
+        base, single = adapters["base"], adapters["single"]
+        print(f"{'base model':<30}{'':<11}{'':<30}{'':>7}{'':>5}" + "".join(f"{base[t]:>8.2f}" for t in tasks)
+              + f"{sum(base.values()) / len(tasks):>7.2f}")
+        print(f"{'each adapter on its own task':<30}{'':<11}{'':<30}{'':>7}{adapters['rank']:>5}" + "".join(f"{single[t]:>8.2f}" for t in tasks)
+              + f"{sum(single.values()) / len(tasks):>7.2f}")
+        for r in adapters["merges"]:
             print(
-                f"{r['case']:<26}{r['tool']:<12}{r['type']:<28}{r['seconds']:>7.2f}{r['rank']:>6}"
-                f"{r['relative_error']:>9.4f}{r['retention_min']:>10.3f}{r['retention_mean']:>10.3f}"
+                f"{r['case']:<30}{r['tool']:<11}{r['type']:<30}{r['seconds']:>7.2f}{r['rank']:>5}"
+                + "".join(f"{r['exact_match'][t]:>8.2f}" for t in tasks)
+                + f"{r['mean_exact_match']:>7.2f}{r['relative_error']:>9.3f}{r['retention_mean']:>7.2f}"
             )
+        print("rel err: ‖ΔW − ΔW_definition‖/‖ΔW_definition‖ (random methods: vs the merge without the drop); "
+              "keep: mean over parents of ⟨ΔW, ΔWᵢ⟩/⟨ΔW_definition, ΔWᵢ⟩")
 
 
-def plot(full_rows: list[dict[str, Any]], adapter_rows: list[dict[str, Any]], path: Path) -> None:
+def plot(full_rows: list[dict[str, Any]], adapters: dict[str, Any] | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     if full_rows:
         methods = [r["method"] for r in full_rows]
         x = range(len(methods))
@@ -332,13 +452,19 @@ def plot(full_rows: list[dict[str, Any]], adapter_rows: list[dict[str, Any]], pa
             ax.set_ylabel(unit)
             ax.set_title(f"full-model merge: {unit}")
             ax.legend()
-    if adapter_rows:
-        labels = [f"{r['tool']}\n{r['type'].split(' ')[0]}" for r in adapter_rows]
-        colors = ["tab:blue" if r["tool"] == "adapterhub" else "tab:orange" for r in adapter_rows]
-        axes[2].bar(range(len(adapter_rows)), [r["relative_error"] for r in adapter_rows], color=colors)
-        axes[2].set_xticks(range(len(adapter_rows)), labels, rotation=70, fontsize=7)
-        axes[2].set_ylabel("relative error of merged ΔW vs the method's definition")
-        axes[2].set_title("8 LoRAs → 1 (lower is better)")
+    if adapters:
+        rows = adapters["merges"]
+        labels = [f"{r['tool']}\n{r['type'].split(' ')[0]}\n{r['case'].split(' (')[0]}" for r in rows]
+        colors = ["tab:blue" if r["tool"] == "adapterhub" else "tab:orange" for r in rows]
+        axes[2].bar(range(len(rows)), [r["mean_exact_match"] for r in rows], color=colors)
+        single = sum(adapters["single"].values()) / len(adapters["single"])
+        base = sum(adapters["base"].values()) / len(adapters["base"])
+        axes[2].axhline(single, color="green", linestyle="--", label=f"each adapter on its own task ({single:.2f})")
+        axes[2].axhline(base, color="gray", linestyle=":", label=f"base model ({base:.2f})")
+        axes[2].set_xticks(range(len(rows)), labels, rotation=70, fontsize=7)
+        axes[2].set_ylabel("mean exact match over the 8 tasks")
+        axes[2].set_title("8 trained LoRAs → 1: what the merge still does")
+        axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -348,10 +474,12 @@ def main() -> None:
     parser.add_argument("--base", type=Path, help="a prepared SmolLM2 (safetensors) directory; default: prepared from the GGUF")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--mergekit", type=Path, default=DEFAULT_MERGEKIT, help="the mergekit-yaml executable")
-    parser.add_argument("--adapters", type=Path, nargs="*", help="trained LoRA dirs instead of synthetic ones")
+    parser.add_argument("--adapters", type=Path, nargs="*", help="part 1: two LoRA dirs to build the full variants from (default: synthetic)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-full", action="store_true")
-    parser.add_argument("--skip-adapters", action="store_true")
+    parser.add_argument("--train-steps", type=int, default=30, help="part 2: training steps per task adapter")
+    parser.add_argument("--heldout", type=int, default=24, help="part 2: held-out rows scored per task")
+    parser.add_argument("--skip-full", action="store_true", help="skip part 1 (full models vs mergekit)")
+    parser.add_argument("--skip-adapters", action="store_true", help="skip part 2 (8 trained adapters vs PEFT)")
     parser.add_argument("--_run-ours", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._run_ours:
@@ -362,8 +490,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     base = prepare_base(work, args.base)
     full_rows: list[dict[str, Any]] = []
-    adapter_rows: list[dict[str, Any]] = []
-    synthetic = not args.adapters
+    adapters: dict[str, Any] | None = None
     if not args.skip_full:
         if not args.mergekit.exists():
             sys.exit(f"mergekit-yaml not found at {args.mergekit}: create its venv (pip install torch==2.13.0+cpu mergekit==0.1.5)")
@@ -372,30 +499,30 @@ def main() -> None:
         ]
         variants = [full_variant(base, source, work / f"variant-{i}") for i, source in enumerate(sources)]
         full_rows = part_full(base, variants, work, args.mergekit, args.seed)
-        write_results(full_rows, [], synthetic=synthetic, base=base)
+        write_results(full_rows, None, base=base)
     if not args.skip_adapters:
-        adapters = args.adapters or [synthetic_lora(base, work / f"lora-{i}", seed=i, targets=ATTENTION) for i in range(8)]
-        adapter_rows = part_adapters(base, adapters, work, args.seed)
+        adapters = part_adapters(base, work, seed=args.seed, steps=args.train_steps, heldout=args.heldout)
 
-    print_tables(full_rows, adapter_rows)
-    write_results(full_rows, adapter_rows, synthetic=synthetic, base=base)
+    print_tables(full_rows, adapters)
+    write_results(full_rows, adapters, base=base)
 
 
-def write_results(full_rows: list[dict[str, Any]], adapter_rows: list[dict[str, Any]], *, synthetic: bool, base: Path) -> None:
-    """Write JSON + PNG; a part that was skipped keeps its rows from the previous run."""
+def write_results(full_rows: list[dict[str, Any]], adapters: dict[str, Any] | None, *, base: Path) -> None:
+    """Write JSON + PNG; a part that was skipped keeps its figures from the previous run."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "merge_bench.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
+    previous_adapters = previous.get("adapters")
     payload = {
-        "synthetic_adapters": synthetic,
         "base": str(base),
         "full_model": full_rows or previous.get("full_model", []),
-        "adapters": adapter_rows or previous.get("adapters", []),
+        "adapters": adapters or (previous_adapters if isinstance(previous_adapters, dict) else None),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     plot(payload["full_model"], payload["adapters"], RESULTS / "merge_bench.png")
     print(f"\nwrote {path} and {RESULTS / 'merge_bench.png'}")
+
 
 if __name__ == "__main__":
     main()
