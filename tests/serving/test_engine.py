@@ -203,3 +203,30 @@ def test_lru_keeps_pinned_and_cpu_tier_avoids_disk(adapter_fleet: AdapterFleet, 
     assert ("task-0", "device", True) in held  # pinned: never evicted by the five swaps
     assert sum(1 for _, tier, _ in held if tier == "device") == 2
     assert reads == ["task-0", "task-1", "task-2", "task-3"]  # second round came from the CPU tier
+
+
+def test_slot_memory_follows_resident_adapters(adapter_fleet: AdapterFleet) -> None:
+    """Stacks grow by one slot per adapter (not by doubling), so slot memory per resident adapter
+    is the adapter's size; a slot rewritten after holding a wider adapter keeps none of it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(adapter_fleet.base_dir).eval()
+    table = SlotTable(model, max_slots=20)
+    weights = read_adapter_dir(adapter_fleet.dirs["task-1"], table.base_layers)  # rank 8 on q/k/v/o
+    sizes = []
+    for slot in range(1, 6):
+        table.write(slot, weights)
+        sizes.append(table.stack_bytes())
+    assert table.capacity == 6
+    assert {b - a for a, b in zip(sizes, sizes[1:])} == {weights.size_bytes}
+    input_ids = torch.randint(3, 300, (1, 5), generator=torch.Generator().manual_seed(2))
+    table.context.set_rows([3])
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    table.write(3, read_adapter_dir(adapter_fleet.dirs["task-2"], table.base_layers))  # wider: rank 16, MLP too
+    table.write(3, weights)
+    with torch.no_grad():
+        # Not bit-equal: the stacks' rank grew to 16, and a longer (zero-padded) inner dimension
+        # changes the matmul's summation order.
+        torch.testing.assert_close(model(input_ids).logits, expected, rtol=1e-5, atol=1e-6)
+    table.context.set_rows(None)
