@@ -156,7 +156,7 @@ def train_command(
     max_grad_norm: Annotated[Optional[float], typer.Option(help="Gradient clipping norm (0: off).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay.")] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="adamw, adafactor or sgd.")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward (default on; off is faster, uses more memory).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     eval_steps: Annotated[Optional[int], typer.Option(help="Validate every N steps.")] = None,

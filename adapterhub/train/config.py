@@ -131,7 +131,9 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping; 0 disables it")
     weight_decay: float = Field(0.0, ge=0.0)
     optimizer: Optimizer = "adamw"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        True, description="recompute activations in the backward pass (TRL's default): about 20% less memory for about 10% "
+        "more time on small models, the difference between fitting and not on large ones")
     precision: Precision = Field("auto", description="auto: bf16 on CUDA GPUs that have it, fp16 on older ones, fp32 on CPU")
     seed: int = 42
 

@@ -193,8 +193,8 @@ def _training_arguments(
         max_grad_norm=config.max_grad_norm,
         weight_decay=config.weight_decay,
         optim=_OPTIMIZERS[config.optimizer] or getattr(TrainingArguments, "default_optim", "adamw_torch"),
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        gradient_checkpointing=uses_gradient_checkpointing(config),
+        gradient_checkpointing_kwargs={"use_reentrant": False} if uses_gradient_checkpointing(config) else None,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
@@ -280,6 +280,16 @@ def _build_trainer(
     )
 
 
+def uses_gradient_checkpointing(config: TrainConfig) -> bool:
+    """Whether activations are recomputed in the backward pass.
+
+    Not for prefix tuning: PEFT hands its prefix in as a key/value cache, which transformers
+    drops when it recomputes a checkpointed block (the recomputed attention then sees keys of
+    the wrong length).
+    """
+    return config.gradient_checkpointing and config.method != Method.PREFIX_TUNING
+
+
 def uses_padding_free_batches(config: TrainConfig) -> bool:
     """Whether SFT batches are laid end to end without padding (packing does that by itself)."""
     return config.padding_free and not config.packing and config.method not in SOFT_PROMPT_METHODS
@@ -358,6 +368,7 @@ def train(
     precision, _ = resolve_precision(config.precision)
     resolved = config.resolved()
     resolved["precision"] = precision
+    resolved["gradient_checkpointing"] = uses_gradient_checkpointing(config)  # what the run did, for the lineage
 
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoints_dir = output_dir / CHECKPOINTS_DIR
@@ -379,6 +390,8 @@ def train(
     truncated = count_truncated(data.train, tokenizer, config)
     if truncated:
         notes.append(f"{truncated} of {len(data.train)} training examples exceed max_length {config.max_length} tokens and were truncated")
+    if config.gradient_checkpointing and not uses_gradient_checkpointing(config):
+        notes.append(f"gradient checkpointing is off for {config.method.value} (its prefix is a key/value cache that recomputation drops)")
 
     set_seed(config.seed)
     model = build_model(config, base_dir, tokenizer=tokenizer, precision=precision, labels=data.labels)
