@@ -139,6 +139,10 @@ class InputModel:
                 f"(mergeable kinds: LoRA, DoRA, (IA)³ and full fine-tuned models)"
             ]
         problems = []
+        architecture = (self.config.get("architectures") or [""])[0] if self.manifest.is_full_model else ""
+        if architecture.endswith("ForSequenceClassification"):
+            # Its head is new weights, not a change of the base's: there is no task vector to take.
+            problems.append(f"a sequence classifier ({architecture}) has a classification head the base lacks and cannot be merged")
         if self.config.get("modules_to_save"):
             problems.append(f"modules_to_save {self.config['modules_to_save']} (fully trained copies of layers) are not supported in merges")
         stored = set(self._reader.names())

@@ -227,12 +227,17 @@ def test_bad_inputs_raise_one_error_and_write_nothing(
 ) -> None:
     other = build_lora_adapter(tiny_base_other, tmp_path / "other")
     prompt = build_lora_adapter(tiny_base, tmp_path / "prompt", peft_type="prompt_tuning")
-    recipe = _recipe("ties", [(adapters["a"], {}), (other, {}), (prompt, {})])
+    from transformers import AutoModelForSequenceClassification
+
+    classifier = tmp_path / "classifier"
+    AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=2).save_pretrained(classifier)
+    recipe = _recipe("ties", [(adapters["a"], {}), (other, {}), (prompt, {}), (classifier, {})])
     with pytest.raises(ValidationError) as caught:
         merge(recipe, base_dir=tiny_base, out_dir=tmp_path / "out")
     message = str(caught.value)
     assert f"input {other}: " in message and "does not fit the base model" in message
     assert "PROMPT_TUNING adapter is not a change of the base weights" in message
+    assert "sequence classifier (LlamaForSequenceClassification)" in message
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.partial*"))
 
