@@ -44,10 +44,16 @@ _FINGERPRINT_IGNORED_CONFIG_KEYS = {"transformers_version", "_name_or_path", "to
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Name-independent facts about one stored tensor."""
+    """Name-independent facts about one stored tensor.
+
+    `byte_range` is where its data lies in the file (absolute offsets, end exclusive), so the
+    merge reader and the server's memory map read a tensor without parsing the header again.
+    It is not part of equality: two files holding the same tensor agree on what it is.
+    """
 
     dtype: str
     shape: tuple[int, ...]
+    byte_range: tuple[int, int] = field(default=(0, 0), compare=False)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -80,7 +86,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if dtype not in _DTYPE_BYTES or end - begin != expected or begin < 0:
             raise ValueError(f"{path.name}: tensor {name!r} has inconsistent dtype/shape/offsets")
         data_end = max(data_end, end)
-        tensors[name] = TensorInfo(dtype=dtype, shape=shape)
+        tensors[name] = TensorInfo(dtype=dtype, shape=shape, byte_range=(8 + header_len + begin, 8 + header_len + end))
     if data_end > data_len:
         raise ValueError(f"{path.name} is truncated: tensors need {data_end} data bytes, the file has {data_len}")
     return tensors

@@ -77,21 +77,6 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
-def _data_start(path: Path) -> int:
-    with path.open("rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-    return 8 + header_len
-
-
-def _raw_offsets(path: Path) -> dict[str, tuple[int, int]]:
-    """Absolute (start, end) byte offsets of each tensor (the header was validated before)."""
-    start = _data_start(path)
-    with path.open("rb") as handle:
-        handle.seek(8)
-        header = json.loads(handle.read(start - 8))
-    return {name: (start + e["data_offsets"][0], start + e["data_offsets"][1]) for name, e in header.items() if name != "__metadata__"}
-
-
 @dataclass(frozen=True)
 class _Location:
     path: Path
@@ -107,11 +92,9 @@ class LazyTensorReader:
         self._infos: dict[str, TensorInfo] = {}
         self._locations: dict[str, _Location] = {}
         for path in files if files is not None else weight_files(model_dir):
-            infos = read_safetensors_header(path)
-            offsets = _raw_offsets(path)
-            for name, info in infos.items():
+            for name, info in read_safetensors_header(path).items():
                 self._infos[name] = info
-                self._locations[name] = _Location(path, *offsets[name])
+                self._locations[name] = _Location(path, *info.byte_range)
 
     def names(self) -> list[str]:
         """Tensor names in file order (the order a streaming writer should follow)."""

@@ -43,7 +43,6 @@ import json
 import math
 import mmap
 import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from adapterhub.formats import read_safetensors_header
 from adapterhub.serving.backends.base import AdapterLoadError
 
 _PEFT_PREFIX = "base_model.model."
@@ -123,26 +123,24 @@ def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], mmap.mmap]:
     `{name: {dtype, shape, data_offsets}}`, then the data. A tensor whose offset is not aligned
     to its element size (legal, though safetensors' writer never produces it) is copied.
     """
+    try:
+        infos = read_safetensors_header(path)  # validated: offsets inside the file, sizes matching shapes
+    except ValueError as exc:
+        raise AdapterLoadError(str(exc)) from None
     with path.open("rb") as handle:
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-    (header_len,) = struct.unpack("<Q", mapped[:8])
-    header = json.loads(mapped[8 : 8 + header_len])
     raw = torch.frombuffer(mapped, dtype=torch.uint8)
-    start = 8 + header_len
     tensors: dict[str, torch.Tensor] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+    for name, info in infos.items():
+        dtype = _SAFETENSORS_DTYPES.get(info.dtype)
         if dtype is None:
-            raise AdapterLoadError(f"{path.name}: tensor {name!r} has dtype {info['dtype']}, not a float type")
-        begin, end = info["data_offsets"]
-        chunk = raw[start + begin : start + end]
+            raise AdapterLoadError(f"{path.name}: tensor {name!r} has dtype {info.dtype}, not a float type")
+        chunk = raw[info.byte_range[0] : info.byte_range[1]]
         try:
             tensor = chunk.view(dtype)
         except RuntimeError:  # unaligned
             tensor = chunk.clone().view(dtype)
-        tensors[name] = tensor.view(info["shape"])
+        tensors[name] = tensor.view(info.shape)
     return tensors, mapped
 
 
