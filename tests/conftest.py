@@ -101,9 +101,15 @@ def build_lora_adapter(
     target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
     seed: int = 1,
     peft_type: str = "lora",
+    feedforward_modules: tuple[str, ...] = (),
     **config_kwargs: object,
 ) -> Path:
-    """A real PEFT adapter on `base_dir` with random (non-zero) weights, saved by PEFT."""
+    """A real PEFT adapter on `base_dir` with random weights that look trained, saved by PEFT.
+
+    LoRA/soft-prompt tensors get 0.05 * noise. DoRA magnitudes and (IA)3 scales stay near their
+    identity values (the base's row norms, and 1) with 30% noise: filling them with small noise
+    would zero the layer out. `feedforward_modules` are the (IA)3 modules that scale the input.
+    """
     import torch
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -112,7 +118,7 @@ def build_lora_adapter(
     if peft_type == "lora":
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), task_type="CAUSAL_LM", **config_kwargs)
     elif peft_type == "ia3":
-        config = IA3Config(target_modules=list(target_modules), feedforward_modules=[], task_type="CAUSAL_LM")
+        config = IA3Config(target_modules=list(target_modules), feedforward_modules=list(feedforward_modules), task_type="CAUSAL_LM")
     elif peft_type == "prompt_tuning":
         config = PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
     elif peft_type == "prefix_tuning":
@@ -123,8 +129,13 @@ def build_lora_adapter(
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+            if not param.requires_grad:
+                continue
+            noise = torch.randn(param.shape, generator=generator)
+            if "lora_magnitude_vector" in name or "ia3_l" in name:
+                param.mul_(1 + 0.3 * noise)
+            else:
+                param.copy_(noise * 0.05)
     peft_model.save_pretrained(out_dir)
     return out_dir
 

@@ -44,40 +44,9 @@ ADAPTER_SHAPES: list[dict[str, object]] = [
     {"rank": 4, "alpha": 32.0, "target_modules": ("q_proj", "v_proj"), "rank_pattern": {"v_proj": 6}},
 ] * 2
 
-
-def build_kind_adapter(base_dir: Path, out_dir: Path, kind: str, *, seed: int) -> Path:
-    """A PEFT DoRA or (IA)3 adapter whose weights look trained rather than freshly initialised.
-
-    `build_lora_adapter` fills every trainable tensor with 0.05 * noise, which would zero out
-    (IA)3's scales and DoRA's magnitudes; here they stay near their identity values (1, and the
-    base weight's row norms) with 10-30% noise, so the outputs differ from the base's but remain
-    a language model's. The (IA)3 adapter has a feedforward module (input scaling) as well as
-    output-scaled attention modules.
-    """
-    import torch
-    from peft import IA3Config, LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    if kind == "dora":
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True, task_type="CAUSAL_LM")
-    elif kind == "ia3":
-        config = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM")
-    else:
-        raise ValueError(kind)
-    peft_model = get_peft_model(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if not param.requires_grad:
-                continue
-            noise = torch.randn(param.shape, generator=generator)
-            if "lora_magnitude_vector" in name or "ia3_l" in name:
-                param.mul_(1 + 0.3 * noise)  # around PEFT's identity init (row norms; ones)
-            else:
-                param.copy_(noise * 0.1)
-    peft_model.save_pretrained(out_dir)
-    return out_dir
+# DoRA and (IA)3 test adapters: attention and a feedforward module each (down_proj scales its input in (IA)3).
+DORA_TARGETS = ("q_proj", "v_proj", "down_proj")
+IA3_TARGETS = ("k_proj", "v_proj", "down_proj")
 
 
 @dataclass(frozen=True)
