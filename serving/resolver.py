@@ -83,9 +83,6 @@ class RegistryResolver:
         # `registry` is an `adapterhub.registry.Registry`; `registry_base` the base name it uses.
         self.registry = registry
         self.registry_base = registry_base
-        # Content hashes verified by this process: blobs are immutable and content-addressed, so
-        # re-hashing them on every hot load (after a CPU-tier eviction) buys nothing but latency.
-        self._verified: set[str] = set()
 
     def resolve(self, base: str, name: str) -> AdapterSpec | None:
         try:
@@ -96,12 +93,9 @@ class RegistryResolver:
             return None  # a malformed reference names nothing
         if record is None:
             return None
-        return AdapterSpec(key=record.ref, locate=lambda: self._materialize(record))
-
-    def _materialize(self, record: Any) -> Path:
-        path = Path(self.registry.materialize(record, verify=record.sha256 not in self._verified))
-        self._verified.add(record.sha256)
-        return path
+        registry = self.registry
+        # `materialize` hashes a blob once; later hot loads only compare its stat stamp.
+        return AdapterSpec(key=record.ref, locate=lambda: Path(registry.materialize(record)))
 
     def list(self, base: str) -> list[AdapterListing]:
         records = self.registry.list(base=self.registry_base)
