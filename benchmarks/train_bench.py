@@ -11,7 +11,8 @@ so peak RSS (GPU: peak allocated memory) is that run's alone:
   padding-free batches (the batch's examples end to end in one row, no pad tokens) and
   gradient checkpointing (on, as in TRL's SFTConfig): the like-for-like comparison;
 - `adapterhub-no-gc`: the same without gradient checkpointing (faster, more memory);
-- `adapterhub+packing`: the same with packing (TRL best-fit packing, padding-free), no checkpointing;
+- `adapterhub+packing`: the same with packing (TRL best-fit packing; the packed rows kept as rows
+  under SDPA, see adapterhub.train.batching), no checkpointing;
 - `adapterhub-qlora`: 4-bit NF4 QLoRA, no checkpointing (memory against `adapterhub-no-gc`).
 
 tokens/s counts real (non-padding) tokens trained per second of training loop (model loading

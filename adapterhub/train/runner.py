@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub.errors import AdapterhubError, ValidationError
-from adapterhub.train.config import SOFT_PROMPT_METHODS, Method, Task, TrainConfig
+from adapterhub.train.batching import keeps_packed_rows, packed_rows_collator, padding_free_collator
+from adapterhub.train.config import Method, Task, TrainConfig
 from adapterhub.train.data import PreparedData, prepare_data
 from adapterhub.train.methods import build_model, environment_problems, resolve_precision, trainable_parameters
 from adapterhub.train.progress import CURVE_FILE, RichProgressBar, loss_history, plot_learning_curve, write_metrics
@@ -269,15 +270,20 @@ def _build_trainer(
             compute_metrics=_classification_metrics,
             callbacks=callbacks,
         )
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=_padding_free_collator(config, tokenizer),
+        data_collator=padding_free_collator(config, tokenizer),
         callbacks=callbacks,
     )
+    if keeps_packed_rows(config, getattr(model.config, "_attn_implementation", None)):
+        # TRL refuses a custom collator together with packing, and would flatten the packed
+        # rows into one: set after construction (see adapterhub.train.batching).
+        trainer.data_collator = packed_rows_collator(tokenizer)
+    return trainer
 
 
 def uses_gradient_checkpointing(config: TrainConfig) -> bool:
@@ -288,29 +294,6 @@ def uses_gradient_checkpointing(config: TrainConfig) -> bool:
     the wrong length).
     """
     return config.gradient_checkpointing and config.method != Method.PREFIX_TUNING
-
-
-def uses_padding_free_batches(config: TrainConfig) -> bool:
-    """Whether SFT batches are laid end to end without padding (packing does that by itself)."""
-    return config.padding_free and not config.packing and config.method not in SOFT_PROMPT_METHODS
-
-
-def _padding_free_collator(config: TrainConfig, tokenizer: Any) -> Any:
-    """TRL's own collator in padding-free mode, or None for TRL's default (padded) collator.
-
-    TRL only offers `padding_free` for FlashAttention and refuses it together with `max_length`
-    unless packing. transformers derives a block-diagonal causal mask from the restarting
-    `position_ids` for every attention implementation (SDPA and eager included), so the
-    examples laid end to end attend only to themselves. Passing the collator explicitly keeps
-    TRL's truncation to `max_length` during dataset preparation and skips the pad tokens,
-    which cost compute and activation memory on batches of mixed lengths.
-    """
-    if not uses_padding_free_batches(config):
-        return None
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True)
 
 
 def validate_run(config: TrainConfig, base_dir: Path) -> None:
