@@ -9,6 +9,10 @@ Under `--compare` the base is scored on the same rows: its numbers are stored on
 model's record and the adapter's on the adapter's, each with the other side and the delta in
 its details. `--forgetting` scores perplexity on general held-out text on both sides and
 stores it as `heldout_perplexity` (details: the base value and the ratio).
+
+`--split validation` (or `train`) scores a trained adapter on exactly the rows its training
+run held out (or trained on), found again from its lineage: the data file, its fingerprint,
+the validation share and the seed. The split goes into the registry's `split` column.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from rich.table import Table
 
 from adapterhub.cli.common import JsonOption, console, err_console, open_registry, print_json
 from adapterhub.errors import AdapterhubError, NotFoundError
+from adapterhub.eval.data import RowSubset
 from adapterhub.registry import Registry
 
 # How many evaluated rows go into the stored details: enough to see what a score means,
@@ -103,9 +108,21 @@ def _fmt_delta(delta: float, metric: str) -> str:
     return f"[{colour}]{delta:+.4f}[/]" if metric not in ("bleu", "perplexity") else f"[{colour}]{delta:+.2f}[/]"
 
 
+def _training_subset(registry: Registry, target: EvalTarget, split: str) -> tuple[Path, RowSubset]:
+    """The file and rows of `split` of the run that trained `target` (from its lineage)."""
+    from adapterhub.train.data import training_split
+
+    record = None if target.is_base_model else registry.resolve(target.ref)
+    if record is None or record.lineage is None or record.lineage.kind != "trained":
+        raise AdapterhubError(f"--split needs an adapter or model trained by adapterhub; {target.ref!r} was not")
+    found = training_split(record.lineage.details, split)
+    return found.path, RowSubset(split, found.indices)
+
+
 def evaluate(
     ref: Annotated[str, typer.Argument(help="Adapter ref (name, name:version, name@sha) or a base model name.")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="Eval file: JSONL, CSV or Parquet (prompt/completion, messages, text/label or text).")],
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Eval file: JSONL, CSV or Parquet (prompt/completion, messages, text/label or text).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Instead of --data: the 'validation' (or 'train') rows of the adapter's own training run.")] = None,
     metrics: Annotated[Optional[str], typer.Option("--metrics", "-m", help="Comma-separated: accuracy,precision,recall,f1,exact_match,perplexity,rouge,bleu (default: from the data's shape).")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Also score the base model on the same rows and show the difference.")] = False,
     forgetting: Annotated[bool, typer.Option("--forgetting", help="Perplexity on general held-out text, base vs adapter.")] = False,
@@ -130,9 +147,14 @@ def evaluate(
     target = resolve_target(registry, ref)
     if target.is_base_model and (compare or forgetting):
         raise AdapterhubError(f"{ref!r} is a base model: --compare and --forgetting need an adapter or a fine-tuned model")
+    if (data is None) == (split is None):
+        raise AdapterhubError("give the rows to score: --data FILE or --split validation|train (not both)")
+    subset = None
+    if split is not None:
+        data, subset = _training_subset(registry, target, split)
     metric_list = _split_metrics(metrics)
-    settings: dict[str, Any] = {"metrics": metric_list, "max_examples": max_examples, "max_new_tokens": max_new_tokens,
-                                "batch_size": batch_size, "device": device, "dtype": dtype}
+    settings: dict[str, Any] = {"metrics": metric_list, "max_examples": max_examples, "subset": subset,
+                                "max_new_tokens": max_new_tokens, "batch_size": batch_size, "device": device, "dtype": dtype}
     base_dir = None if target.adapter_dir is not None else target.base_dir
     comparison = forgetting_report = report = None
     with _progress_bars() as progress:
@@ -154,7 +176,7 @@ def evaluate(
                 )
 
     if record:
-        _store(registry, target, report, comparison, forgetting_report, max_examples=max_examples)
+        _store(registry, target, report, comparison, forgetting_report, max_examples=max_examples, split=split)
 
     if json_output:
         payload: dict[str, Any] = {"ref": target.ref, "base": target.base_name, "recorded": record}
@@ -171,7 +193,8 @@ def evaluate(
 
 
 def _store(
-    registry: Registry, target: EvalTarget, report: Any, comparison: Any, forgetting_report: Any, *, max_examples: int | None
+    registry: Registry, target: EvalTarget, report: Any, comparison: Any, forgetting_report: Any, *,
+    max_examples: int | None, split: str | None,
 ) -> None:
     dataset = report.dataset.label
     common = {"max_examples": max_examples}
@@ -181,13 +204,13 @@ def _store(
         if comparison is not None:
             extra.update(base=target.base_name, base_value=comparison.base.metrics.get(metric), delta=deltas.get(metric))
         registry.record_evaluation(
-            target.ref, metric=metric, value=value, dataset=dataset, details=_stored_details(report, extra=extra),
-            base_model=target.is_base_model,
+            target.ref, metric=metric, value=value, dataset=dataset, split=split,
+            details=_stored_details(report, extra=extra), base_model=target.is_base_model,
         )
     if comparison is not None:
         for metric, value in comparison.base.metrics.items():
             registry.record_evaluation(
-                target.base_name, metric=metric, value=value, dataset=dataset, base_model=True,
+                target.base_name, metric=metric, value=value, dataset=dataset, split=split, base_model=True,
                 details=_stored_details(comparison.base, extra={**common, "compared_with": target.ref}),
             )
     if forgetting_report is not None:
@@ -205,7 +228,8 @@ def _store(
 
 def _print_tables(target: EvalTarget, report: Any, comparison: Any, forgetting_report: Any, *, recorded: bool) -> None:
     info = report.dataset
-    title = f"{target.ref} on {info.label} ({info.num_evaluated} of {info.num_rows} rows, {info.kind})"
+    rows = f"{info.num_evaluated} of {info.num_rows} {info.split} rows" if info.split else f"{info.num_evaluated} of {info.num_rows} rows"
+    title = f"{target.ref} on {info.label} ({rows}, {info.kind})"
     if comparison is not None:
         table = Table("METRIC", f"BASE ({target.base_name})", target.ref, "DELTA")
         deltas = comparison.deltas

@@ -19,6 +19,7 @@ the results.
 
 from __future__ import annotations
 
+from adapterhub.eval.data import RowSubset
 from adapterhub.eval.report import Comparison, DatasetInfo, EvalReport, ExampleResult, ForgettingReport
 from adapterhub.eval.runner import GENERAL_HELDOUT_PATH, compare, evaluate_model, forgetting_check
 
@@ -29,6 +30,7 @@ __all__ = [
     "EvalReport",
     "ExampleResult",
     "ForgettingReport",
+    "RowSubset",
     "compare",
     "evaluate_model",
     "forgetting_check",

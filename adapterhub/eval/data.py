@@ -21,6 +21,9 @@ Design decisions:
   they were measured on the same bytes (and `--max-examples`, recorded next to it).
 - `max_examples` takes the first N rows in file order, never a random sample, so a score is
   reproducible from the file alone.
+- A `RowSubset` keeps only some rows (say, the validation rows a training run held out of the
+  same file), by position among the file's rows; the whole file is still validated, and the
+  subset's name travels with the scores (the registry's `split` column).
 """
 
 from __future__ import annotations
@@ -69,17 +72,26 @@ class EvalRow:
 
 
 @dataclass(frozen=True)
+class RowSubset:
+    """Rows of a file to keep, by 0-based position among its rows, and what they are called."""
+
+    name: str  # e.g. "validation": stored as the evaluation's split
+    indices: frozenset[int] | None = None  # None: every row (a file that is the split as a whole)
+
+
+@dataclass(frozen=True)
 class EvalDataset:
-    """A validated eval file."""
+    """A validated eval file (or the rows of it a `RowSubset` keeps)."""
 
     path: Path
     sha256: str
     kind: EvalKind
     rows: tuple[EvalRow, ...]
-    num_rows: int  # valid rows in the file, before max_examples
+    num_rows: int  # valid rows in the file (or in the subset), before max_examples
     # Classification: the label set (sorted, as strings). Generation: empty.
     labels: tuple[str, ...] = ()
     location: str = "line"  # how `EvalRow.line` numbers rows: "line" (JSONL, CSV) or "row"
+    split: str | None = None  # the `RowSubset`'s name; None for the whole file
 
     @property
     def references(self) -> list[str]:
@@ -104,8 +116,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_eval_dataset(path: Path, *, max_examples: int | None = None) -> EvalDataset:
-    """Read, shape-detect and validate an eval file; raise one error naming every bad row."""
+def load_eval_dataset(path: Path, *, max_examples: int | None = None, subset: RowSubset | None = None) -> EvalDataset:
+    """Read, shape-detect and validate an eval file; raise one error naming every bad row.
+
+    The label set and the shape come from the whole file, so a subset is scored against the
+    same labels as the file it was taken from.
+    """
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"data file {path} not found")
@@ -127,11 +143,27 @@ def load_eval_dataset(path: Path, *, max_examples: int | None = None) -> EvalDat
     labels = tuple(sorted({row.reference for row in rows}, key=label_sort_key)) if kind is EvalKind.CLASSIFICATION else ()
     if kind is EvalKind.CLASSIFICATION and len(labels) < 2:
         raise ValidationError(f"data file {path.name}", [f"classification needs at least two labels, found {list(labels)}"])
+    if subset is not None:
+        rows = _subset_rows(path, rows, subset)
     selected = rows[:max_examples] if max_examples is not None else rows
     return EvalDataset(
         path=path, sha256=file_sha256(path), kind=kind, rows=tuple(selected), num_rows=len(rows), labels=labels,
-        location=location,
+        location=location, split=subset.name if subset is not None else None,
     )
+
+
+def _subset_rows(path: Path, rows: list[EvalRow], subset: RowSubset) -> list[EvalRow]:
+    if subset.indices is None:
+        return rows
+    outside = sorted(i for i in subset.indices if not 0 <= i < len(rows))
+    if outside:
+        raise ValidationError(
+            f"{subset.name} rows of {path.name}",
+            [f"the file has {len(rows)} rows, but the {subset.name} split names row {outside[0] + 1}"],
+        )
+    if not subset.indices:
+        raise ValidationError(f"{subset.name} rows of {path.name}", [f"the {subset.name} split holds no rows"])
+    return [row for i, row in enumerate(rows) if i in subset.indices]
 
 
 def detect_kind(records: Sequence[Mapping[str, Any]], subject: str) -> EvalKind:

@@ -25,8 +25,9 @@ class DatasetInfo:
     path: str
     sha256: str
     kind: str  # "generation", "text" or "classification" (see adapterhub.eval.data)
-    num_rows: int  # valid rows in the file
+    num_rows: int  # valid rows in the file (or in the split)
     num_evaluated: int  # rows used (after --max-examples)
+    split: str | None = None  # which rows of the file, when not all of them (e.g. "validation")
 
     @property
     def label(self) -> str:

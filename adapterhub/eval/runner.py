@@ -31,7 +31,7 @@ from typing import Any
 
 from adapterhub.errors import AdapterhubError, ValidationError
 from adapterhub.eval import metrics as metric_fns
-from adapterhub.eval.data import EvalDataset, EvalKind, EvalRow, load_eval_dataset
+from adapterhub.eval.data import EvalDataset, EvalKind, EvalRow, RowSubset, load_eval_dataset
 from adapterhub.eval.generation import BatchCallback, generate_greedy, has_chat_template, render_prompt, sequence_nll
 from adapterhub.eval.loading import (
     LoadedModel,
@@ -65,6 +65,7 @@ def evaluate_model(
     data: Path,
     metrics: Sequence[str] | None = None,
     max_examples: int | None = None,
+    subset: RowSubset | None = None,
     max_new_tokens: int = 32,
     batch_size: int = 8,
     device: str | None = None,
@@ -74,14 +75,15 @@ def evaluate_model(
 ) -> EvalReport:
     """Score `model_dir` (a base or full model), with `adapter_dir` applied if given, on `data`.
 
-    `metrics=None` picks the metrics from the data's shape. `device`/`dtype` pin where and in
+    `metrics=None` picks the metrics from the data's shape; `subset` keeps only some rows of the
+    file (e.g. the validation rows of a training run). `device`/`dtype` pin where and in
     what precision the model runs (default: from the hardware); `tokenizer_dir` is the
     tokenizer to use when the model directory has none (a merged full model). Raises `AdapterhubError` (a
     `ValidationError` listing every problem) for a bad file, metric list or directory,
     before any model is loaded.
     """
     _check_settings(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    dataset = load_eval_dataset(Path(data), max_examples=max_examples)
+    dataset = load_eval_dataset(Path(data), max_examples=max_examples, subset=subset)
     classifier = _wants_classifier_checked(Path(model_dir), adapter_dir)
     selected = plan_metrics(dataset, metrics, classifier=classifier)
     if adapter_dir is None and is_setfit_dir(Path(model_dir)):
@@ -102,6 +104,7 @@ def compare(
     data: Path,
     metrics: Sequence[str] | None = None,
     max_examples: int | None = None,
+    subset: RowSubset | None = None,
     max_new_tokens: int = 32,
     batch_size: int = 8,
     forgetting: bool = False,
@@ -125,7 +128,7 @@ def compare(
         raise AdapterhubError("compare needs an adapter, or a base model to compare a full model with")
     if adapter_dir is None and base.resolve() == model_dir.resolve():
         raise AdapterhubError("compare: the model and its base are the same directory")
-    dataset = load_eval_dataset(Path(data), max_examples=max_examples)
+    dataset = load_eval_dataset(Path(data), max_examples=max_examples, subset=subset)
     heldout_set = _load_heldout(heldout) if forgetting else None
     candidate_classifier = _wants_classifier_checked(model_dir, adapter_dir)
     check_paths(base, None)
@@ -452,5 +455,5 @@ def _heldout_perplexity(
 def _dataset_info(dataset: EvalDataset) -> DatasetInfo:
     return DatasetInfo(
         path=str(dataset.path), sha256=dataset.sha256, kind=dataset.kind.value,
-        num_rows=dataset.num_rows, num_evaluated=len(dataset.rows),
+        num_rows=dataset.num_rows, num_evaluated=len(dataset.rows), split=dataset.split,
     )

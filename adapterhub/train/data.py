@@ -15,7 +15,9 @@ Design decisions:
   * causal_lm: `text`.
   * classification/setfit: `text` + integer `label`, with the label set listed in the config or
     inferred (sorted; integers numerically).
-- The dataset fingerprint is the sha256 of the files' bytes, stored in the lineage.
+- The dataset fingerprint is the sha256 of the files' bytes, stored in the lineage. With the
+  resolved config next to it, it lets `training_split` name again, later, exactly the rows a
+  run trained and validated on (`adapterhub eval REF --split validation`).
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterhub.errors import ValidationError
+from adapterhub.errors import NotFoundError, ValidationError
 from adapterhub.train.config import Task, TrainConfig
 
 SUPPORTED_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -251,14 +253,11 @@ def prepare_data(config: TrainConfig, *, chat: bool) -> PreparedData:
     if config.validation_data:
         validation, _ = normalise_rows(read_rows(config.validation_data), config, chat=chat, labels=labels)
     else:
-        held_out = int(math.floor(len(train) * config.validation_split))
-        if config.validation_split > 0 and held_out == 0:
+        if config.validation_split > 0 and math.floor(len(train) * config.validation_split) == 0:
             notes.append(
                 f"validation_split {config.validation_split} of {len(train)} examples is less than one example: no validation"
             )
-        order = list(range(len(train)))
-        random.Random(config.seed).shuffle(order)
-        held = set(order[:held_out])
+        held = held_out_indices(len(train), config.validation_split, config.seed)
         validation = [train[i] for i in sorted(held)]
         train = [example for i, example in enumerate(train) if i not in held]
     if config.task in (Task.CLASSIFICATION, Task.SETFIT) and labels is not None and len(labels) < 2:
@@ -266,3 +265,54 @@ def prepare_data(config: TrainConfig, *, chat: bool) -> PreparedData:
     if config.early_stopping_patience is not None and not validation:
         raise ValidationError("training config", ["early stopping needs validation examples, and there are none"])
     return PreparedData(train=train, validation=validation, fingerprint=file_fingerprint(files), labels=labels, notes=notes)
+
+
+def held_out_indices(count: int, fraction: float, seed: int) -> frozenset[int]:
+    """Positions of the rows a run holds out for validation: a seeded shuffle's first floor(count * fraction)."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return frozenset(order[: int(math.floor(count * fraction))])
+
+
+SPLITS = ("train", "validation")
+
+
+@dataclass(frozen=True)
+class TrainingSplit:
+    """The rows of one split of a past training run: a file, and which of its rows (None: all)."""
+
+    path: Path
+    indices: frozenset[int] | None
+
+
+def training_split(details: Mapping[str, Any], split: str) -> TrainingSplit:
+    """Where the rows a training run used for `split` ("train" or "validation") are, from its lineage.
+
+    The data files must still hold the bytes the run saw (their fingerprint is checked): a
+    file edited since would split differently, and the scores would silently mix training
+    and held-out rows.
+    """
+    if split not in SPLITS:
+        raise ValidationError("split", [f"{split!r} is not one of {', '.join(SPLITS)}"])
+    config = details.get("config")
+    fingerprint = details.get("dataset_fingerprint")
+    if not isinstance(config, Mapping) or not fingerprint or not config.get("data"):
+        raise ValidationError("split", ["the lineage holds no training run with its data (merged or imported models have none)"])
+    files = [Path(config["data"])] + ([Path(config["validation_data"])] if config.get("validation_data") else [])
+    missing = [str(path) for path in files if not path.is_file()]
+    if missing:
+        raise NotFoundError(f"training data {', '.join(missing)} not found (the split is taken from the files the run used)")
+    if file_fingerprint(files) != fingerprint:
+        raise ValidationError(
+            "split", [f"{', '.join(p.name for p in files)} changed since the run (sha256 differs): its {split} rows are unknown"]
+        )
+    if config.get("validation_data"):
+        return TrainingSplit(files[1] if split == "validation" else files[0], None)
+    count = len(read_rows(files[0]))
+    defaults = TrainConfig.model_fields
+    fraction = float(config.get("validation_split", defaults["validation_split"].default))
+    held = held_out_indices(count, fraction, int(config.get("seed", defaults["seed"].default)))
+    if split == "validation" and not held:
+        raise ValidationError("split", [f"the run held out no validation rows (validation_split {fraction})"])
+    indices = held if split == "validation" else frozenset(range(count)) - held
+    return TrainingSplit(files[0], indices)

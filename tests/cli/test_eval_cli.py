@@ -160,3 +160,50 @@ def test_eval_classifier_adapter_prints_confusion(adapterhub_home: Path, tiny_ba
     confusion = stored["accuracy"].details["confusion"]
     assert sum(sum(row.values()) for row in confusion.values()) == 3
     assert stored["accuracy"].details["label_source"] == "training_metrics.json labels"
+
+
+def test_split_scores_exactly_the_rows_training_held_out(adapterhub_home: Path, tiny_base: Path, tmp_path: Path) -> None:
+    from adapterhub.train import load_config
+    from adapterhub.train.data import prepare_data
+
+    registry = Registry.open(home=adapterhub_home)
+    registry.add_base_model(name="tiny", model_dir=tiny_base)
+    rows = [{"prompt": f"say {i}", "completion": f"{i}"} for i in range(20)]
+    train_data = write_jsonl(tmp_path / "train.jsonl", rows)
+    trained = runner.invoke(app, [
+        "train", "--base", "tiny", "--data", str(train_data), "--name", "say", "--max-steps", "1",
+        "--validation-split", "0.25", "--seed", "7", "--no-progress", "--output-dir", str(tmp_path / "run"),
+    ])
+    assert trained.exit_code == 0, trained.output
+
+    scored: dict[str, list[str]] = {}
+    for split in ("validation", "train"):
+        result = runner.invoke(app, ["eval", "say", "--split", split, "--metrics", "exact_match", "--max-new-tokens", "1", "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)["report"]
+        assert report["dataset"]["split"] == split and report["dataset"]["label"].startswith("train.jsonl@sha256:")
+        scored[split] = [example["reference"] for example in report["examples"]]
+    # The rows the trainer itself held out, and no others; together the splits are the whole file.
+    held_out = prepare_data(load_config({"data": train_data, "validation_split": 0.25, "seed": 7}), chat=False).validation
+    assert sorted(scored["validation"]) == sorted(example["completion"] for example in held_out)
+    assert len(scored["validation"]) == 5 and sorted(scored["validation"] + scored["train"]) == sorted(r["completion"] for r in rows)
+    stored = {(e.metric, e.split) for e in registry.get("say").evaluations}
+    assert stored == {("exact_match", "validation"), ("exact_match", "train")}
+
+    # One clear error, nothing stored: --data with --split, an adapter that was not trained here,
+    # and a training file edited since the run.
+    result = runner.invoke(app, ["eval", "say", "--split", "validation", "--data", str(train_data)])
+    assert "--data FILE or --split validation|train (not both)" in str(result.exception)
+    result = runner.invoke(app, ["eval", "say", "--split", "test"])
+    assert "'test' is not one of train, validation" in str(result.exception)
+    write_jsonl(train_data, rows[1:])
+    result = runner.invoke(app, ["eval", "say", "--split", "validation"])
+    assert isinstance(result.exception, AdapterhubError)
+    assert "train.jsonl changed since the run (sha256 differs)" in str(result.exception)
+    assert len(registry.get("say").evaluations) == 2
+
+
+def test_split_needs_a_training_run(registry_with_lora: Registry) -> None:
+    result = runner.invoke(app, ["eval", "rev", "--split", "validation"])
+    assert isinstance(result.exception, AdapterhubError)
+    assert "--split needs an adapter or model trained by adapterhub; 'rev:1' was not" in str(result.exception)
