@@ -64,7 +64,9 @@ def default_dtype(device: str) -> torch.dtype:
     import torch
 
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Native bf16 only (Ampere and later): older GPUs emulate it, slower than fp16.
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False) if torch.cuda.is_available() else False
+        return torch.bfloat16 if native_bf16 else torch.float16
     return torch.float32
 
 

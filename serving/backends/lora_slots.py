@@ -248,16 +248,28 @@ def _lora_modules(
     return modules
 
 
+# Bytes of fp32 scratch per chunk of output rows while computing a DoRA gain on the weight's device.
+_DORA_CHUNK_BYTES = 64 << 20
+
+
 @torch.no_grad()
 def _dora_gain(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA's g = magnitude / ||W + scale * B A|| per output row, in fp32 on the weight's device.
+    """DoRA's g = magnitude / ||W + scale * B A|| per output row, in fp32, returned on the CPU.
 
     The base weight is frozen, so PEFT's per-forward norm is a constant that can be computed once.
+    It is computed where the weight lives, a chunk of rows at a time: this runs off the engine
+    thread while the device also holds the KV cache, so the fp32 scratch stays bounded instead
+    of two full `[out, in]` copies per module. The gain joins the adapter's host-side tensors.
     """
     device = weight.device
-    lora_weight = b.to(device, torch.float32) @ a.to(device, torch.float32)
-    norm = torch.linalg.norm(weight.float() + scale * lora_weight, dim=1)
-    return magnitude.to(device, torch.float32) / norm
+    a32 = a.to(device, torch.float32)
+    rows_per_chunk = max(1, _DORA_CHUNK_BYTES // (4 * weight.shape[1]))
+    norms = []
+    for start in range(0, weight.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        lora_rows = b[rows].to(device, torch.float32) @ a32
+        norms.append(torch.linalg.norm(weight[rows].float() + scale * lora_rows, dim=1).cpu())
+    return magnitude.float().cpu() / torch.cat(norms)
 
 
 def _ia3_modules(
@@ -384,9 +396,13 @@ class SlotAdapterLinear(nn.Module):
             a = self.stack_a.index_select(0, row_slots)  # [batch, rank, in]
             b = self.stack_b.index_select(0, row_slots)  # [batch, out, rank]
             lora_input = flat if flat.dtype == a.dtype else flat.to(a.dtype)
-            # result + (x A^T) B'^T in one fused op; few tensor ops per layer keep the per-step
-            # overhead small when a batch holds many adapters.
-            result = torch.baddbmm(result, torch.bmm(lora_input, a.transpose(1, 2)), b.transpose(1, 2))
+            down = torch.bmm(lora_input, a.transpose(1, 2))
+            if result.dtype == b.dtype:
+                # result + (x A^T) B'^T in one fused op; few tensor ops per layer keep the per-step
+                # overhead small when a batch holds many adapters.
+                result = torch.baddbmm(result, down, b.transpose(1, 2))
+            else:  # a layer kept in another precision than the slots (e.g. `_keep_in_fp32_modules`)
+                result = result + torch.bmm(down, b.transpose(1, 2)).to(result.dtype)
         return result.reshape(*x.shape[:-1], result.shape[-1])
 
     # -------------------------------------------------------------- stacks (engine thread)

@@ -435,8 +435,11 @@ class TorchEngine(Backend):
                     raise CapacityError(f"{len(self._waiting)} requests are waiting; retry later")
                 generator = None
                 if not sampling.greedy:
-                    generator = torch.Generator()
-                    generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+                    generator = torch.Generator()  # CPU: draws happen on host copies of the probabilities
+                    if sampling.seed is not None:
+                        generator.manual_seed(sampling.seed)
+                    else:
+                        generator.seed()  # fresh entropy, without reseeding torch's global generators
                 request = _Request(
                     prompt_ids=list(prompt_token_ids),
                     sampling=sampling,
@@ -591,14 +594,21 @@ class TorchEngine(Backend):
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         """Next token per row: argmax for greedy rows, temperature + top-p sampling otherwise."""
         greedy_ids = logits.argmax(dim=-1).tolist()
+        sampled = [index for index, row in enumerate(rows) if not row.request.sampling.greedy]
+        host_probs: dict[int, torch.Tensor] = {}
+        if sampled:
+            # Softmax on the device for every sampled row at once, then one copy to the host,
+            # where each request's own generator draws (seeded output is the same on any device).
+            temperatures = torch.tensor([rows[i].request.sampling.temperature for i in sampled], device=logits.device)
+            probs_all = torch.softmax(logits[sampled].float() / temperatures.unsqueeze(1), dim=-1).cpu()
+            host_probs = dict(zip(sampled, probs_all, strict=True))
         chosen: list[int] = []
         for index, row in enumerate(rows):
             sampling = row.request.sampling
             if sampling.greedy:
                 chosen.append(int(greedy_ids[index]))
                 continue
-            scores = logits[index].float().cpu() / sampling.temperature
-            probs = torch.softmax(scores, dim=-1)
+            probs = host_probs[index]
             if sampling.top_p < 1.0:
                 sorted_probs, sorted_ids = torch.sort(probs, descending=True)
                 cumulative = torch.cumsum(sorted_probs, dim=-1)

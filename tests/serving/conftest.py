@@ -195,6 +195,8 @@ def start_server(
     from adapterhub.serving.resolver import RegistryResolver
 
     registry = Registry.open(home=fleet.home)
+    # CPU in fp32 unless a test says otherwise: outputs are compared with offline PEFT exactly.
+    engine_options = {"device": "cpu", **engine_options}
     backend = TorchEngine(fleet.base_dir, base_name=BASE_NAME, config=EngineConfig(**engine_options))  # type: ignore[arg-type]
     app = create_app(backend, RegistryResolver(registry, BASE_NAME), api_key=api_key, preload=preload)
     with serve_app(app) as base_url:

@@ -121,7 +121,7 @@ def test_output_is_independent_of_batch_mates(adapter_fleet: AdapterFleet, refer
         return "".join(pieces)
 
     async def scenario() -> tuple[list[str], list[str], int]:
-        engine = TorchEngine(adapter_fleet.base_dir, base_name="tiny", config=EngineConfig(max_resident=5))
+        engine = TorchEngine(adapter_fleet.base_dir, base_name="tiny", config=EngineConfig(device="cpu", max_resident=5))
         await engine.start()
         try:
             alone = [await run(engine, *job) for job in jobs]
@@ -148,7 +148,7 @@ def test_cold_load_does_not_stall_resident_adapters(adapter_fleet: AdapterFleet,
         return slow_dir
 
     async def scenario() -> tuple[list[float], float]:
-        engine = TorchEngine(adapter_fleet.base_dir, base_name="tiny", config=EngineConfig(max_resident=2))
+        engine = TorchEngine(adapter_fleet.base_dir, base_name="tiny", config=EngineConfig(device="cpu", max_resident=2))
         await engine.start()
         try:
             await engine.load_adapter(_spec(adapter_fleet, "task-0"))
@@ -188,7 +188,7 @@ def test_lru_keeps_pinned_and_cpu_tier_avoids_disk(adapter_fleet: AdapterFleet, 
         return AdapterSpec(key=name, locate=locate)
 
     async def scenario() -> list[tuple[str, str, bool]]:
-        engine = TorchEngine(adapter_fleet.base_dir, base_name="tiny", config=EngineConfig(max_resident=2, max_cpu_adapters=4))
+        engine = TorchEngine(adapter_fleet.base_dir, base_name="tiny", config=EngineConfig(device="cpu", max_resident=2, max_cpu_adapters=4))
         await engine.start()
         try:
             await engine.load_adapter(counting_spec("task-0"), pin=True)
