@@ -71,11 +71,12 @@ def _run_dir(registry: Any, name: str, output_dir: Path | None, *, resume: bool,
                 f"{run_dir} holds checkpoints of an unfinished run: continue it with --resume, or start over with --overwrite"
             )
         # Only what a run writes goes: a user's --output-dir may hold other files.
-        from adapterhub.train.runner import CHECKPOINTS_DIR, FINAL_DIR, RUN_CONFIG_FILE
+        from adapterhub.train.runner import CHECKPOINTS_DIR, FINAL_DIR, INITIAL_EVAL_FILE, RUN_CONFIG_FILE
 
         shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
         shutil.rmtree(run_dir / FINAL_DIR, ignore_errors=True)
         (run_dir / RUN_CONFIG_FILE).unlink(missing_ok=True)
+        (run_dir / INITIAL_EVAL_FILE).unlink(missing_ok=True)
     return run_dir, output_dir is None
 
 
@@ -94,7 +95,9 @@ def _print_summary(result: Any, put: Any, *, json_output: bool) -> None:
         "kind": "full model" if result.is_full_model else put.record.peft_type.lower(),
         "steps": metrics.get("global_step"),
         "train_loss": metrics.get("train_loss"),
+        "eval_loss_before": metrics.get("initial_eval_loss"),
         "eval_loss": metrics.get("eval_loss"),
+        "accuracy_before": metrics.get("initial_eval_accuracy"),
         "accuracy": metrics.get("eval_accuracy"),
         "wall_time_s": round(result.wall_time_s, 2),
         "tokens_per_second": metrics.get("tokens_per_second"),

@@ -37,6 +37,7 @@ from adapterhub.train.methods import build_model, environment_problems, resolve_
 from adapterhub.train.progress import CURVE_FILE, RichProgressBar, loss_history, plot_learning_curve, write_metrics
 
 RUN_CONFIG_FILE = "run_config.json"
+INITIAL_EVAL_FILE = "initial_eval.json"
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 # "adamw" is whatever AdamW transformers defaults to (the fused kernel on torch >= 2.8).
@@ -286,6 +287,23 @@ def _build_trainer(
     return trainer
 
 
+def _evaluate_before_training(trainer: Any, output_dir: Path, *, resuming: bool, is_main: bool) -> dict[str, Any]:
+    """Validation metrics of the model before its first step, so a run reports before and after.
+
+    For adapters that is the base model's behaviour (LoRA's B and DoRA's delta start at zero;
+    IA3 scales at one). Checkpoints are loaded inside `trainer.train`, so this always sees the
+    untrained model; the first start keeps the numbers in `output_dir`, and a `--resume`
+    reads them back instead of evaluating again.
+    """
+    path = output_dir / INITIAL_EVAL_FILE
+    if resuming and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    metrics = {key: value for key, value in trainer.evaluate().items() if key in ("eval_loss", "eval_accuracy")}
+    if is_main:
+        path.write_text(json.dumps(metrics) + "\n", encoding="utf-8")
+    return metrics
+
+
 def uses_gradient_checkpointing(config: TrainConfig) -> bool:
     """Whether activations are recomputed in the backward pass.
 
@@ -399,6 +417,9 @@ def train(
         # One display: our bar replaces transformers' printed log dicts.
         trainer.remove_callback(PrinterCallback)
 
+    initial_metrics: dict[str, Any] = {}
+    if data.validation:
+        initial_metrics = _evaluate_before_training(trainer, output_dir, resuming=checkpoint is not None, is_main=state.is_main_process)
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=checkpoint)
     wall_time = time.perf_counter() - started
@@ -407,11 +428,15 @@ def train(
         final_metrics = trainer.evaluate()
 
     history = loss_history(trainer.state.log_history)
+    if "eval_loss" in initial_metrics:
+        history["eval_loss"].insert(0, [0, initial_metrics["eval_loss"]])
     runtime = float(output.metrics.get("train_runtime", wall_time))
     tokens_seen = int(trainer.state.num_input_tokens_seen or 0)
     metrics: dict[str, Any] = {
         "train_loss": output.training_loss,
         "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
+        "initial_eval_loss": initial_metrics.get("eval_loss"),
+        "initial_eval_accuracy": initial_metrics.get("eval_accuracy"),
         "eval_loss": final_metrics.get("eval_loss"),
         "eval_accuracy": final_metrics.get("eval_accuracy"),
         "best_eval_loss": trainer.state.best_metric,

@@ -39,6 +39,9 @@ def test_each_method_trains_and_saves_a_loadable_result(method: str, tiny_base: 
     metrics = json.loads((out / METRICS_FILE).read_text())
     assert metrics["global_step"] == 3 and metrics["num_train_examples"] == 20 and metrics["num_validation_examples"] == 4
     assert metrics["eval_loss"] is not None and len(metrics["train_loss_history"]) >= 1
+    # Evaluated before the first step too: the run reports before and after, the curve starts at 0.
+    assert metrics["eval_loss_history"][0] == [0, metrics["initial_eval_loss"]]
+    assert metrics["initial_eval_loss"] != metrics["eval_loss"]
     assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"] or method == "full"
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
@@ -151,7 +154,8 @@ class _InterruptAfter(TrainerCallback):
 
 
 def test_resume_ends_at_the_same_adapter(tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
-    values = {"data": sft_jsonl, "max_steps": 6, "save_steps": 2, "batch_size": 4, "learning_rate": 5e-3, "lora_dropout": 0.1, "validation_split": 0}
+    values = {"data": sft_jsonl, "max_steps": 6, "save_steps": 2, "batch_size": 4, "learning_rate": 5e-3, "lora_dropout": 0.1,
+              "validation_split": 0.2, "eval_steps": 3}
     config = load_config(values)
     straight = train(config, base_dir=tiny_base, output_dir=tmp_path / "straight", progress=False)
 
@@ -164,6 +168,9 @@ def test_resume_ends_at_the_same_adapter(tiny_base: Path, sft_jsonl: Path, tmp_p
         train(load_config({**values, "learning_rate": 1e-3}), base_dir=tiny_base, output_dir=run_dir, progress=False, resume=True)
     resumed = train(config, base_dir=tiny_base, output_dir=run_dir, progress=False, resume=True)
     assert resumed.metrics["resumed_from"] == "checkpoint-4"
+    # The before-training numbers come from the first start, not from the resumed weights.
+    assert resumed.metrics["initial_eval_loss"] == straight.metrics["initial_eval_loss"]
+    assert resumed.metrics["eval_loss"] == pytest.approx(straight.metrics["eval_loss"], rel=1e-5)
 
     expected = load_file(straight.output_path / "adapter_model.safetensors")
     actual = load_file(resumed.output_path / "adapter_model.safetensors")

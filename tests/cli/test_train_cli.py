@@ -42,6 +42,8 @@ def test_train_with_yaml_and_flags_registers_with_lineage(registry: Registry, sf
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout[result.stdout.index("{\n"):])
     assert summary["ref"] == "rev:1" and summary["kind"] == "lora" and summary["steps"] == 3
+    # Validation loss before and after training (the default 10% split holds validation rows).
+    assert summary["eval_loss_before"] > 0 and summary["eval_loss"] > 0 and summary["eval_loss_before"] != summary["eval_loss"]
 
     record = registry.get("rev")
     assert record.rank == 2 and record.tags == ("demo",)  # the flag overrode the file's rank 4
