@@ -10,6 +10,10 @@ model's record and the adapter's on the adapter's, each with the other side and 
 its details. `--forgetting` scores perplexity on general held-out text on both sides and
 stores it as `heldout_perplexity` (details: the base value and the ratio).
 
+Several refs of one base (`adapterhub eval a b c --data F [--compare]`) are scored on the same
+rows in one process, the base loaded once and each adapter attached and detached in turn; one
+table shows them side by side, the best value of each metric in bold.
+
 `--split validation` (or `train`) scores a trained adapter on exactly the rows its training
 run held out (or trained on), found again from its lineage: the data file, its fingerprint,
 the validation share and the seed. The split goes into the registry's `split` column.
@@ -120,7 +124,10 @@ def _training_subset(registry: Registry, target: EvalTarget, split: str) -> tupl
 
 
 def evaluate(
-    ref: Annotated[str, typer.Argument(help="Adapter ref (name, name:version, name@sha) or a base model name.")],
+    refs: Annotated[list[str], typer.Argument(
+        help="Adapter ref (name, name:version, name@sha) or a base model name; several refs of one base are scored side by side.",
+        metavar="REF...",
+    )],
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Eval file: JSONL, CSV or Parquet (prompt/completion, messages, text/label or text).")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help="Instead of --data: the 'validation' (or 'train') rows of the adapter's own training run.")] = None,
     metrics: Annotated[Optional[str], typer.Option("--metrics", "-m", help="Comma-separated: accuracy,precision,recall,f1,exact_match,perplexity,rouge,bleu (default: from the data's shape).")] = None,
@@ -144,6 +151,18 @@ def evaluate(
 
     transformers_logging.disable_progress_bar()  # our own bars say what is happening; its weight-loading bars are noise
     registry = open_registry()
+    if len(refs) > 1:
+        if split is not None or forgetting or show_examples:
+            raise AdapterhubError("--split, --forgetting and --show-examples take one REF; several refs are scored on --data")
+        if data is None:
+            raise AdapterhubError("give the rows to score with --data FILE")
+        _evaluate_many(
+            registry, refs, data=data, compare=compare, record=record, json_output=json_output,
+            settings={"metrics": _split_metrics(metrics), "max_examples": max_examples, "max_new_tokens": max_new_tokens,
+                      "batch_size": batch_size, "device": device, "dtype": dtype},
+        )
+        return
+    ref = refs[0]
     target = resolve_target(registry, ref)
     if target.is_base_model and (compare or forgetting):
         raise AdapterhubError(f"{ref!r} is a base model: --compare and --forgetting need an adapter or a fine-tuned model")
@@ -192,10 +211,82 @@ def evaluate(
         _print_examples(report, comparison, show_examples)
 
 
+def _evaluate_many(
+    registry: Registry, refs: list[str], *, data: Path, compare: bool, record: bool, json_output: bool, settings: dict[str, Any],
+) -> None:
+    """Several adapters (or full models) of one base on the same rows: one table, the base loaded once."""
+    from adapterhub.eval import evaluate_adapters, evaluate_model
+    from adapterhub.eval.report import Comparison
+
+    targets = [resolve_target(registry, ref) for ref in refs]
+    bases = [t.ref for t in targets if t.is_base_model]
+    if bases:
+        raise AdapterhubError(f"{', '.join(repr(b) for b in bases)} named a base model: add --compare to score the base next to its adapters")
+    if len({t.base_name for t in targets}) > 1:
+        listed = ", ".join(f"{t.ref} ({t.base_name})" for t in targets)
+        raise AdapterhubError(f"several refs must share one base model to be compared; got {listed}")
+    duplicates = sorted({t.ref for t in targets if sum(u.ref == t.ref for u in targets) > 1})
+    if duplicates:
+        raise AdapterhubError(f"{', '.join(duplicates)} named more than once")
+    base_name, base_dir = targets[0].base_name, targets[0].base_dir
+    adapters = [t for t in targets if t.adapter_dir is not None]
+    reports: dict[str, Any] = {}
+    base_report = None
+    with _progress_bars() as progress:
+        if adapters or compare:
+            base_report, adapter_reports = (None, []) if not adapters else evaluate_adapters(
+                base_dir=base_dir, adapter_dirs=[t.adapter_dir for t in adapters], data=data, include_base=compare,
+                progress=progress, **settings,
+            )
+            reports.update({t.ref: r for t, r in zip(adapters, adapter_reports, strict=True)})
+        for target in targets:
+            if target.adapter_dir is None:  # a full model: its own weights, loaded on their own
+                reports[target.ref] = evaluate_model(model_dir=target.model_dir, data=data, tokenizer_dir=base_dir,
+                                                     progress=progress, **settings)
+        if compare and base_report is None:
+            base_report = evaluate_model(model_dir=base_dir, data=data, progress=progress, **settings)
+    ordered = {t.ref: reports[t.ref] for t in targets}
+    if record:
+        for target in targets:
+            comparison = Comparison(base=base_report, adapter=ordered[target.ref]) if base_report is not None else None
+            _store(registry, target, ordered[target.ref], comparison, None, max_examples=settings["max_examples"],
+                   split=None, store_base=False)
+        if base_report is not None:
+            _store_base(registry, base_name, base_report, compared_with=list(ordered), max_examples=settings["max_examples"], split=None)
+    if json_output:
+        print_json({
+            "base": base_name, "recorded": record,
+            "base_report": base_report.to_json() if base_report is not None else None,
+            "reports": {ref: report.to_json() for ref, report in ordered.items()},
+        })
+        return
+    _print_many(base_name, base_report, ordered, recorded=record)
+
+
+def _print_many(base_name: str, base_report: Any, reports: dict[str, Any], *, recorded: bool) -> None:
+    """Metrics down, models across; the best value of each metric in bold."""
+    from adapterhub.eval.metrics import HIGHER_IS_BETTER
+
+    info = next(iter(reports.values())).dataset
+    console.print(f"{len(reports)} models on {info.label} ({info.num_evaluated} of {info.num_rows} rows, {info.kind})")
+    columns = ([f"BASE ({base_name})"] if base_report is not None else []) + list(reports)
+    table = Table("METRIC", *columns)
+    for metric in next(iter(reports.values())).metrics:
+        values = ([base_report.metrics.get(metric)] if base_report is not None else []) + [r.metrics.get(metric) for r in reports.values()]
+        present = [v for v in values if v is not None]
+        best = (max if HIGHER_IS_BETTER.get(metric, True) else min)(present) if present else None
+        cells = [f"[bold]{_fmt(v, metric)}[/]" if v is not None and v == best and len(present) > 1 else _fmt(v, metric) for v in values]
+        table.add_row(metric, *cells)
+    console.print(table)
+    if recorded:
+        console.print(f"stored the metrics on {', '.join(reports)}" + (f" and the base's on {base_name}" if base_report is not None else ""))
+
+
 def _store(
     registry: Registry, target: EvalTarget, report: Any, comparison: Any, forgetting_report: Any, *,
-    max_examples: int | None, split: str | None,
+    max_examples: int | None, split: str | None, store_base: bool = True,
 ) -> None:
+    """Every metric on the target's record; with a comparison, the base's side too (unless `store_base` is off)."""
     dataset = report.dataset.label
     common = {"max_examples": max_examples}
     deltas = comparison.deltas if comparison is not None else {}
@@ -207,12 +298,8 @@ def _store(
             target.ref, metric=metric, value=value, dataset=dataset, split=split,
             details=_stored_details(report, extra=extra), base_model=target.is_base_model,
         )
-    if comparison is not None:
-        for metric, value in comparison.base.metrics.items():
-            registry.record_evaluation(
-                target.base_name, metric=metric, value=value, dataset=dataset, split=split, base_model=True,
-                details=_stored_details(comparison.base, extra={**common, "compared_with": target.ref}),
-            )
+    if comparison is not None and store_base:
+        _store_base(registry, target.base_name, comparison.base, compared_with=target.ref, max_examples=max_examples, split=split)
     if forgetting_report is not None:
         heldout = forgetting_report.dataset.label
         registry.record_evaluation(
@@ -223,6 +310,16 @@ def _store(
         registry.record_evaluation(
             target.base_name, metric="heldout_perplexity", value=forgetting_report.base_perplexity, dataset=heldout,
             base_model=True, details={"compared_with": target.ref},
+        )
+
+
+def _store_base(
+    registry: Registry, base_name: str, report: Any, *, compared_with: str | list[str], max_examples: int | None, split: str | None
+) -> None:
+    for metric, value in report.metrics.items():
+        registry.record_evaluation(
+            base_name, metric=metric, value=value, dataset=report.dataset.label, split=split, base_model=True,
+            details=_stored_details(report, extra={"max_examples": max_examples, "compared_with": compared_with}),
         )
 
 

@@ -5,6 +5,8 @@ Public API (the CLI, the merge engine and the demo build on these):
 - `evaluate_model(model_dir=, adapter_dir=, data=, ...) -> EvalReport`: one model on one file.
 - `compare(model_dir=, adapter_dir=, data=, ..., forgetting=True) -> Comparison`: the base and
   the adapter on the same rows, with differences and an optional forgetting check.
+- `evaluate_adapters(base_dir=, adapter_dirs=[...], data=, include_base=True)`: many adapters of
+  one base on the same rows, the base loaded once.
 - `forgetting_check(model_dir=, adapter_dir=, heldout=None) -> ForgettingReport`: perplexity on
   general held-out text (shipped in `adapterhub/eval/data/`) before and after.
 - `adapterhub.eval.metrics`: the metric functions on fixed strings (no model), by name.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from adapterhub.eval.data import RowSubset
 from adapterhub.eval.report import Comparison, DatasetInfo, EvalReport, ExampleResult, ForgettingReport
-from adapterhub.eval.runner import GENERAL_HELDOUT_PATH, compare, evaluate_model, forgetting_check
+from adapterhub.eval.runner import GENERAL_HELDOUT_PATH, compare, evaluate_adapters, evaluate_model, forgetting_check
 
 __all__ = [
     "GENERAL_HELDOUT_PATH",
@@ -32,6 +34,7 @@ __all__ = [
     "ForgettingReport",
     "RowSubset",
     "compare",
+    "evaluate_adapters",
     "evaluate_model",
     "forgetting_check",
 ]

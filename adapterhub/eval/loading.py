@@ -155,6 +155,15 @@ def attach_adapter(model: Any, adapter_dir: Path) -> Any:
     return peft_model.eval()
 
 
+def detach_adapter(model: Any) -> Any:
+    """The base model back from `attach_adapter`: the adapter's layers removed, nothing merged."""
+    if getattr(model, "peft_config", None) is None:
+        return model
+    if model.active_peft_config.is_prompt_learning:  # a soft prompt never touched the base's modules
+        return model.get_base_model()
+    return model.unload()
+
+
 def load_classifier(
     model_dir: Path, adapter_dir: Path | None, data_labels: Sequence[str], options: LoadOptions = LoadOptions()
 ) -> LoadedModel:

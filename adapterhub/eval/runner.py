@@ -38,6 +38,7 @@ from adapterhub.eval.loading import (
     LoadOptions,
     attach_adapter,
     check_paths,
+    detach_adapter,
     has_tokenizer,
     is_setfit_dir,
     load_causal,
@@ -163,6 +164,75 @@ def compare(
             adapter_perplexity=_heldout_perplexity(candidate, heldout_set, batch_size, _labelled(progress, "candidate")),
         )
     return Comparison(base=base_report, adapter=candidate_report, forgetting=forgetting_report)
+
+
+def evaluate_adapters(
+    *,
+    base_dir: Path,
+    adapter_dirs: Sequence[Path],
+    data: Path,
+    metrics: Sequence[str] | None = None,
+    max_examples: int | None = None,
+    subset: RowSubset | None = None,
+    include_base: bool = False,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    device: str | None = None,
+    dtype: str | None = None,
+    progress: ProgressFactory | None = None,
+) -> tuple[EvalReport | None, list[EvalReport]]:
+    """Several adapters of one base on the same rows, the base loaded once for all of them.
+
+    Each adapter is attached to the loaded base (PEFT injects its layers in place), scored and
+    detached again (nothing merged), so N adapters cost one base load instead of N. An adapter
+    with its own tokenizer or a classification head is loaded on its own. `include_base` also
+    scores the base alone (first, as `compare` does). Returns the base's report (or None) and
+    one report per adapter, in order. Every file, metric and directory is checked before any
+    model loads.
+    """
+    _check_settings(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    base_dir = Path(base_dir)
+    adapter_dirs = [Path(a) for a in adapter_dirs]
+    if not adapter_dirs:
+        raise AdapterhubError("evaluate_adapters needs at least one adapter")
+    dataset = load_eval_dataset(Path(data), max_examples=max_examples, subset=subset)
+    kinds = [_wants_classifier_checked(base_dir, adapter_dir) for adapter_dir in adapter_dirs]
+    if len(set(kinds)) > 1:
+        raise AdapterhubError("these adapters mix classification heads and language-model adapters: score them separately")
+    classifier = kinds[0]
+    if include_base and classifier:
+        raise AdapterhubError("a classifier adapter cannot be compared with its base here: the base has no classification head")
+    selected = plan_metrics(dataset, metrics, classifier=classifier)
+    for adapter_dir in adapter_dirs:
+        check_paths(base_dir, adapter_dir)
+    settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    options = LoadOptions(device=device, dtype=dtype, tokenizer_dir=base_dir)
+
+    base_loaded: LoadedModel | None = None
+    base_report = None
+    if include_base:
+        base_loaded = load_causal(base_dir, options=options)
+        base_report = score_loaded(base_loaded, dataset, selected, model_dir=base_dir, adapter_dir=None,
+                                   progress=_labelled(progress, "base"), **settings)
+    reports: list[EvalReport] = []
+    for adapter_dir in adapter_dirs:
+        label = _labelled(progress, adapter_dir.name)
+        if classifier or not _can_reuse_base(adapter_dir, base_dir, base_dir):
+            candidate = _load(base_dir, adapter_dir, dataset, classifier=classifier, options=options)
+            reports.append(score_loaded(candidate, dataset, selected, model_dir=base_dir, adapter_dir=adapter_dir,
+                                        progress=label, **settings))
+            del candidate
+            gc.collect()
+            continue
+        if base_loaded is None:
+            base_loaded = load_causal(base_dir, options=options)
+        candidate = _wrap_loaded_base(base_loaded, adapter_dir)
+        try:
+            reports.append(score_loaded(candidate, dataset, selected, model_dir=base_dir, adapter_dir=adapter_dir,
+                                        progress=label, **settings))
+        finally:
+            base_loaded.model = detach_adapter(candidate.model)
+    return base_report, reports
 
 
 def forgetting_check(

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapterhub.errors import AdapterhubError, ValidationError
-from adapterhub.eval import GENERAL_HELDOUT_PATH, compare, evaluate_model, forgetting_check
+from adapterhub.eval import GENERAL_HELDOUT_PATH, compare, evaluate_adapters, evaluate_model, forgetting_check
 from adapterhub.eval.data import load_eval_dataset
 from tests.conftest import build_lora_adapter
 
@@ -102,6 +102,33 @@ def test_compare_lora_base_side_equals_plain_base_eval(tiny_base: Path, lora_dir
     assert standalone.adapter_perplexity == pytest.approx(forgetting.adapter_perplexity, rel=1e-5)
     heldout_base = evaluate_model(model_dir=tiny_base, data=GENERAL_HELDOUT_PATH)
     assert heldout_base.metrics["perplexity"] == pytest.approx(forgetting.base_perplexity, rel=1e-5)
+
+
+def test_many_adapters_on_one_loaded_base_equal_each_alone(tiny_base: Path, lora_dir: Path, tmp_path: Path) -> None:
+    # LoRA, (IA)3 and a soft prompt one after the other on the same loaded base: each is
+    # detached before the next, so every score equals that adapter's own fresh evaluation.
+    adapters = [
+        lora_dir,
+        build_lora_adapter(tiny_base, tmp_path / "ia3", peft_type="ia3", target_modules=("k_proj", "v_proj"), seed=3),
+        build_lora_adapter(tiny_base, tmp_path / "prompt", peft_type="prompt_tuning", target_modules=(), seed=4),
+        build_lora_adapter(tiny_base, tmp_path / "lora2", rank=8, target_modules=("q_proj", "o_proj"), seed=5),
+    ]
+    data = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": p, "completion": "four"} for p in PROMPTS])
+    settings = {"data": data, "metrics": ["perplexity", "exact_match"], "max_new_tokens": 4}
+    base_report, reports = evaluate_adapters(base_dir=tiny_base, adapter_dirs=adapters, include_base=True, **settings)
+    assert base_report is not None
+    base_alone = evaluate_model(model_dir=tiny_base, **settings)
+    assert base_report.metrics["perplexity"] == pytest.approx(base_alone.metrics["perplexity"], rel=1e-5)
+    perplexities = set()
+    for adapter, report in zip(adapters, reports, strict=True):
+        alone = evaluate_model(model_dir=tiny_base, adapter_dir=adapter, **settings)
+        assert report.adapter_dir == str(adapter)
+        assert report.metrics["perplexity"] == pytest.approx(alone.metrics["perplexity"], rel=1e-5)
+        assert [e.prediction for e in report.examples] == [e.prediction for e in alone.examples]
+        perplexities.add(round(report.metrics["perplexity"], 4))
+    assert len(perplexities) == len(adapters) and base_alone.metrics["perplexity"] not in perplexities
+    with pytest.raises(AdapterhubError, match="mix classification heads"):
+        evaluate_adapters(base_dir=tiny_base, adapter_dirs=[lora_dir, build_classifier_adapter(tiny_base, tmp_path / "cls", ["a", "b"])], **settings)
 
 
 @pytest.mark.parametrize("peft_type", ["prompt_tuning", "prefix_tuning", "ia3"])

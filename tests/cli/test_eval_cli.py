@@ -207,3 +207,38 @@ def test_split_needs_a_training_run(registry_with_lora: Registry) -> None:
     result = runner.invoke(app, ["eval", "rev", "--split", "validation"])
     assert isinstance(result.exception, AdapterhubError)
     assert "--split needs an adapter or model trained by adapterhub; 'rev:1' was not" in str(result.exception)
+
+
+def test_several_adapters_side_by_side_on_one_base(registry_with_lora: Registry, gen_data: Path, tiny_base: Path, tmp_path: Path) -> None:
+    from tests.conftest import build_lora_adapter
+
+    other = build_lora_adapter(tiny_base, tmp_path / "other", rank=8, target_modules=("q_proj", "o_proj"), seed=9)
+    registry_with_lora.put_adapter(name="other", source_dir=other, base="tiny", lineage=Lineage(kind="imported", parents=(), details={}))
+    common = ["--data", str(gen_data), "--metrics", "exact_match,perplexity", "--max-new-tokens", "4"]
+    result = runner.invoke(app, ["eval", "rev", "other", *common, "--compare", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert list(payload["reports"]) == ["rev:1", "other:1"]
+    # Each equals its own single evaluation (the base is shared, each adapter detached after use).
+    for ref in ("rev", "other"):
+        alone = json.loads(runner.invoke(app, ["eval", ref, *common, "--json", "--no-record"]).stdout)["report"]
+        assert payload["reports"][f"{ref}:1"]["metrics"]["perplexity"] == pytest.approx(alone["metrics"]["perplexity"], rel=1e-5)
+    base_ppl = payload["base_report"]["metrics"]["perplexity"]
+    stored = {e.metric: e for e in registry_with_lora.get("other").evaluations}
+    assert stored["perplexity"].details["base_value"] == pytest.approx(base_ppl)
+    base_stored = registry_with_lora.get_base_model("tiny").evaluations
+    assert sorted(e.metric for e in base_stored) == ["exact_match", "perplexity"]  # the base once, not once per adapter
+    assert base_stored[0].details["compared_with"] == ["rev:1", "other:1"]
+
+    table = runner.invoke(app, ["eval", "rev", "other", *common, "--no-record"])
+    assert table.exit_code == 0, table.output
+    assert "2 models on rev.jsonl" in table.stdout and "rev:1" in table.stdout and "other:1" in table.stdout
+
+    for args, message in (
+        (["rev", "tiny"], "'tiny' named a base model: add --compare"),
+        (["rev", "rev:1"], "rev:1 named more than once"),
+        (["rev", "other", "--split", "validation"], "several refs are scored on --data"),
+    ):
+        failed = runner.invoke(app, ["eval", *args, *common])
+        assert isinstance(failed.exception, AdapterhubError) and message in str(failed.exception), failed.output
+    assert len(registry_with_lora.get("rev").evaluations) == 2  # the failed calls stored nothing
