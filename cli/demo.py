@@ -139,15 +139,13 @@ def demo(
 
     console.rule("5. evaluate base, adapters and merges on both tasks")
     scores: dict[str, dict[str, float]] = {BASE: {}}
+    evaluated = [*adapters.values(), *merges.values()]
     for task, (_, heldout_file) in data.items():
-        _cli("eval", BASE, "--data", str(heldout_file), "--metrics", "exact_match", "--max-new-tokens", "12")
+        # One process per task: the base loads once, each adapter is attached and detached in turn.
+        _cli("eval", *evaluated, "--compare", "--data", str(heldout_file), "--metrics", "exact_match", "--max-new-tokens", "12")
         scores[BASE][task] = _latest_metric(BASE, heldout_file, "exact_match", base_model=True)
-    for ref in [*adapters.values(), *merges.values()]:
-        label = ref.split(":")[0]
-        scores[label] = {}
-        for task, (_, heldout_file) in data.items():
-            _cli("eval", ref, "--data", str(heldout_file), "--metrics", "exact_match", "--max-new-tokens", "12")
-            scores[label][task] = _latest_metric(ref, heldout_file, "exact_match")
+        for ref in evaluated:
+            scores.setdefault(ref.split(":")[0], {})[task] = _latest_metric(ref, heldout_file, "exact_match")
 
     console.rule("6. serve everything from one endpoint")
     served_models = [BASE, *(r.split(":")[0] for r in adapters.values()), *(r.split(":")[0] for r in merges.values())]
