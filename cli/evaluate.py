@@ -233,8 +233,8 @@ def _evaluate_many(
     reports: dict[str, Any] = {}
     base_report = None
     with _progress_bars() as progress:
-        if adapters or compare:
-            base_report, adapter_reports = (None, []) if not adapters else evaluate_adapters(
+        if adapters:
+            base_report, adapter_reports = evaluate_adapters(
                 base_dir=base_dir, adapter_dirs=[t.adapter_dir for t in adapters], data=data, include_base=compare,
                 progress=progress, **settings,
             )

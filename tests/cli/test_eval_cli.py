@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from adapterhub.cli.main import app
 from adapterhub.errors import AdapterhubError
 from adapterhub.registry import Lineage, Registry
-from tests.conftest import build_tiny_llama
+from tests.conftest import build_lora_adapter, build_tiny_llama
 
 runner = CliRunner()
 
@@ -95,6 +95,16 @@ def test_eval_full_model_record_compares_with_its_base(adapterhub_home: Path, ti
     payload = json.loads(result.stdout)
     assert payload["adapter"]["adapter_dir"] is None
     assert payload["base"]["metrics"]["perplexity"] != payload["adapter"]["metrics"]["perplexity"]
+
+    # Next to an adapter of the same base: the full model is loaded on its own, same numbers.
+    lora = build_lora_adapter(tiny_base, tmp_path / "lora", seed=3)
+    registry.put_adapter(name="rev", source_dir=lora, base="tiny", lineage=Lineage(kind="imported", parents=(), details={}))
+    both = runner.invoke(app, ["eval", "ft", "rev", "--data", str(text), "--compare", "--json", "--no-record"])
+    assert both.exit_code == 0, both.output
+    side_by_side = json.loads(both.stdout)
+    assert list(side_by_side["reports"]) == ["ft:1", "rev:1"]
+    assert side_by_side["reports"]["ft:1"]["metrics"]["perplexity"] == pytest.approx(payload["adapter"]["metrics"]["perplexity"], rel=1e-5)
+    assert side_by_side["base_report"]["metrics"]["perplexity"] == pytest.approx(payload["base"]["metrics"]["perplexity"], rel=1e-5)
 
 
 def test_bad_input_is_one_line_and_nothing_stored(registry_with_lora: Registry, tmp_path: Path) -> None:
@@ -210,8 +220,6 @@ def test_split_needs_a_training_run(registry_with_lora: Registry) -> None:
 
 
 def test_several_adapters_side_by_side_on_one_base(registry_with_lora: Registry, gen_data: Path, tiny_base: Path, tmp_path: Path) -> None:
-    from tests.conftest import build_lora_adapter
-
     other = build_lora_adapter(tiny_base, tmp_path / "other", rank=8, target_modules=("q_proj", "o_proj"), seed=9)
     registry_with_lora.put_adapter(name="other", source_dir=other, base="tiny", lineage=Lineage(kind="imported", parents=(), details={}))
     common = ["--data", str(gen_data), "--metrics", "exact_match,perplexity", "--max-new-tokens", "4"]
