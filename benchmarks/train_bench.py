@@ -18,6 +18,8 @@ so peak RSS (GPU: peak allocated memory) is that run's alone:
 tokens/s counts real (non-padding) tokens trained per second of training loop (model loading
 and dataset preparation excluded, the same for every run). The data mixes short and long
 examples (reverse 3 to 40 words), where padding wastes the most and packing helps the most.
+Packed rows are counted by token id against the pad id, which is SmolLM2's end-of-turn id, so
+the packing run's count leaves those tokens out (about 5%): its tokens/s is, if anything, low.
 
 A `--base-dir` holding only config.json and tokenizer files gets seeded random weights of that
 architecture (speed and memory do not depend on their values; used on GPU machines without the

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub.errors import AdapterhubError, ValidationError
-from adapterhub.train.batching import keeps_packed_rows, packed_rows_collator, padding_free_collator
+from adapterhub.train.batching import keeps_packed_rows, packed_rows_collator, padding_free_collator, uses_padding_free_batches
 from adapterhub.train.config import Method, Task, TrainConfig
 from adapterhub.train.data import PreparedData, prepare_data
 from adapterhub.train.methods import build_model, environment_problems, resolve_precision, trainable_parameters
@@ -215,7 +215,9 @@ def _training_arguments(
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding",
+        # A padding-free row holds no pad at all; counting "non_padding" there would compare ids
+        # with the pad id, which is often the EOS id, and leave every end-of-turn token out.
+        include_num_input_tokens_seen="all" if uses_padding_free_batches(config) else "non_padding",
         ddp_find_unused_parameters=False,
     )
     if sft:
