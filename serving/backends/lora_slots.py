@@ -248,6 +248,8 @@ def _lora_modules(
     return modules
 
 
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
 # Bytes of fp32 scratch per chunk of output rows while computing a DoRA gain on the weight's device.
 _DORA_CHUNK_BYTES = 64 << 20
 
@@ -460,8 +462,13 @@ class SlotAdapterLinear(nn.Module):
                     plan.zeros += [self.stack_a[slot], self.stack_b[slot]]
                     dst_a, dst_b = self.stack_a[slot, :rank], self.stack_b[slot, :, :rank]
                 plan.copy(dst_a, delta.a)
-                plan.copy(dst_b, delta.b)
-                plan.scale(dst_b, delta.b_scale)
+                if dst_b.dtype in _HALF_DTYPES and delta.b.dtype == torch.float32:
+                    # B * scale in fp32, then one rounding to 16 bits (PEFT keeps the delta in fp32;
+                    # copying first and scaling in bf16 would round twice).
+                    plan.copy(dst_b, delta.b * delta.b_scale)
+                else:
+                    plan.copy(dst_b, delta.b)
+                    plan.scale(dst_b, delta.b_scale)
         for stack, value, neutral in (
             (self.stack_dora, None if delta is None else delta.dora_offset, plan.zeros),
             (self.stack_in, None if delta is None else delta.in_scale, plan.ones),

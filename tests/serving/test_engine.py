@@ -86,6 +86,24 @@ def test_dora_and_ia3_rows_match_peft_beside_lora_and_base(adapter_fleet: Adapte
             assert not torch.allclose(mixed[row], mixed[-1], atol=1e-3)
 
 
+def test_half_precision_slots_round_scaled_b_once(adapter_fleet: AdapterFleet, tmp_path: Path) -> None:
+    """In bf16 (GPU serving), B * scale is formed in fp32 and rounded once, for LoRA and DoRA alike."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(adapter_fleet.base_dir, dtype=torch.bfloat16).eval()
+    table = SlotTable(model)
+    dora = build_lora_adapter(adapter_fleet.base_dir, tmp_path / "dora", rank=4, alpha=8, target_modules=DORA_TARGETS, use_dora=True, seed=1)
+    for slot, adapter_dir in enumerate((adapter_fleet.dirs["task-1"], dora), start=1):
+        weights = read_adapter_dir(adapter_dir, table.base_layers)
+        table.write(slot, weights)
+        for name, delta in weights.modules.items():
+            if delta.b is None:
+                continue
+            stored = table.layers[name].stack_b[slot, :, : delta.rank]
+            assert stored.dtype == torch.bfloat16
+            assert torch.equal(stored, (delta.b.float() * delta.b_scale).to(torch.bfloat16)), name
+
+
 def test_read_adapter_dir_reports_every_problem(adapter_fleet: AdapterFleet, tiny_base_other: Path, tmp_path: Path) -> None:
     no_layers = SlotTable(torch.nn.Sequential()).base_layers  # no linear layers at all
     with pytest.raises(AdapterLoadError, match="no linear layer of that name"):
