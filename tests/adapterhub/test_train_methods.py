@@ -109,6 +109,16 @@ def test_options_reach_the_trainer(tiny_base: Path, sft_jsonl: Path, tmp_path: P
     assert rates[2] > rates[3] > rates[4] > rates[5] > 0
 
 
+class _CollatorSpy(TrainerCallback):
+    """Records which collator batches the training data."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.seen.append(type(kwargs["train_dataloader"].collate_fn).__name__)
+
+
 def test_truncation_is_counted_and_packing_reduces_steps(tiny_base: Path, tmp_path: Path) -> None:
     rows = [{"text": " ".join(["the quick brown fox jumps over the lazy dog"] * 6)} for _ in range(3)]
     rows += [{"text": "a short line"} for _ in range(13)]
@@ -117,9 +127,12 @@ def test_truncation_is_counted_and_packing_reduces_steps(tiny_base: Path, tmp_pa
     plain = train(load_config(common), base_dir=tiny_base, output_dir=tmp_path / "plain", progress=False)
     assert plain.metrics["truncated_examples"] == 3
     assert any("3 of 16 training examples exceed max_length 32" in note for note in plain.notes)
-    packed = train(load_config({**common, "packing": True}), base_dir=tiny_base, output_dir=tmp_path / "packed", progress=False)
+    collators = _CollatorSpy()
+    packed = train(load_config({**common, "packing": True}), base_dir=tiny_base, output_dir=tmp_path / "packed", progress=False,
+                   callbacks=[collators])
     assert plain.metrics["global_step"] == 8
     assert packed.metrics["global_step"] < plain.metrics["global_step"]
+    assert collators.seen == ["PackedRowsCollator"]  # SDPA: packed rows stay rows
 
 
 def test_padding_free_batches_train_exactly_like_padded_ones(tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
