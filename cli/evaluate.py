@@ -235,8 +235,8 @@ def _evaluate_many(
     with _progress_bars() as progress:
         if adapters:
             base_report, adapter_reports = evaluate_adapters(
-                base_dir=base_dir, adapter_dirs=[t.adapter_dir for t in adapters], data=data, include_base=compare,
-                progress=progress, **settings,
+                base_dir=base_dir, adapter_dirs=[t.adapter_dir for t in adapters], names=[t.ref for t in adapters],
+                data=data, include_base=compare, progress=progress, **settings,
             )
             reports.update({t.ref: r for t, r in zip(adapters, adapter_reports, strict=True)})
         for target in targets:
@@ -264,19 +264,25 @@ def _evaluate_many(
 
 
 def _print_many(base_name: str, base_report: Any, reports: dict[str, Any], *, recorded: bool) -> None:
-    """Metrics down, models across; the best value of each metric in bold."""
+    """One row per model (the base first), one column per metric; the best value of each in bold."""
     from adapterhub.eval.metrics import HIGHER_IS_BETTER
 
     info = next(iter(reports.values())).dataset
     console.print(f"{len(reports)} models on {info.label} ({info.num_evaluated} of {info.num_rows} rows, {info.kind})")
-    columns = ([f"BASE ({base_name})"] if base_report is not None else []) + list(reports)
-    table = Table("METRIC", *columns)
-    for metric in next(iter(reports.values())).metrics:
-        values = ([base_report.metrics.get(metric)] if base_report is not None else []) + [r.metrics.get(metric) for r in reports.values()]
-        present = [v for v in values if v is not None]
-        best = (max if HIGHER_IS_BETTER.get(metric, True) else min)(present) if present else None
-        cells = [f"[bold]{_fmt(v, metric)}[/]" if v is not None and v == best and len(present) > 1 else _fmt(v, metric) for v in values]
-        table.add_row(metric, *cells)
+    rows = ({f"{base_name} (base)": base_report} if base_report is not None else {}) | reports
+    metrics = list(next(iter(reports.values())).metrics)
+    best = {}
+    for metric in metrics:
+        present = [r.metrics[metric] for r in rows.values() if r.metrics.get(metric) is not None]
+        if len(present) > 1:
+            best[metric] = (max if HIGHER_IS_BETTER.get(metric, True) else min)(present)
+    table = Table("MODEL", *metrics)
+    for name, report in rows.items():
+        cells = []
+        for metric in metrics:
+            value = report.metrics.get(metric)
+            cells.append(f"[bold]{_fmt(value, metric)}[/]" if value is not None and value == best.get(metric) else _fmt(value, metric))
+        table.add_row(name, *cells)
     console.print(table)
     if recorded:
         console.print(f"stored the metrics on {', '.join(reports)}" + (f" and the base's on {base_name}" if base_report is not None else ""))

@@ -170,6 +170,7 @@ def evaluate_adapters(
     *,
     base_dir: Path,
     adapter_dirs: Sequence[Path],
+    names: Sequence[str] | None = None,
     data: Path,
     metrics: Sequence[str] | None = None,
     max_examples: int | None = None,
@@ -186,7 +187,8 @@ def evaluate_adapters(
     Each adapter is attached to the loaded base (PEFT injects its layers in place), scored and
     detached again (nothing merged), so N adapters cost one base load instead of N. An adapter
     with its own tokenizer or a classification head is loaded on its own. `include_base` also
-    scores the base alone (first, as `compare` does). Returns the base's report (or None) and
+    scores the base alone (first, as `compare` does); `names` label the adapters' progress
+    phases (default: their directory names). Returns the base's report (or None) and
     one report per adapter, in order. Every file, metric and directory is checked before any
     model loads.
     """
@@ -195,6 +197,9 @@ def evaluate_adapters(
     adapter_dirs = [Path(a) for a in adapter_dirs]
     if not adapter_dirs:
         raise AdapterhubError("evaluate_adapters needs at least one adapter")
+    labels = list(names) if names is not None else [adapter_dir.name for adapter_dir in adapter_dirs]
+    if len(labels) != len(adapter_dirs):
+        raise AdapterhubError(f"{len(labels)} names for {len(adapter_dirs)} adapters")
     dataset = load_eval_dataset(Path(data), max_examples=max_examples, subset=subset)
     kinds = [_wants_classifier_checked(base_dir, adapter_dir) for adapter_dir in adapter_dirs]
     if len(set(kinds)) > 1:
@@ -215,8 +220,8 @@ def evaluate_adapters(
         base_report = score_loaded(base_loaded, dataset, selected, model_dir=base_dir, adapter_dir=None,
                                    progress=_labelled(progress, "base"), **settings)
     reports: list[EvalReport] = []
-    for adapter_dir in adapter_dirs:
-        label = _labelled(progress, adapter_dir.name)
+    for adapter_dir, name in zip(adapter_dirs, labels, strict=True):
+        label = _labelled(progress, name)
         if classifier or not _can_reuse_base(adapter_dir, base_dir, base_dir):
             candidate = _load(base_dir, adapter_dir, dataset, classifier=classifier, options=options)
             reports.append(score_loaded(candidate, dataset, selected, model_dir=base_dir, adapter_dir=adapter_dir,

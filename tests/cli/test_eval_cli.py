@@ -238,9 +238,10 @@ def test_several_adapters_side_by_side_on_one_base(registry_with_lora: Registry,
     assert sorted(e.metric for e in base_stored) == ["exact_match", "perplexity"]  # the base once, not once per adapter
     assert base_stored[0].details["compared_with"] == ["rev:1", "other:1"]
 
-    table = runner.invoke(app, ["eval", "rev", "other", *common, "--no-record"])
+    table = runner.invoke(app, ["eval", "rev", "other", *common, "--compare", "--no-record"])
     assert table.exit_code == 0, table.output
     assert "2 models on rev.jsonl" in table.stdout and "rev:1" in table.stdout and "other:1" in table.stdout
+    assert table.stdout.index("tiny (base)") < table.stdout.index("rev:1") < table.stdout.index("other:1")
 
     for args, message in (
         (["rev", "tiny"], "'tiny' named a base model: add --compare"),
