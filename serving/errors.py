@@ -21,7 +21,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapterhub.errors import AdapterhubError, AmbiguousRefError, NotFoundError
-from adapterhub.serving.backends.base import AdapterLoadError, CapacityError, ContextLengthError, UnavailableError
+from adapterhub.serving.backends.base import (
+    AdapterLoadError,
+    CapacityError,
+    ContextLengthError,
+    GenerationError,
+    UnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +78,8 @@ def from_exception(exc: BaseException, *, param: str | None = None) -> OpenAIErr
         return OpenAIError(400, f"adapter could not be loaded: {exc}", param="model", code="adapter_load_failed")
     if isinstance(exc, CapacityError):
         return OpenAIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded")
+    if isinstance(exc, GenerationError):
+        return OpenAIError(500, str(exc), type="server_error", code="generation_failed")
     if isinstance(exc, UnavailableError):
         return OpenAIError(503, str(exc), type="service_unavailable_error", code="service_unavailable")
     if isinstance(exc, NotFoundError):

@@ -47,6 +47,11 @@ class ContextLengthError(AdapterhubError):
     """Prompt plus requested tokens exceed the model's context window (HTTP 400)."""
 
 
+class GenerationError(AdapterhubError):
+    """The model gave this request no usable next-token distribution, e.g. non-finite logits in
+    fp16 (HTTP 500). Only that request fails; its batch-mates and the engine go on."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding settings; `temperature == 0` means greedy (argmax)."""

@@ -48,6 +48,7 @@ from adapterhub.serving.backends.base import (
     CapacityError,
     ContextLengthError,
     GenerationChunk,
+    GenerationError,
     HealthStatus,
     ResidentAdapter,
     SamplingParams,
@@ -161,6 +162,7 @@ class TorchEngine(Backend):
         self._waiting: collections.deque[_Request] = collections.deque()
         self._commands: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._rows: list[_Row] = []
+        self._prefilling: list[_Row] = []  # admitted, not yet in `_rows` (failed too if the engine dies)
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
         self._request_ids = itertools.count(1)
@@ -351,6 +353,10 @@ class TorchEngine(Backend):
             return command()
         future: Future[Any] = Future()
         with self._lock:
+            # A stopped or failed engine thread runs no more commands: answer now instead of
+            # leaving the caller waiting (commands queued before that are failed by `_fail_all`).
+            if self._stopping or self._engine_error is not None:
+                raise UnavailableError("the engine is not running")
             self._commands.append((command, future))
             self._wakeup.notify_all()
         return await asyncio.wrap_future(future)
@@ -527,8 +533,8 @@ class TorchEngine(Backend):
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
-            pending = [row.request for row in self._rows] + list(self._waiting)
-            self._rows, self._cache, self._mask = [], None, None
+            pending = [row.request for row in self._rows + self._prefilling] + list(self._waiting)
+            self._rows, self._prefilling, self._cache, self._mask = [], [], None, None
             self._waiting.clear()
             commands = list(self._commands)
             self._commands.clear()
@@ -536,6 +542,14 @@ class TorchEngine(Backend):
             request.loop.call_soon_threadsafe(request.queue.put_nowait, error)
         for _, future in commands:
             future.set_exception(error)
+
+    def _fail(self, request: _Request, error: BaseException) -> None:
+        """End one request with `error`; its row is dropped at the next step."""
+        request.cancelled = True
+        try:
+            request.loop.call_soon_threadsafe(request.queue.put_nowait, error)
+        except RuntimeError:  # the client's event loop is gone
+            pass
 
     def _emit(self, request: _Request, token_id: int, finish_reason: str | None) -> None:
         try:
@@ -593,8 +607,17 @@ class TorchEngine(Backend):
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         """Next token per row: argmax for greedy rows, temperature + top-p sampling otherwise."""
-        greedy_ids = logits.argmax(dim=-1).tolist()
-        sampled = [index for index, row in enumerate(rows) if not row.request.sampling.greedy]
+        # One device-to-host transfer for the arg-max and the finiteness check of every row.
+        greedy_ids, finite = torch.stack([logits.argmax(dim=-1), torch.isfinite(logits).all(dim=-1).long()]).tolist()
+        for index, row in enumerate(rows):
+            if not finite[index]:
+                # Overflowed logits (an adapter with huge weights, fp16): this request fails on
+                # its own and its row leaves the batch at the next step; the others go on.
+                if not row.request.cancelled:
+                    self._fail(row.request, GenerationError(
+                        f"the model produced non-finite logits at output token {len(row.output_ids) + 1}"
+                    ))
+        sampled = [index for index, row in enumerate(rows) if not row.request.sampling.greedy and finite[index]]
         host_probs: dict[int, torch.Tensor] = {}
         if sampled:
             # Softmax on the device for every sampled row at once, then one copy to the host,
@@ -605,7 +628,7 @@ class TorchEngine(Backend):
         chosen: list[int] = []
         for index, row in enumerate(rows):
             sampling = row.request.sampling
-            if sampling.greedy:
+            if sampling.greedy or not finite[index]:  # a failed row's token is never emitted
                 chosen.append(int(greedy_ids[index]))
                 continue
             probs = host_probs[index]
@@ -703,10 +726,12 @@ class TorchEngine(Backend):
         admitted = self._admit()
         finished: list[int] = []
         if admitted:
+            self._prefilling = admitted
             cache, mask = self._prefill(admitted)
             start = len(self._rows)
             with self._lock:
                 self._rows.extend(admitted)
+                self._prefilling = []
             self._merge(cache, mask)
             for offset, row in enumerate(admitted):
                 if self._report(row):

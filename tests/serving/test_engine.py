@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterhub.serving.backends.base import AdapterLoadError, AdapterSpec, SamplingParams
+from adapterhub.serving.backends.base import AdapterLoadError, AdapterSpec, GenerationError, SamplingParams
 from adapterhub.serving.backends.lora_slots import SlotTable, read_adapter_dir
 from adapterhub.serving.backends.torch_engine import EngineConfig, TorchEngine
+from adapterhub.serving.errors import from_exception
 from tests.conftest import build_lora_adapter
 from tests.serving.conftest import DORA_TARGETS, IA3_TARGETS, AdapterFleet, ReferenceGenerator
 
@@ -248,3 +249,45 @@ def test_slot_memory_follows_resident_adapters(adapter_fleet: AdapterFleet) -> N
         # changes the matmul's summation order.
         torch.testing.assert_close(model(input_ids).logits, expected, rtol=1e-5, atol=1e-6)
     table.context.set_rows(None)
+
+
+def test_non_finite_logits_fail_only_that_request(adapter_fleet: AdapterFleet, reference: ReferenceGenerator, tmp_path: Path) -> None:
+    """An adapter whose huge weights overflow the logits fails its own request; its batch-mates
+    (greedy and sampled) finish normally and the engine keeps serving."""
+    from safetensors.torch import load_file, save_file
+
+    broken = build_lora_adapter(adapter_fleet.base_dir, tmp_path / "overflow", seed=5)
+    weights_file = broken / "adapter_model.safetensors"
+    # Finite weights near fp32's limit: every product with them overflows to inf in the forward pass.
+    weights = {k: (torch.full_like(v, 3e38) if "lora_B" in k else v) for k, v in load_file(weights_file).items()}
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    specs = {"overflow": AdapterSpec(key="overflow", locate=lambda: broken), "task-0": _spec(adapter_fleet, "task-0")}
+    prompt = reference.prompt_ids("the quick brown fox")
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    sampled = SamplingParams(max_tokens=6, temperature=0.9, seed=3)
+
+    async def run(engine: TorchEngine, sampling: SamplingParams, name: str | None) -> str:
+        return "".join([c.text async for c in engine.generate(prompt, sampling, specs[name] if name else None)])
+
+    async def scenario() -> tuple[list[object], str, str]:
+        engine = TorchEngine(adapter_fleet.base_dir, base_name="tiny", config=EngineConfig(device="cpu", max_resident=3))
+        await engine.start()
+        try:
+            together = await asyncio.gather(
+                run(engine, greedy, "overflow"), run(engine, sampled, "overflow"), run(engine, greedy, "task-0"),
+                run(engine, sampled, None), return_exceptions=True,
+            )
+            sampled_alone = await run(engine, sampled, None)
+            after = await run(engine, greedy, "task-0")
+            return list(together), sampled_alone, after
+        finally:
+            await engine.shutdown()
+
+    together, sampled_alone, after = asyncio.run(scenario())
+    for failed in together[:2]:
+        assert isinstance(failed, GenerationError) and "non-finite logits at output token 1" in str(failed)
+    answer = from_exception(together[0])  # what the API sends: OpenAI's error shape, a 500 for this request
+    assert answer.status_code == 500 and answer.body()["error"]["code"] == "generation_failed"
+    expected = reference.greedy(adapter_fleet.dirs["task-0"], tuple(prompt), 6)
+    assert together[2] == expected and after == expected
+    assert together[3] == sampled_alone  # the seeded batch-mate drew as it would alone
