@@ -44,9 +44,16 @@ ADAPTER_SHAPES: list[dict[str, object]] = [
     {"rank": 4, "alpha": 32.0, "target_modules": ("q_proj", "v_proj"), "rank_pattern": {"v_proj": 6}},
 ] * 2
 
-# DoRA and (IA)3 test adapters: attention and a feedforward module each (down_proj scales its input in (IA)3).
-DORA_TARGETS = ("q_proj", "v_proj", "down_proj")
-IA3_TARGETS = ("k_proj", "v_proj", "down_proj")
+def build_dora_adapter(base_dir: Path, out_dir: Path, *, seed: int) -> Path:
+    """A DoRA test adapter on attention and a feedforward module (rank 4, alpha 8)."""
+    return build_lora_adapter(base_dir, out_dir, rank=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"), use_dora=True, seed=seed)
+
+
+def build_ia3_adapter(base_dir: Path, out_dir: Path, *, seed: int) -> Path:
+    """An (IA)3 test adapter: output scales on k/v, an input scale on the feedforward down_proj."""
+    return build_lora_adapter(
+        base_dir, out_dir, peft_type="ia3", target_modules=("k_proj", "v_proj", "down_proj"), feedforward_modules=("down_proj",), seed=seed
+    )
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,15 @@ import httpx
 import pytest
 
 from tests.conftest import build_lora_adapter
-from tests.serving.conftest import BASE_NAME, DORA_TARGETS, IA3_TARGETS, AdapterFleet, ReferenceGenerator, RunningServer, start_server
+from tests.serving.conftest import (
+    BASE_NAME,
+    AdapterFleet,
+    ReferenceGenerator,
+    RunningServer,
+    build_dora_adapter,
+    build_ia3_adapter,
+    start_server,
+)
 
 SERVED = ("dora", "ia3", "lora")
 MAX_TOKENS = 10
@@ -26,8 +34,8 @@ def kinds_fleet(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Ad
     registry = Registry.open(home=root / "home")
     registry.add_base_model(name=BASE_NAME, model_dir=tiny_base)
     dirs = {
-        "dora": build_lora_adapter(tiny_base, root / "dora", rank=4, alpha=8, target_modules=DORA_TARGETS, use_dora=True, seed=11),
-        "ia3": build_lora_adapter(tiny_base, root / "ia3", peft_type="ia3", target_modules=IA3_TARGETS, feedforward_modules=("down_proj",), seed=12),
+        "dora": build_dora_adapter(tiny_base, root / "dora", seed=11),
+        "ia3": build_ia3_adapter(tiny_base, root / "ia3", seed=12),
         "lora": build_lora_adapter(tiny_base, root / "lora", rank=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), seed=13),
         "soft-prompt": build_lora_adapter(tiny_base, root / "soft-prompt", peft_type="prompt_tuning"),
         "prefix": build_lora_adapter(tiny_base, root / "prefix", peft_type="prefix_tuning"),

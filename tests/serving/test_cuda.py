@@ -15,8 +15,7 @@ import torch
 
 from adapterhub.serving.backends.base import AdapterSpec, SamplingParams
 from adapterhub.serving.backends.torch_engine import EngineConfig, TorchEngine
-from tests.conftest import build_lora_adapter
-from tests.serving.conftest import DORA_TARGETS, IA3_TARGETS, AdapterFleet, ReferenceGenerator
+from tests.serving.conftest import AdapterFleet, ReferenceGenerator, build_dora_adapter, build_ia3_adapter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -27,10 +26,8 @@ def _kinds(fleet: AdapterFleet, tmp_path: Path) -> dict[str, Path]:
     return {
         "task-2": fleet.dirs["task-2"],
         "task-4": fleet.dirs["task-4"],
-        "dora": build_lora_adapter(fleet.base_dir, tmp_path / "dora", rank=4, alpha=8, target_modules=DORA_TARGETS, use_dora=True, seed=1),
-        "ia3": build_lora_adapter(
-            fleet.base_dir, tmp_path / "ia3", peft_type="ia3", target_modules=IA3_TARGETS, feedforward_modules=("down_proj",), seed=2
-        ),
+        "dora": build_dora_adapter(fleet.base_dir, tmp_path / "dora", seed=1),
+        "ia3": build_ia3_adapter(fleet.base_dir, tmp_path / "ia3", seed=2),
     }
 
 

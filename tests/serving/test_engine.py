@@ -15,7 +15,7 @@ from adapterhub.serving.backends.lora_slots import SlotTable, read_adapter_dir
 from adapterhub.serving.backends.torch_engine import EngineConfig, TorchEngine
 from adapterhub.serving.errors import from_exception
 from tests.conftest import build_lora_adapter
-from tests.serving.conftest import DORA_TARGETS, IA3_TARGETS, AdapterFleet, ReferenceGenerator
+from tests.serving.conftest import AdapterFleet, ReferenceGenerator, build_dora_adapter, build_ia3_adapter
 
 
 def _spec(fleet: AdapterFleet, name: str) -> AdapterSpec:
@@ -58,8 +58,8 @@ def test_dora_and_ia3_rows_match_peft_beside_lora_and_base(adapter_fleet: Adapte
     from transformers import AutoModelForCausalLM
 
     dirs = {
-        "dora": build_lora_adapter(adapter_fleet.base_dir, tmp_path / "dora", rank=4, alpha=8, target_modules=DORA_TARGETS, use_dora=True, seed=1),
-        "ia3": build_lora_adapter(adapter_fleet.base_dir, tmp_path / "ia3", peft_type="ia3", target_modules=IA3_TARGETS, feedforward_modules=("down_proj",), seed=2),
+        "dora": build_dora_adapter(adapter_fleet.base_dir, tmp_path / "dora", seed=1),
+        "ia3": build_ia3_adapter(adapter_fleet.base_dir, tmp_path / "ia3", seed=2),
         "task-2": adapter_fleet.dirs["task-2"],  # LoRA on every projection, overlapping both
     }
     model = AutoModelForCausalLM.from_pretrained(adapter_fleet.base_dir).eval()
@@ -93,7 +93,7 @@ def test_half_precision_slots_round_scaled_b_once(adapter_fleet: AdapterFleet, t
 
     model = AutoModelForCausalLM.from_pretrained(adapter_fleet.base_dir, dtype=torch.bfloat16).eval()
     table = SlotTable(model)
-    dora = build_lora_adapter(adapter_fleet.base_dir, tmp_path / "dora", rank=4, alpha=8, target_modules=DORA_TARGETS, use_dora=True, seed=1)
+    dora = build_dora_adapter(adapter_fleet.base_dir, tmp_path / "dora", seed=1)
     for slot, adapter_dir in enumerate((adapter_fleet.dirs["task-1"], dora), start=1):
         weights = read_adapter_dir(adapter_dir, table.base_layers)
         table.write(slot, weights)
