@@ -21,6 +21,7 @@ the validation share and the seed. The split goes into the registry's `split` co
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from rich.table import Table
 from adapterhub.cli.common import JsonOption, console, err_console, open_registry, print_json
 from adapterhub.errors import AdapterhubError, NotFoundError
 from adapterhub.eval.data import RowSubset
-from adapterhub.registry import Registry
+from adapterhub.registry import Lineage, Registry
 
 # How many evaluated rows go into the stored details: enough to see what a score means,
 # not so many that a registry row balloons.
@@ -50,6 +51,7 @@ class EvalTarget:
     adapter_dir: Path | None
     base_name: str
     base_dir: Path
+    lineage: Lineage | None = None  # of an adapter or full-model record (None for a base model)
 
 
 def resolve_target(registry: Registry, ref: str) -> EvalTarget:
@@ -59,8 +61,8 @@ def resolve_target(registry: Registry, ref: str) -> EvalTarget:
         base = registry.get_base_model(record.base_name)
         materialized = registry.materialize(record)
         if record.is_full_model:
-            return EvalTarget(record.ref, False, materialized, None, base.name, Path(base.path))
-        return EvalTarget(record.ref, False, Path(base.path), materialized, base.name, Path(base.path))
+            return EvalTarget(record.ref, False, materialized, None, base.name, Path(base.path), record.lineage)
+        return EvalTarget(record.ref, False, Path(base.path), materialized, base.name, Path(base.path), record.lineage)
     try:
         base = registry.get_base_model(ref)
     except NotFoundError as exc:
@@ -112,14 +114,13 @@ def _fmt_delta(delta: float, metric: str) -> str:
     return f"[{colour}]{delta:+.4f}[/]" if metric not in ("bleu", "perplexity") else f"[{colour}]{delta:+.2f}[/]"
 
 
-def _training_subset(registry: Registry, target: EvalTarget, split: str) -> tuple[Path, RowSubset]:
+def _training_subset(target: EvalTarget, split: str) -> tuple[Path, RowSubset]:
     """The file and rows of `split` of the run that trained `target` (from its lineage)."""
     from adapterhub.train.data import training_split
 
-    record = None if target.is_base_model else registry.resolve(target.ref)
-    if record is None or record.lineage is None or record.lineage.kind != "trained":
+    if target.lineage is None or target.lineage.kind != "trained":
         raise AdapterhubError(f"--split needs an adapter or model trained by adapterhub; {target.ref!r} was not")
-    found = training_split(record.lineage.details, split)
+    found = training_split(target.lineage.details, split)
     return found.path, RowSubset(split, found.indices)
 
 
@@ -170,7 +171,7 @@ def evaluate(
         raise AdapterhubError("give the rows to score: --data FILE or --split validation|train (not both)")
     subset = None
     if split is not None:
-        data, subset = _training_subset(registry, target, split)
+        data, subset = _training_subset(target, split)
     metric_list = _split_metrics(metrics)
     settings: dict[str, Any] = {"metrics": metric_list, "max_examples": max_examples, "subset": subset,
                                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "device": device, "dtype": dtype}
@@ -225,7 +226,7 @@ def _evaluate_many(
     if len({t.base_name for t in targets}) > 1:
         listed = ", ".join(f"{t.ref} ({t.base_name})" for t in targets)
         raise AdapterhubError(f"several refs must share one base model to be compared; got {listed}")
-    duplicates = sorted({t.ref for t in targets if sum(u.ref == t.ref for u in targets) > 1})
+    duplicates = sorted(ref for ref, count in Counter(t.ref for t in targets).items() if count > 1)
     if duplicates:
         raise AdapterhubError(f"{', '.join(duplicates)} named more than once")
     base_name, base_dir = targets[0].base_name, targets[0].base_dir
