@@ -14,6 +14,12 @@ Design decisions:
   `[DONE]`. A client that disconnects cancels its rows in the engine (the generator closes).
 - The API key (if any) guards every `/v1` route; `/health` and `/metrics` stay open for probes
   and scrapers, as in vLLM.
+- Logprobs travel from the backend as token ids (`TokenLogprob`); this edge turns them into
+  OpenAI's completion or chat shapes, each token's text decoded alone. A streamed token whose
+  text is held back (a possible stop string, a partial UTF-8 character) keeps its logprob for
+  the next chunk that is sent, so the streamed logprobs are the same as the whole response's.
+- `echo` with `logprobs` (`max_tokens` 0 or more) scores the prompt itself, which is how
+  lm-eval-harness computes log-likelihoods through an OpenAI-compatible server.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from adapterhub.serving.backends.base import AdapterSpec, Backend, GenerationChunk, SamplingParams
+from adapterhub.serving.backends.base import AdapterSpec, Backend, GenerationChunk, SamplingParams, TokenLogprob
 from adapterhub.serving.errors import OpenAIError, from_exception, install_error_handlers, model_not_found
 from adapterhub.serving.metrics import ServingMetrics
 from adapterhub.serving.protocol import (
@@ -43,18 +49,25 @@ from adapterhub.serving.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
+    TopLogprob,
     UnloadLoRAAdapterRequest,
     Usage,
 )
 from adapterhub.serving.resolver import AdapterResolver
 
-_UNSUPPORTED_FIELDS = ("logprobs", "top_logprobs", "echo", "tools", "tool_choice", "functions", "best_of", "suffix")
+# Fields that would change the output and are not implemented (chat's `echo` included).
+_UNSUPPORTED_FIELDS = ("echo", "tools", "tool_choice", "functions", "best_of", "suffix")
+# vLLM's floor for logprobs, so -inf never reaches JSON (which cannot spell it).
+_LOGPROB_FLOOR = -9999.0
 
 
 @dataclass
@@ -65,6 +78,7 @@ class _Choice:
     stream: AsyncIterator[GenerationChunk]
     first: GenerationChunk
     text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -79,6 +93,15 @@ class ServerState:
     # Adapters added by path through /v1/load_lora_adapter: name -> spec (their key is the name).
     loaded_by_path: dict[str, AdapterSpec] = field(default_factory=dict)
     started_at: int = field(default_factory=lambda: int(time.time()))
+
+    token_texts: dict[int, str] = field(default_factory=dict)
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text decoded alone (special tokens spelled out), as logprobs show it."""
+        text = self.token_texts.get(token_id)
+        if text is None:
+            text = self.token_texts[token_id] = self.backend.tokenizer.decode([token_id])
+        return text
 
     async def resolve_model(self, model: str) -> AdapterSpec | None:
         """None for the base model, else the adapter `model` names; 404 when it names nothing."""
@@ -118,7 +141,7 @@ async def _require_api_key(request: Request) -> None:
 def _refuse_unsupported(body: Any) -> None:
     extra = body.model_extra or {}
     for name in _UNSUPPORTED_FIELDS:
-        if extra.get(name) not in (None, False, [], 0):
+        if extra.get(name) not in (None, False, [], {}, 0):
             raise OpenAIError(400, f"`{name}` is not supported by this server", param=name, code="unsupported_parameter")
 
 
@@ -169,10 +192,12 @@ async def _drain(choice: _Choice) -> GenerationChunk:
     """Read a choice to its end; returns the last chunk (finish reason and counts)."""
     last = choice.first
     choice.text.append(last.text)
+    choice.logprobs.extend(last.logprobs)
     async with contextlib.aclosing(choice.stream):  # type: ignore[type-var]
         if last.finish_reason is None:
             async for chunk in choice.stream:
                 choice.text.append(chunk.text)
+                choice.logprobs.extend(chunk.logprobs)
                 last = chunk
     return last
 
@@ -214,11 +239,71 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+def _logit_bias(backend: Backend, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias` map (token id as a string -> bias in [-100, 100]) as id pairs."""
+    vocab = len(backend.tokenizer)
+    pairs = []
+    for key, value in (bias or {}).items():
+        if not key.strip().lstrip("-").isdigit() or not 0 <= int(key) < vocab:
+            raise OpenAIError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab})", param="logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise OpenAIError(400, f"logit_bias value {value} for token {key} is outside [-100, 100]", param="logit_bias")
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)
+
+
+def _sampling(
+    backend: Backend, body: CompletionRequest | ChatCompletionRequest, max_tokens: int, *,
+    logprobs: int | None = None, prompt_logprobs: int | None = None,
+) -> SamplingParams:
     return SamplingParams(
-        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop_strings(), seed=body.seed,
-        ignore_eos=body.ignore_eos,
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k or 0, 0),
+        min_p=body.min_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty, logit_bias=_logit_bias(backend, body.logit_bias),
+        stop=body.stop_strings(), seed=body.seed, ignore_eos=body.ignore_eos,
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs,
     )
+
+
+def _floor(logprob: float) -> float:
+    return max(logprob, _LOGPROB_FLOOR)
+
+
+def _completion_logprobs(
+    state: ServerState, entries: Sequence[tuple[int, TokenLogprob | None]], text_offset: int
+) -> CompletionLogprobs:
+    """Completions' parallel lists for `(token id, its score or None)` pairs; offsets count from
+    `text_offset`. Each top map holds the alternatives and the chosen token (vLLM's shape)."""
+    shaped = CompletionLogprobs()
+    for token_id, scored in entries:
+        text = state.token_text(token_id)
+        shaped.tokens.append(text)
+        shaped.text_offset.append(text_offset)
+        text_offset += len(text)
+        if scored is None:
+            shaped.token_logprobs.append(None)
+            shaped.top_logprobs.append(None)
+            continue
+        shaped.token_logprobs.append(_floor(scored.logprob))
+        top = {state.token_text(alternative): _floor(value) for alternative, value in scored.top}
+        top.setdefault(text, _floor(scored.logprob))
+        shaped.top_logprobs.append(top)
+    return shaped
+
+
+def _chat_logprobs(state: ServerState, scored: Sequence[TokenLogprob], top: int) -> ChatLogprobs:
+    """Chat's `logprobs.content`: each token with its UTF-8 bytes and its `top` alternatives."""
+
+    def entry(token_id: int, logprob: float) -> TopLogprob:
+        text = state.token_text(token_id)
+        return TopLogprob(token=text, logprob=_floor(logprob), bytes=list(text.encode("utf-8")))
+
+    content = []
+    for item in scored:
+        chosen = entry(item.token_id, item.logprob)
+        alternatives = [entry(token_id, value) for token_id, value in item.top[:top]]
+        content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=alternatives))
+    return ChatLogprobs(content=content)
 
 
 def _check_context(backend: Backend, prompt_ids: list[int], max_tokens: int, param: str) -> None:
@@ -242,11 +327,14 @@ async def _respond(
     stream: bool,
     include_usage: bool,
     shape_final: Callable[[str, int, list[_Choice], dict[int, GenerationChunk]], dict[str, Any]],
-    shape_chunk: Callable[[str, int, int, GenerationChunk, bool], dict[str, Any]],
+    shape_chunk: Callable[[str, int, int, GenerationChunk, bool, list[TokenLogprob]], dict[str, Any]],
     shape_usage_chunk: Callable[[str, int, Usage], dict[str, Any]],
     id_prefix: str,
 ) -> Response:
-    """Run a (chat) completion, streaming or not, with metrics; shapes come from the caller."""
+    """Run a (chat) completion, streaming or not, with metrics; shapes come from the caller.
+
+    `shape_chunk` gets the logprobs of every token since the last chunk sent for that choice.
+    """
     timer = _RequestTimer(state.metrics)
     label = adapter.key if adapter is not None else state.backend.base_name
     response_id = f"{id_prefix}-{uuid.uuid4().hex}"
@@ -274,13 +362,17 @@ async def _respond(
         last_by_index: dict[int, GenerationChunk] = {}
         status = 200
         first_sent: set[int] = set()
+        held_logprobs: dict[int, list[TokenLogprob]] = {}
         try:
             async for index, chunk in _interleave(choices):
                 last_by_index[index] = chunk
                 finished = chunk.finish_reason is not None
+                logprobs = held_logprobs.setdefault(index, [])
+                logprobs.extend(chunk.logprobs)
                 if not chunk.text and not finished and index in first_sent:
                     continue  # a token whose text is held back (stop-string prefix, partial UTF-8)
-                payload = shape_chunk(response_id, created, index, chunk, index not in first_sent)
+                payload = shape_chunk(response_id, created, index, chunk, index not in first_sent, logprobs)
+                held_logprobs[index] = []
                 first_sent.add(index)
                 if finished and len(last_by_index) == len(choices) and all(
                     last.finish_reason is not None for last in last_by_index.values()
@@ -366,27 +458,69 @@ def _build_v1_router() -> APIRouter:
         prompts = _completion_prompts(state.backend, body.prompt)
         _check_prompt_ids(state.backend, prompts)
         max_tokens = body.max_tokens if body.max_tokens is not None else 16
+        if max_tokens == 0 and not body.echo:
+            raise OpenAIError(400, "max_tokens must be at least 1 (0 is allowed with echo, to score the prompt)", param="max_tokens")
         for ids in prompts:
             _check_context(state.backend, ids, max_tokens, "prompt")
+        sampling = _sampling(
+            state.backend, body, max_tokens, logprobs=body.logprobs, prompt_logprobs=body.logprobs if body.echo else None
+        )
+        # Choices run prompt by prompt, `n` each. With echo, a choice's text starts with its prompt
+        # (as sent, or decoded from token ids) and, with logprobs, its scores with the prompt's.
+        if isinstance(body.prompt, str):
+            prompt_texts = [body.prompt]
+        elif all(isinstance(p, str) for p in body.prompt):
+            prompt_texts = list(body.prompt)  # type: ignore[arg-type]
+        else:
+            prompt_texts = [state.backend.tokenizer.decode(ids) for ids in prompts]
+        stream_offsets: dict[int, int] = {}
+
+        def echo_text(index: int) -> str:
+            return prompt_texts[index // body.n] if body.echo else ""
+
+        def choice_logprobs(
+            index: int, first: bool, prompt_scores: Sequence[TokenLogprob | None] | None, scored: Sequence[TokenLogprob]
+        ) -> CompletionLogprobs | None:
+            if body.logprobs is None:
+                return None
+            entries: list[tuple[int, TokenLogprob | None]] = []
+            if first and body.echo:
+                prompt = prompts[index // body.n]
+                entries += zip(prompt, prompt_scores or [None] * len(prompt), strict=True)
+            entries += [(item.token_id, item) for item in scored]
+            shaped = _completion_logprobs(state, entries, stream_offsets.get(index, 0))
+            if shaped.tokens:
+                stream_offsets[index] = shaped.text_offset[-1] + len(shaped.tokens[-1])
+            return shaped
 
         def shape_final(rid: str, created: int, choices: list[_Choice], last: dict[int, GenerationChunk]) -> dict[str, Any]:
             return CompletionResponse(
                 id=rid, created=created, model=body.model,
-                choices=[CompletionChoice(index=c.index, text="".join(c.text), finish_reason=last[c.index].finish_reason) for c in choices],
+                choices=[
+                    CompletionChoice(
+                        index=c.index, text=echo_text(c.index) + "".join(c.text), finish_reason=last[c.index].finish_reason,
+                        logprobs=choice_logprobs(c.index, True, c.first.prompt_logprobs, c.logprobs),
+                    )
+                    for c in choices
+                ],
                 usage=_usage(choices, last),
             ).model_dump()
 
-        def shape_chunk(rid: str, created: int, index: int, chunk: GenerationChunk, first: bool) -> dict[str, Any]:
+        def shape_chunk(
+            rid: str, created: int, index: int, chunk: GenerationChunk, first: bool, scored: list[TokenLogprob]
+        ) -> dict[str, Any]:
+            text = (echo_text(index) if first else "") + chunk.text
+            logprobs = choice_logprobs(index, first, chunk.prompt_logprobs, scored)
             return CompletionResponse(
                 id=rid, created=created, model=body.model,
-                choices=[CompletionChoice(index=index, text=chunk.text, finish_reason=chunk.finish_reason)], usage=None,
+                choices=[CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=chunk.finish_reason)], usage=None,
             ).model_dump()
 
         def shape_usage_chunk(rid: str, created: int, usage: Usage) -> dict[str, Any]:
             return CompletionResponse(id=rid, created=created, model=body.model, choices=[], usage=usage).model_dump()
 
         return await _respond(
-            state, adapter=adapter, prompts=prompts, n=body.n, sampling=_sampling(body, max_tokens),
+            state, adapter=adapter, prompts=prompts, n=body.n, sampling=sampling,
             stream=body.stream, include_usage=bool(body.stream_options and body.stream_options.include_usage),
             shape_final=shape_final, shape_chunk=shape_chunk, shape_usage_chunk=shape_usage_chunk, id_prefix="cmpl",
         )
@@ -394,6 +528,9 @@ def _build_v1_router() -> APIRouter:
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, state: State) -> Response:
         _refuse_unsupported(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        top = body.top_logprobs or 0
         adapter = await state.resolve_model(body.model)
         tokenizer = state.backend.tokenizer
         if not getattr(tokenizer, "chat_template", None):
@@ -410,29 +547,36 @@ def _build_v1_router() -> APIRouter:
         if max_tokens < 1:
             max_tokens = 1  # reported as context_length_exceeded just below
         _check_context(state.backend, prompt_ids, max_tokens, "messages")
+        sampling = _sampling(state.backend, body, max_tokens, logprobs=top if body.logprobs else None)
 
         def shape_final(rid: str, created: int, choices: list[_Choice], last: dict[int, GenerationChunk]) -> dict[str, Any]:
             return ChatCompletionResponse(
                 id=rid, created=created, model=body.model,
                 choices=[
-                    ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)), finish_reason=last[c.index].finish_reason or "stop")
+                    ChatChoice(
+                        index=c.index, message=AssistantMessage(content="".join(c.text)), finish_reason=last[c.index].finish_reason or "stop",
+                        logprobs=_chat_logprobs(state, c.logprobs, top) if body.logprobs else None,
+                    )
                     for c in choices
                 ],
                 usage=_usage(choices, last),
             ).model_dump()
 
-        def shape_chunk(rid: str, created: int, index: int, chunk: GenerationChunk, first: bool) -> dict[str, Any]:
+        def shape_chunk(
+            rid: str, created: int, index: int, chunk: GenerationChunk, first: bool, scored: list[TokenLogprob]
+        ) -> dict[str, Any]:
             delta = ChatDelta(role="assistant" if first else None, content=chunk.text)
+            logprobs = _chat_logprobs(state, scored, top) if body.logprobs else None
             return ChatCompletionChunk(
                 id=rid, created=created, model=body.model,
-                choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=chunk.finish_reason)],
+                choices=[ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=chunk.finish_reason)],
             ).model_dump(exclude_none=False)
 
         def shape_usage_chunk(rid: str, created: int, usage: Usage) -> dict[str, Any]:
             return ChatCompletionChunk(id=rid, created=created, model=body.model, choices=[], usage=usage).model_dump()
 
         return await _respond(
-            state, adapter=adapter, prompts=[prompt_ids], n=body.n, sampling=_sampling(body, max_tokens),
+            state, adapter=adapter, prompts=[prompt_ids], n=body.n, sampling=sampling,
             stream=body.stream, include_usage=bool(body.stream_options and body.stream_options.include_usage),
             shape_final=shape_final, shape_chunk=shape_chunk, shape_usage_chunk=shape_usage_chunk, id_prefix="chatcmpl",
         )

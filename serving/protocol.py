@@ -4,9 +4,14 @@ Design decisions:
 - Field names, defaults and limits follow OpenAI's API reference (`max_tokens` 16 by default
   for completions, `temperature` in [0, 2], `top_p` in (0, 1], up to 4 stop strings), so the
   official `openai` client works unchanged. `max_completion_tokens` is accepted for chat.
-- Unknown request fields are ignored, as vLLM does, so clients that send `user` or `logit_bias`
-  are not refused; fields that would change the output and are not implemented (`logprobs`,
-  `echo`, `tools`) are refused with 400 by the app rather than silently ignored.
+- Unknown request fields are ignored, as vLLM does, so clients that send `user` are not
+  refused; fields that would change the output and are not implemented (`tools`, `best_of`,
+  `suffix`, `echo` in chat) are refused with 400 by the app rather than silently ignored.
+- vLLM's sampling extensions are accepted with vLLM's meanings (`top_k`, `min_p`,
+  `repetition_penalty`, `ignore_eos`), since clients such as lm-eval-harness send them.
+- Logprobs follow OpenAI's two shapes: completions' parallel lists (`tokens`, `token_logprobs`,
+  `top_logprobs` as token -> logprob maps, `text_offset`), chat's `content` entries with `bytes`.
+  Up to 20 alternatives per token, vLLM's default `max_logprobs`.
 - vLLM's `/v1/load_lora_adapter` bodies are mirrored exactly (`lora_name`, `lora_path`).
 """
 
@@ -21,6 +26,9 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+MAX_LOGPROBS = 20
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -29,6 +37,12 @@ class _SamplingFields(_Request):
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    top_k: int | None = Field(None, ge=-1)  # vLLM extension: 0 or -1 means every token
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM extension
+    repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM extension (CTRL's penalty)
+    logit_bias: dict[str, float] | None = None  # token id (as a string key) -> bias in [-100, 100]
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=16)
@@ -45,8 +59,10 @@ class _SamplingFields(_Request):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 only with `echo`: score the prompt, generate nothing
     stop: str | list[str] | None = Field(None, max_length=4)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
 
 
 class TextContentPart(BaseModel):
@@ -71,6 +87,8 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = Field(None, max_length=4)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class Usage(BaseModel):
@@ -79,11 +97,36 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """Per-token scores of a completion (with `echo`, the prompt's tokens come first and the first
+    has no score). `top_logprobs` maps token text to logprob: the top alternatives plus the chosen
+    token, as vLLM returns them."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -103,7 +146,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -124,7 +167,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 

@@ -54,18 +54,62 @@ class GenerationError(AdapterhubError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request decoding settings; `temperature == 0` means greedy (argmax)."""
+    """Per-request decoding settings, with vLLM's meanings so every backend answers alike.
+
+    `temperature == 0` means greedy (argmax). `logit_bias` (token id -> value added to its logit)
+    and the penalties change the logits greedy decoding sees too: `presence_penalty` and
+    `frequency_penalty` (OpenAI's, subtracted once / per occurrence) count the request's own
+    output tokens; `repetition_penalty` (CTRL's, divides positive and multiplies negative
+    logits) covers prompt and output tokens. Sampling applies temperature,
+    then `min_p`, `top_k` (0: off) and `top_p`. `max_tokens == 0` scores the prompt only.
+    `logprobs`/`prompt_logprobs` ask for the chosen token's log-probability plus that many
+    alternatives per position (None: none), of the model's raw distribution, before penalties
+    and temperature (vLLM's default), so a score does not depend on how the text was sampled.
+    """
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether a bias or penalty changes this request's logits before the token is chosen."""
+        return (
+            bool(self.logit_bias)
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
+    @property
+    def truncated(self) -> bool:
+        """Whether sampling draws from fewer tokens than the whole vocabulary."""
+        return self.top_p < 1.0 or self.top_k > 0 or self.min_p > 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the `top` most likely tokens at its position (id, logprob),
+    most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,13 +122,20 @@ class AdapterSpec:
 
 @dataclass(frozen=True)
 class GenerationChunk:
-    """A piece of one request's output; the last chunk carries `finish_reason` and the counts."""
+    """A piece of one request's output; the last chunk carries `finish_reason` and the counts.
+
+    `logprobs` matches `token_ids` one to one when the request asked for them. The first chunk
+    carries `prompt_logprobs` when asked for: one per prompt token, None for the first (nothing
+    predicts it). A request with `max_tokens == 0` gets one chunk with no token.
+    """
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)

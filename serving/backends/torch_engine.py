@@ -18,8 +18,12 @@ Design decisions:
 - Fair slot eviction: when the oldest waiting request needs a slot and none is free, the
   least-busy unpinned slot is *drained* (no new rows admitted to it) and swapped as soon as its
   rows finish, so a hot adapter cannot starve a cold one.
-- Greedy decoding is argmax on the logits; sampling applies temperature then top-p with a
-  per-request `torch.Generator` seeded from `seed`, so seeded requests repeat exactly.
+- Greedy decoding is argmax on the logits; sampling applies temperature, min-p, top-k and top-p
+  with a per-request `torch.Generator` seeded from `seed`, so seeded requests repeat exactly.
+  Penalties and logprobs follow vLLM's meanings (`sampling.py`).
+- Prompt logprobs (OpenAI's `echo` with `logprobs`, how lm-eval-harness scores text) need the
+  logits of every prompt position; requests that ask for them are prefilled in a batch of their
+  own, so the full `[tokens, vocab]` logits are never computed for anybody else.
 """
 
 from __future__ import annotations
@@ -52,9 +56,11 @@ from adapterhub.serving.backends.base import (
     HealthStatus,
     ResidentAdapter,
     SamplingParams,
+    TokenLogprob,
     UnavailableError,
 )
 from adapterhub.serving.backends.lora_slots import SERVED_PEFT_TYPES, AdapterWeights, SlotTable, read_adapter_dir
+from adapterhub.serving.backends.sampling import adjust_logits, draw, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +104,22 @@ class _Request:
     request_id: int = 0
 
 
+@dataclass(frozen=True)
+class _Emitted:
+    """What the engine thread sends a request per step: its new token, or the reason it ended."""
+
+    token_id: int | None  # None: the request ends without a new token (`max_tokens == 0`)
+    finish_reason: str | None
+    logprob: TokenLogprob | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # with the first token only
+
+
 @dataclass(eq=False)
 class _Row:
     request: _Request
     slot: int
     output_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # computed at prefill, sent once
 
     @property
     def next_position(self) -> int:
@@ -473,10 +490,16 @@ class TorchEngine(Backend):
         emitted = 0  # characters of the decoded text already sent
         prompt_tokens = len(request.prompt_ids)
         while True:
-            item = await request.queue.get()
+            item: _Emitted | BaseException = await request.queue.get()
             if isinstance(item, BaseException):
                 raise item
-            token_id, finish_reason = item
+            token_id, finish_reason = item.token_id, item.finish_reason
+            if token_id is None:  # prompt scoring only: nothing generated
+                yield GenerationChunk(
+                    text="", token_ids=(), finish_reason="length", prompt_tokens=prompt_tokens,
+                    completion_tokens=0, prompt_logprobs=item.prompt_logprobs,
+                )
+                return
             if token_id not in self.eos_token_ids:
                 output_ids.append(token_id)
             text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
@@ -503,6 +526,8 @@ class TorchEngine(Backend):
                 finish_reason=finish_reason,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
+                logprobs=(item.logprob,) if item.logprob is not None else (),
+                prompt_logprobs=item.prompt_logprobs,
             )
             if finish_reason is not None:
                 return
@@ -551,9 +576,9 @@ class TorchEngine(Backend):
         except RuntimeError:  # the client's event loop is gone
             pass
 
-    def _emit(self, request: _Request, token_id: int, finish_reason: str | None) -> None:
+    def _emit(self, request: _Request, emitted: _Emitted) -> None:
         try:
-            request.loop.call_soon_threadsafe(request.queue.put_nowait, (token_id, finish_reason))
+            request.loop.call_soon_threadsafe(request.queue.put_nowait, emitted)
         except RuntimeError:  # the client's event loop is gone
             request.cancelled = True
 
@@ -605,10 +630,17 @@ class TorchEngine(Backend):
             room -= 1
         return admitted
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """Next token per row: argmax for greedy rows, temperature + top-p sampling otherwise."""
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[tuple[int, TokenLogprob | None]]:
+        """Next token per row (argmax for greedy rows, else a draw), with its logprob if asked for."""
+        raw = logits
+        adjusted = [index for index, row in enumerate(rows) if row.request.sampling.adjusts_logits]
+        if adjusted:
+            logits = logits.to(torch.float32, copy=True)
+            for index in adjusted:
+                row = rows[index]
+                adjust_logits(logits, index, row.request.sampling, row.request.prompt_ids, row.output_ids)
         # One device-to-host transfer for the arg-max and the finiteness check of every row.
-        greedy_ids, finite = torch.stack([logits.argmax(dim=-1), torch.isfinite(logits).all(dim=-1).long()]).tolist()
+        greedy_ids, finite = torch.stack([logits.argmax(dim=-1), torch.isfinite(raw).all(dim=-1).long()]).tolist()
         for index, row in enumerate(rows):
             if not finite[index]:
                 # Overflowed logits (an adapter with huge weights, fp16): this request fails on
@@ -625,25 +657,24 @@ class TorchEngine(Backend):
             temperatures = torch.tensor([rows[i].request.sampling.temperature for i in sampled], device=logits.device)
             probs_all = torch.softmax(logits[sampled].float() / temperatures.unsqueeze(1), dim=-1).cpu()
             host_probs = dict(zip(sampled, probs_all, strict=True))
-        chosen: list[int] = []
-        for index, row in enumerate(rows):
-            sampling = row.request.sampling
-            if sampling.greedy or not finite[index]:  # a failed row's token is never emitted
-                chosen.append(int(greedy_ids[index]))
-                continue
-            probs = host_probs[index]
-            if sampling.top_p < 1.0:
-                sorted_probs, sorted_ids = torch.sort(probs, descending=True)
-                cumulative = torch.cumsum(sorted_probs, dim=-1)
-                keep = cumulative - sorted_probs < sampling.top_p  # always keeps the top token
-                sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-                pick = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=row.request.generator)
-                chosen.append(int(sorted_ids[pick]))
-            else:
-                chosen.append(int(torch.multinomial(probs, 1, generator=row.request.generator)))
-        return chosen
+        chosen = [
+            draw(host_probs[index], row.request.sampling, row.request.generator) if index in host_probs else int(greedy_ids[index])
+            for index, row in enumerate(rows)  # a failed row's token is never emitted
+        ]
+        scored = [index for index, row in enumerate(rows) if row.request.sampling.logprobs is not None and finite[index]]
+        logprobs: dict[int, TokenLogprob] = {}
+        if scored:
+            computed = token_logprobs(
+                raw[scored], [chosen[i] for i in scored], [rows[i].request.sampling.logprobs or 0 for i in scored]
+            )
+            logprobs = dict(zip(scored, computed, strict=True))
+        return [(token_id, logprobs.get(index)) for index, token_id in enumerate(chosen)]
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, row_slots: list[int]) -> torch.Tensor:
+    def _forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, row_slots: list[int],
+        *, every_position: bool = False,
+    ) -> torch.Tensor:
+        """Logits `[batch, vocab]` of the last position, or `[batch, tokens, vocab]` of all."""
         self.slots.context.set_rows(row_slots, self.device)
         try:
             output = self.model(
@@ -652,13 +683,14 @@ class TorchEngine(Backend):
                 position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if every_position else 1,
             )
         finally:
             self.slots.context.set_rows(None)
-        return output.logits[:, -1, :]
+        return output.logits if every_position else output.logits[:, -1, :]
 
-    def _prefill(self, rows: list[_Row]) -> tuple[Any, torch.Tensor]:
+    def _prefill(self, rows: list[_Row]) -> tuple[Any, torch.Tensor, list[TokenLogprob | None]]:
+        """Run the prompts of `rows` (one left-padded batch): their cache, mask and first tokens."""
         from transformers import DynamicCache
 
         length = max(len(row.request.prompt_ids) for row in rows)
@@ -671,10 +703,23 @@ class TorchEngine(Backend):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache, [row.slot for row in rows])
-        for row, token_id in zip(rows, self._sample(logits, rows)):
+        scoring = any(row.request.sampling.prompt_logprobs is not None for row in rows)
+        logits = self._forward(ids, mask, positions, cache, [row.slot for row in rows], every_position=scoring)
+        if scoring:
+            for index, row in enumerate(rows):
+                top = row.request.sampling.prompt_logprobs
+                if top is None:
+                    continue
+                prompt = row.request.prompt_ids
+                # Position p's logits predict token p + 1; nothing predicts the first token.
+                predicting = logits[index, length - len(prompt) : length - 1]
+                row.prompt_logprobs = (None, *token_logprobs(predicting, prompt[1:], [top] * (len(prompt) - 1)))
+            logits = logits[:, -1, :]
+        logprobs = []
+        for row, (token_id, logprob) in zip(rows, self._sample(logits, rows)):
             row.output_ids.append(token_id)
-        return cache, mask
+            logprobs.append(logprob)
+        return cache, mask, logprobs
 
     def _merge(self, cache: Any, mask: torch.Tensor) -> None:
         """Append a prefilled batch to the running one, left-padding both to one length."""
@@ -724,20 +769,11 @@ class TorchEngine(Backend):
         self._retire([i for i, row in enumerate(self._rows) if row.request.cancelled])
         self._free_idle_slots()
         admitted = self._admit()
-        finished: list[int] = []
-        if admitted:
-            self._prefilling = admitted
-            cache, mask = self._prefill(admitted)
-            start = len(self._rows)
-            with self._lock:
-                self._rows.extend(admitted)
-                self._prefilling = []
-            self._merge(cache, mask)
-            for offset, row in enumerate(admitted):
-                if self._report(row):
-                    finished.append(start + offset)
-            self._retire(finished)
-            finished = []
+        scoring = [row for row in admitted if row.request.sampling.prompt_logprobs is not None]
+        plain = [row for row in admitted if row.request.sampling.prompt_logprobs is None]
+        for group in (plain, scoring):  # only scoring rows pay for every position's logits
+            if group:
+                self._prefill_into_batch(group)
         if not self._rows:
             if self._waiting:
                 time.sleep(0.001)  # everything waits on a slot that is draining
@@ -749,21 +785,37 @@ class TorchEngine(Backend):
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
         logits = self._forward(input_ids, self._mask, positions, self._cache, [row.slot for row in rows])
         self.steps += 1
-        for index, (row, token_id) in enumerate(zip(rows, self._sample(logits, rows))):
+        finished: list[int] = []
+        for index, (row, (token_id, logprob)) in enumerate(zip(rows, self._sample(logits, rows))):
             row.output_ids.append(token_id)
-            if self._report(row):
+            if self._report(row, logprob):
                 finished.append(index)
         self._retire(finished)
 
-    def _report(self, row: _Row) -> bool:
+    def _prefill_into_batch(self, rows: list[_Row]) -> None:
+        """Prefill newly admitted rows, add them to the running batch and report their first token."""
+        self._prefilling = rows
+        cache, mask, logprobs = self._prefill(rows)
+        start = len(self._rows)
+        with self._lock:
+            self._rows.extend(rows)
+            self._prefilling = []
+        self._merge(cache, mask)
+        finished = [start + offset for offset, (row, logprob) in enumerate(zip(rows, logprobs)) if self._report(row, logprob)]
+        self._retire(finished)
+
+    def _report(self, row: _Row, logprob: TokenLogprob | None) -> bool:
         """Send the row's newest token to its client; True when the row is finished."""
         request = row.request
-        token_id = row.output_ids[-1]
+        token_id: int | None = row.output_ids[-1]
         finish_reason: str | None = None
-        if token_id in self.eos_token_ids and not request.sampling.ignore_eos:
+        if request.sampling.max_tokens == 0:  # prompt scoring: the prefill's token is not wanted
+            token_id, logprob, finish_reason = None, None, "length"
+        elif token_id in self.eos_token_ids and not request.sampling.ignore_eos:
             finish_reason = "stop"
         elif len(row.output_ids) >= request.sampling.max_tokens:
             finish_reason = "length"
         if not request.cancelled:
-            self._emit(request, token_id, finish_reason)
+            self._emit(request, _Emitted(token_id, finish_reason, logprob, row.prompt_logprobs))
+            row.prompt_logprobs = None
         return finish_reason is not None or request.cancelled

@@ -219,8 +219,12 @@ def test_error_shapes_and_statuses(server: RunningServer, tmp_path) -> None:
     assert bad_value.status_code == 422 and _error(bad_value)["param"] == "temperature"
     missing = httpx.post(f"{url}/chat/completions", json={"model": BASE_NAME}, timeout=10)
     assert missing.status_code == 422 and _error(missing)["param"] == "messages"
-    unsupported = httpx.post(f"{url}/completions", json={"model": BASE_NAME, "prompt": "hi", "logprobs": 3}, timeout=10)
-    assert unsupported.status_code == 400 and _error(unsupported)["param"] == "logprobs"
+    unsupported = httpx.post(f"{url}/completions", json={"model": BASE_NAME, "prompt": "hi", "best_of": 3}, timeout=10)
+    assert unsupported.status_code == 400 and _error(unsupported)["param"] == "best_of"
+    chat_echo = httpx.post(
+        f"{url}/chat/completions", json={"model": BASE_NAME, "messages": [{"role": "user", "content": "hi"}], "echo": True}, timeout=10
+    )
+    assert chat_echo.status_code == 400 and _error(chat_echo)["code"] == "unsupported_parameter"
 
     too_long = httpx.post(f"{url}/completions", json={"model": BASE_NAME, "prompt": "hi", "max_tokens": 100_000}, timeout=10)
     assert too_long.status_code == 400 and _error(too_long)["code"] == "context_length_exceeded"
