@@ -2,8 +2,9 @@
 
 Design decisions:
 - Field names, defaults and limits follow OpenAI's API reference (`max_tokens` 16 by default
-  for completions, `temperature` in [0, 2], `top_p` in (0, 1], up to 4 stop strings), so the
-  official `openai` client works unchanged. `max_completion_tokens` is accepted for chat.
+  for completions, `temperature` in [0, 2], `top_p` in (0, 1]), so the official `openai` client
+  works unchanged. Stop strings are not held to OpenAI's 4: vLLM takes any number and
+  lm-eval-harness sends 5 for HumanEval; up to `MAX_STOP_STRINGS` are accepted. `max_completion_tokens` is accepted for chat.
 - Unknown request fields are ignored, as vLLM does, so clients that send `user` are not
   refused; fields that would change the output and are not implemented (`tools`, `best_of`,
   `suffix`, `echo` in chat) are refused with 400 by the app rather than silently ignored.
@@ -17,7 +18,7 @@ Design decisions:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +28,9 @@ class _Request(BaseModel):
 
 
 MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 32
+# The limit counts strings in a list; a single stop string may be of any length.
+StopList = Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)]
 
 
 class StreamOptions(BaseModel):
@@ -43,7 +47,7 @@ class _SamplingFields(_Request):
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM extension
     repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM extension (CTRL's penalty)
     logit_bias: dict[str, float] | None = None  # token id (as a string key) -> bias in [-100, 100]
-    stop: str | list[str] | None = None
+    stop: str | StopList | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
@@ -60,7 +64,6 @@ class _SamplingFields(_Request):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)  # 0 only with `echo`: score the prompt, generate nothing
-    stop: str | list[str] | None = Field(None, max_length=4)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
@@ -86,7 +89,6 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = Field(None, max_length=4)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 

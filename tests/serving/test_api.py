@@ -92,6 +92,13 @@ def test_stop_strings_seed_and_sampling(server: RunningServer, reference: Refere
     cut = client.completions.create(model="task-0", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
     assert cut.choices[0].text == full[: full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
+    # One stop string of any length; more strings than OpenAI's 4 (vLLM and lm-eval-harness do).
+    long_stop = full[1:9]
+    single = client.completions.create(model="task-0", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0, stop=long_stop)
+    assert single.choices[0].text == full[: full.index(long_stop)] and single.choices[0].finish_reason == "stop"
+    several = ["\x01", "\x02", "\x03", "\x04", stop]
+    five = client.completions.create(model="task-0", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0, stop=several)
+    assert five.choices[0].text == full[: full.index(stop)]
     # Seeded sampling repeats exactly; another seed gives (almost surely) another text.
     runs = [
         client.completions.create(model="task-1", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=1.5, top_p=0.95, seed=seed).choices[0].text
