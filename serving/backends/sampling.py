@@ -7,7 +7,9 @@ Design decisions:
   host copy per step. Biases and penalties are applied on the device to an fp32 copy of the
   logits, bias first, as vLLM does.
 - Draws happen on the host, with each request's own CPU generator, so seeded output is the same
-  on any device and whatever else shares the batch.
+  on any device and whatever else shares the batch. A draw inverts the CDF (an fp64 cumulative
+  sum and one uniform number): the distribution of `torch.multinomial(p, 1)` at about a 17th of
+  its CPU time for a 49k vocabulary (1.9 ms -> 0.11 ms per row, measured here).
 - Logprobs are taken from the raw logits (log-softmax before penalties and temperature). They
   are gathered on the device; only the chosen tokens' values and the top-k come to the host.
   Prompt logprobs are computed in chunks of positions, so a long prompt never holds an fp32
@@ -25,6 +27,8 @@ from adapterhub.serving.backends.base import SamplingParams, TokenLogprob
 #: Positions per log-softmax chunk are chosen so one chunk holds at most this many fp32 values
 #: (64 MB).
 _LOGPROB_CHUNK_VALUES = 1 << 24
+#: Tokens first taken for top-p: nuclei of real next-token distributions are far smaller.
+_NUCLEUS_HEAD = 1024
 
 
 def adjust_logits(
@@ -49,28 +53,56 @@ def adjust_logits(
 
 
 def draw(probs: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from host `probs` (softmax of the temperature-scaled logits).
-
-    min-p, then top-k, then top-p (on the renormalized rest) narrow the candidates, in vLLM's
-    order. The most likely token always survives.
-    """
+    """One token id from host `probs` (softmax of the temperature-scaled logits), drawn among the
+    candidates `sampling` leaves (`candidates`)."""
     if not sampling.truncated:
-        return int(torch.multinomial(probs, 1, generator=generator))
-    sorted_probs, sorted_ids = torch.sort(probs, descending=True)
-    narrowed = False
+        return categorical(probs, generator)
+    values, ids = candidates(probs, sampling)
+    return int(ids[categorical(values, generator)])
+
+
+def candidates(probs: torch.Tensor, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens min-p, then top-k, then top-p (of the renormalized rest) leave, in vLLM's order:
+    their probabilities, most likely first, and their ids. The most likely token always stays.
+
+    Sorting a 49k vocabulary costs 5.5 ms per row on the CPU. The candidates are the top of that
+    order, so `topk` of as many as can survive is taken instead, and for top-p first only a head
+    of `_NUCLEUS_HEAD` tokens: that holds the nucleus unless the distribution is very flat, which
+    its mass shows (then the whole order is taken). On SmolLM2's next-token distributions at
+    temperature 1, the 0.95 nucleus has a median of 27 tokens and exceeds 1024 at 7% of
+    positions (none at temperature 0.7), so a top-p draw costs ~0.5 ms instead of ~7 ms.
+    """
+    vocab = probs.shape[0]
+    survivors = vocab
+    threshold: float | None = 0.0  # survivors are the tokens at or above it (None: top-k decides)
     if sampling.min_p > 0.0:
-        sorted_probs = torch.where(sorted_probs >= sampling.min_p * sorted_probs[0], sorted_probs, 0.0)
-        narrowed = True
-    if 0 < sampling.top_k < sorted_probs.shape[0]:
-        sorted_probs[sampling.top_k :] = 0.0
-        narrowed = True
-    if sampling.top_p < 1.0:
-        shares = sorted_probs / sorted_probs.sum() if narrowed else sorted_probs
-        cumulative = torch.cumsum(shares, dim=-1)
-        keep = cumulative - shares < sampling.top_p
-        sorted_probs = torch.where(keep, sorted_probs, 0.0)
-    pick = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-    return int(sorted_ids[pick])
+        threshold = sampling.min_p * float(probs.max())
+        survivors = int((probs >= threshold).sum())
+    if 0 < sampling.top_k < survivors:
+        survivors, threshold = sampling.top_k, None
+    if sampling.top_p >= 1.0:
+        return torch.topk(probs, survivors)
+    if survivors > _NUCLEUS_HEAD and threshold is not None:
+        mass = float(probs[probs >= threshold].sum()) if threshold > 0.0 else float(probs.sum())
+        values, ids = torch.topk(probs, _NUCLEUS_HEAD)
+        if float(values.sum()) < sampling.top_p * mass:  # a flat distribution: the nucleus reaches past the head
+            values, ids = torch.topk(probs, survivors)
+    else:
+        values, ids = torch.topk(probs, survivors)
+        mass = float(values.sum())
+    shares = values / mass
+    in_nucleus = torch.cumsum(shares, dim=0) - shares < sampling.top_p  # a prefix; keeps the top token
+    count = int(in_nucleus.sum())
+    return values[:count], ids[:count]
+
+
+def categorical(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """An index drawn with probability proportional to the non-negative host `weights`."""
+    cdf = torch.cumsum(weights, dim=0, dtype=torch.float64)
+    target = torch.rand(1, dtype=torch.float64, generator=generator) * cdf[-1]
+    # The first index whose cumulative weight exceeds the target: zero weights are never drawn.
+    index = int(torch.searchsorted(cdf, target, right=True))
+    return min(index, weights.shape[0] - 1)  # a target rounded up to the total (odds ~2**-53)
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], top: Sequence[int]) -> list[TokenLogprob]:

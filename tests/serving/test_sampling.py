@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from adapterhub.serving.backends.base import SamplingParams
-from adapterhub.serving.backends.sampling import draw
+from adapterhub.serving.backends.sampling import candidates, categorical, draw
 from tests.serving.conftest import BASE_NAME, AdapterFleet, ReferenceGenerator, RunningServer
 
 PROMPT = "reverse the words: apple banana"
@@ -284,3 +284,43 @@ def test_draw_narrows_in_vllm_order() -> None:
     # Without renormalization the second token would survive too.
     assert drawn(top_k=2, top_p=0.6) == {1}
     assert math.isclose(float(probs.sum()), 1.0)
+
+
+def test_draws_follow_the_distribution_and_skip_zero_weights() -> None:
+    weights = torch.tensor([0.05, 0.5, 0.0, 0.15, 0.3]) * 3  # unnormalized
+    generator = torch.Generator().manual_seed(0)
+    draws = 20_000
+    counts = Counter(categorical(weights, generator) for _ in range(draws))
+    assert counts[2] == 0
+    for index, share in enumerate((weights / weights.sum()).tolist()):
+        assert counts[index] / draws == pytest.approx(share, abs=0.012)  # about 3.5 standard errors
+
+
+def _sorted_candidates(probs: torch.Tensor, sampling: SamplingParams) -> list[int]:
+    """The reference: sort the whole vocabulary, then min-p, top-k, top-p of the renormalized rest."""
+    values, ids = torch.sort(probs, descending=True)
+    keep = torch.ones_like(values, dtype=torch.bool)
+    if sampling.min_p > 0:
+        keep &= values >= sampling.min_p * values[0]
+    if sampling.top_k > 0:
+        keep[sampling.top_k :] = False
+    kept = values[keep]
+    if sampling.top_p < 1:
+        shares = kept / kept.sum()
+        kept = kept[: int((torch.cumsum(shares, 0) - shares < sampling.top_p).sum())]
+    return ids[: len(kept)].tolist()
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 3.0, 8.0])  # flat (nucleus past the head) to peaked
+def test_candidates_equal_a_full_sort(scale: float) -> None:
+    generator = torch.Generator().manual_seed(int(scale * 10))
+    # float64: no two probabilities tie, so the order (and the cut) is the same for any method.
+    probs = torch.softmax(torch.randn(8000, generator=generator, dtype=torch.float64) * scale, dim=0)
+    for settings in (
+        {"top_p": 0.9}, {"top_p": 0.5}, {"top_k": 40}, {"top_k": 3000, "top_p": 0.95}, {"min_p": 0.05},
+        {"min_p": 0.001, "top_p": 0.8}, {"min_p": 0.01, "top_k": 20, "top_p": 0.7},
+    ):
+        sampling = SamplingParams(max_tokens=1, **settings)  # type: ignore[arg-type]
+        values, ids = candidates(probs, sampling)
+        assert ids.tolist() == _sorted_candidates(probs, sampling), settings
+        assert torch.equal(values, probs[ids])
