@@ -26,6 +26,8 @@ from typing import Any, Literal, Protocol
 from adapterhub.errors import AdapterhubError
 
 FinishReason = Literal["stop", "length"]
+#: Temperatures below this decode greedily (vLLM's `_SAMPLING_EPS`).
+GREEDY_BELOW = 1e-5
 
 
 class AdapterLoadError(AdapterhubError):
@@ -56,7 +58,8 @@ class GenerationError(AdapterhubError):
 class SamplingParams:
     """Per-request decoding settings, with vLLM's meanings so every backend answers alike.
 
-    `temperature == 0` means greedy (argmax). `logit_bias` (token id -> value added to its logit)
+    A temperature below `GREEDY_BELOW` (vLLM's 1e-5) means greedy (argmax): dividing logits by
+    less overflows. `logit_bias` (token id -> value added to its logit)
     and the penalties change the logits greedy decoding sees too: `presence_penalty` and
     `frequency_penalty` (OpenAI's, subtracted once / per occurrence) count the request's own
     output tokens; `repetition_penalty` (CTRL's, divides positive and multiplies negative
@@ -84,7 +87,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def adjusts_logits(self) -> bool:

@@ -19,6 +19,8 @@ Design decisions:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -29,6 +31,86 @@ from adapterhub.serving.backends.base import SamplingParams, TokenLogprob
 _LOGPROB_CHUNK_VALUES = 1 << 24
 #: Tokens first taken for top-p: nuclei of real next-token distributions are far smaller.
 _NUCLEUS_HEAD = 1024
+
+
+class SamplingRow(Protocol):
+    """What choosing a row's next token reads: its settings, generator and tokens so far."""
+
+    @property
+    def sampling(self) -> SamplingParams: ...
+
+    @property
+    def generator(self) -> torch.Generator | None: ...
+
+    @property
+    def prompt_ids(self) -> Sequence[int]: ...
+
+    @property
+    def output_ids(self) -> Sequence[int]: ...
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """One step's choice for every row: the token and the logprob when asked for. Rows in
+    `failed` (index -> why) had no usable distribution: they must fail, their token is meaningless."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+    failed: dict[int, str]
+
+
+def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> StepTokens:
+    """The next token of every row of `logits` (`[rows, vocab]`, raw, any device).
+
+    Greedy rows take the arg-max; the others draw from the temperature-scaled softmax, narrowed
+    by min-p/top-k/top-p, with their own generator. Rows with a bias or penalty get it on an fp32
+    copy first. Logprobs are of the raw logits.
+    """
+    raw = logits
+    adjusted = [index for index, row in enumerate(rows) if row.sampling.adjusts_logits]
+    if adjusted:
+        logits = logits.to(torch.float32, copy=True)
+        for index in adjusted:
+            row = rows[index]
+            adjust_logits(logits, index, row.sampling, row.prompt_ids, row.output_ids)
+    # One device-to-host transfer for the arg-max and the finiteness checks of every row. A row's
+    # fp32 sum is non-finite exactly when the row holds an inf or NaN (overflowing the sum would
+    # take logits near 1e34), and costs a 15th of `isfinite(...).all()` on the CPU.
+    # `max(...).indices` is `argmax` (first maximum on ties), faster on the CPU.
+    checks = [logits.max(dim=-1).indices, torch.isfinite(raw.sum(dim=-1, dtype=torch.float32)).long()]
+    if adjusted:  # a huge bias or penalty can overflow what the model gave
+        checks.append(torch.isfinite(logits.sum(dim=-1)).long())
+    greedy_ids, model_finite, *adjusted_finite = torch.stack(checks).tolist()
+    failed: dict[int, str] = {}
+    for index in range(len(rows)):
+        if not model_finite[index]:
+            failed[index] = "the model produced non-finite logits"
+        elif adjusted_finite and not adjusted_finite[0][index]:
+            failed[index] = "logit_bias and the penalties made the logits non-finite"
+    sampled = [index for index, row in enumerate(rows) if not row.sampling.greedy and index not in failed]
+    host_probs: dict[int, torch.Tensor] = {}
+    if sampled:
+        # Softmax on the device for every sampled row at once, then one copy to the host, where
+        # each row's own generator draws (seeded output is the same on any device).
+        temperatures = torch.tensor([rows[i].sampling.temperature for i in sampled], device=logits.device)
+        probs = torch.softmax(logits[sampled].float() / temperatures.unsqueeze(1), dim=-1).cpu()
+        for index, row_probs, probs_finite in zip(sampled, probs, torch.isfinite(probs.sum(dim=-1)).tolist(), strict=True):
+            if probs_finite:
+                host_probs[index] = row_probs
+            else:
+                failed[index] = f"temperature {rows[index].sampling.temperature} made the probabilities non-finite"
+    token_ids = [
+        draw(host_probs[index], row.sampling, row.generator) if index in host_probs else int(greedy_ids[index])
+        for index, row in enumerate(rows)
+    ]
+    logprobs: list[TokenLogprob | None] = [None] * len(rows)
+    scored = [index for index, row in enumerate(rows) if row.sampling.logprobs is not None and index not in failed]
+    if scored:
+        scored_logits = raw if len(scored) == len(rows) else raw[scored]  # no copy when every row asks
+        computed = token_logprobs(scored_logits, [token_ids[i] for i in scored], [rows[i].sampling.logprobs or 0 for i in scored])
+        for index, value in zip(scored, computed, strict=True):
+            logprobs[index] = value
+    return StepTokens(token_ids=token_ids, logprobs=logprobs, failed=failed)
 
 
 def adjust_logits(

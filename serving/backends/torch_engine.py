@@ -60,7 +60,7 @@ from adapterhub.serving.backends.base import (
     UnavailableError,
 )
 from adapterhub.serving.backends.lora_slots import SERVED_PEFT_TYPES, AdapterWeights, SlotTable, read_adapter_dir
-from adapterhub.serving.backends.sampling import adjust_logits, draw, token_logprobs
+from adapterhub.serving.backends.sampling import choose_tokens, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,19 @@ class _Row:
     slot: int
     output_ids: list[int] = field(default_factory=list)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # computed at prefill, sent once
+
+    # What `choose_tokens` reads of a row (`sampling.SamplingRow`).
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.request.sampling
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        return self.request.generator
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.prompt_ids
 
     @property
     def next_position(self) -> int:
@@ -631,48 +644,15 @@ class TorchEngine(Backend):
         return admitted
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[tuple[int, TokenLogprob | None]]:
-        """Next token per row (argmax for greedy rows, else a draw), with its logprob if asked for."""
-        raw = logits
-        adjusted = [index for index, row in enumerate(rows) if row.request.sampling.adjusts_logits]
-        if adjusted:
-            logits = logits.to(torch.float32, copy=True)
-            for index in adjusted:
-                row = rows[index]
-                adjust_logits(logits, index, row.request.sampling, row.request.prompt_ids, row.output_ids)
-        # One device-to-host transfer for the arg-max and the finiteness check of every row. A row's
-        # fp32 sum is non-finite exactly when the row holds an inf or NaN (overflowing the sum would
-        # take logits near 1e34), and costs a 15th of `isfinite(...).all()` on the CPU.
-        row_sums = raw.sum(dim=-1, dtype=torch.float32)
-        # `max(...).indices` is `argmax` (first maximum on ties), faster on the CPU.
-        greedy_ids, finite = torch.stack([logits.max(dim=-1).indices, torch.isfinite(row_sums).long()]).tolist()
-        for index, row in enumerate(rows):
-            if not finite[index]:
-                # Overflowed logits (an adapter with huge weights, fp16): this request fails on
-                # its own and its row leaves the batch at the next step; the others go on.
-                if not row.request.cancelled:
-                    self._fail(row.request, GenerationError(
-                        f"the model produced non-finite logits at output token {len(row.output_ids) + 1}"
-                    ))
-        sampled = [index for index, row in enumerate(rows) if not row.request.sampling.greedy and finite[index]]
-        host_probs: dict[int, torch.Tensor] = {}
-        if sampled:
-            # Softmax on the device for every sampled row at once, then one copy to the host,
-            # where each request's own generator draws (seeded output is the same on any device).
-            temperatures = torch.tensor([rows[i].request.sampling.temperature for i in sampled], device=logits.device)
-            probs_all = torch.softmax(logits[sampled].float() / temperatures.unsqueeze(1), dim=-1).cpu()
-            host_probs = dict(zip(sampled, probs_all, strict=True))
-        chosen = [
-            draw(host_probs[index], row.request.sampling, row.request.generator) if index in host_probs else int(greedy_ids[index])
-            for index, row in enumerate(rows)  # a failed row's token is never emitted
-        ]
-        scored = [index for index, row in enumerate(rows) if row.request.sampling.logprobs is not None and finite[index]]
-        logprobs: dict[int, TokenLogprob] = {}
-        if scored:
-            computed = token_logprobs(
-                raw[scored], [chosen[i] for i in scored], [rows[i].request.sampling.logprobs or 0 for i in scored]
-            )
-            logprobs = dict(zip(scored, computed, strict=True))
-        return [(token_id, logprobs.get(index)) for index, token_id in enumerate(chosen)]
+        """Next token per row, with its logprob if asked for; rows with non-finite logits fail."""
+        step = choose_tokens(logits, rows)
+        for index, why in step.failed.items():
+            # Overflowed logits (an adapter with huge weights, fp16, a huge penalty): this request
+            # fails on its own and its row leaves the batch at the next step; the others go on.
+            row = rows[index]
+            if not row.request.cancelled:
+                self._fail(row.request, GenerationError(f"{why} at output token {len(row.output_ids) + 1}"))
+        return list(zip(step.token_ids, step.logprobs, strict=True))
 
     def _forward(
         self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, row_slots: list[int],

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import torch
 
@@ -324,3 +325,28 @@ def test_candidates_equal_a_full_sort(scale: float) -> None:
         values, ids = candidates(probs, sampling)
         assert ids.tolist() == _sorted_candidates(probs, sampling), settings
         assert torch.equal(values, probs[ids])
+
+
+def test_extreme_settings_fail_only_their_own_request(server: RunningServer) -> None:
+    """Below vLLM's 1e-5 a temperature decodes greedily (dividing by it would overflow); a
+    penalty that overflows the logits fails its request alone and the engine goes on."""
+    client = server.client()
+    greedy = client.completions.create(model=BASE_NAME, prompt=PROMPT, max_tokens=6, temperature=0).choices[0].text
+    for tiny in (1e-45, 1e-38, 9e-6):
+        assert client.completions.create(model=BASE_NAME, prompt=PROMPT, max_tokens=6, temperature=tiny).choices[0].text == greedy
+
+    async def burst() -> list[object]:
+        async_client = server.async_client()
+        return await asyncio.gather(
+            async_client.completions.create(
+                model="task-1", prompt=PROMPT, max_tokens=6, temperature=1.0, extra_body={"repetition_penalty": 1e-300}
+            ),
+            async_client.completions.create(model=BASE_NAME, prompt=PROMPT, max_tokens=6, temperature=0),
+            return_exceptions=True,
+        )
+
+    overflowed, batch_mate = asyncio.run(burst())
+    assert isinstance(overflowed, openai.InternalServerError), overflowed
+    assert overflowed.body["code"] == "generation_failed" and "non-finite" in overflowed.body["message"]
+    assert batch_mate.choices[0].text == greedy
+    assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
