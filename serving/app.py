@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 import time
@@ -145,8 +146,9 @@ def _refuse_unsupported(body: Any) -> None:
             raise OpenAIError(400, f"`{name}` is not supported by this server", param=name, code="unsupported_parameter")
 
 
-def _usage(choices: Sequence[_Choice], last: dict[int, GenerationChunk]) -> Usage:
-    prompt_tokens = sum(last[c.index].prompt_tokens for c in choices)
+def _usage(choices: Sequence[_Choice], last: dict[int, GenerationChunk], n: int) -> Usage:
+    """Token counts of a whole request: each prompt counted once, however many choices it has."""
+    prompt_tokens = sum(last[c.index].prompt_tokens for c in choices if c.index % n == 0)
     completion_tokens = sum(last[c.index].completion_tokens for c in choices)
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
 
@@ -176,8 +178,15 @@ class _RequestTimer:
 async def _start_choices(
     backend: Backend, prompts: list[list[int]], n: int, sampling: SamplingParams, adapter: AdapterSpec | None
 ) -> list[_Choice]:
-    """Submit every prompt x n and wait for each first chunk; on any error close them all."""
-    streams = [backend.generate(prompt, sampling, adapter) for prompt in prompts for _ in range(n)]
+    """Submit every prompt x n and wait for each first chunk; on any error close them all.
+
+    With a seed, the i-th choice of a prompt draws with `seed + i` (as vLLM does), so `n` seeded
+    choices differ from each other and the request still repeats exactly.
+    """
+    def child(i: int) -> SamplingParams:
+        return sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + i)
+
+    streams = [backend.generate(prompt, child(i), adapter) for prompt in prompts for i in range(n)]
     firsts = await asyncio.gather(*(anext(stream) for stream in streams), return_exceptions=True)
     errors = [f for f in firsts if isinstance(f, BaseException)]
     if errors:
@@ -374,13 +383,9 @@ async def _respond(
                 payload = shape_chunk(response_id, created, index, chunk, index not in first_sent, logprobs)
                 held_logprobs[index] = []
                 first_sent.add(index)
-                if finished and len(last_by_index) == len(choices) and all(
-                    last.finish_reason is not None for last in last_by_index.values()
-                ):
-                    payload["usage"] = _usage(choices, last_by_index).model_dump()
                 yield _sse(payload)
-            if include_usage:
-                yield _sse(shape_usage_chunk(response_id, created, _usage(choices, last_by_index)))
+            if include_usage:  # OpenAI: usage only on one last chunk with no choices, if asked for
+                yield _sse(shape_usage_chunk(response_id, created, _usage(choices, last_by_index, n)))
         except BaseException as exc:  # noqa: BLE001 - reported in-band, the status line is gone
             if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                 status = 499  # the client went away
@@ -503,7 +508,7 @@ def _build_v1_router() -> APIRouter:
                     )
                     for c in choices
                 ],
-                usage=_usage(choices, last),
+                usage=_usage(choices, last, body.n),
             ).model_dump()
 
         def shape_chunk(
@@ -559,7 +564,7 @@ def _build_v1_router() -> APIRouter:
                     )
                     for c in choices
                 ],
-                usage=_usage(choices, last),
+                usage=_usage(choices, last, body.n),
             ).model_dump()
 
         def shape_chunk(

@@ -65,23 +65,34 @@ def test_chat_streaming_and_not_match_offline_greedy(
     assert "".join(pieces) == expected
     assert roles[0] == "assistant"
     assert finish_reasons == [whole.choices[0].finish_reason]
-    assert usages and usages[-1].completion_tokens == whole.usage.completion_tokens
+    assert len(usages) == 1 and usages[0].completion_tokens == whole.usage.completion_tokens
+    assert usages[0].prompt_tokens == whole.usage.prompt_tokens
 
 
 def test_completion_stream_raw_sse_ends_with_done(server: RunningServer, reference: ReferenceGenerator) -> None:
-    with httpx.stream(
-        "POST", f"{server.base_url}/v1/completions", timeout=60,
-        json={"model": BASE_NAME, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True},
-    ) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    payloads = [json.loads(e) for e in events[:-1]]
+    def events(**extra: object) -> list[dict]:
+        with httpx.stream(
+            "POST", f"{server.base_url}/v1/completions", timeout=60,
+            json={"model": BASE_NAME, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True, **extra},
+        ) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            lines = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        return [json.loads(line) for line in lines[:-1]]
+
+    payloads = events()
     text = "".join(p["choices"][0]["text"] for p in payloads)
     assert text == reference.greedy(None, tuple(reference.prompt_ids(PROMPTS[0])), MAX_TOKENS)
     assert payloads[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-    assert payloads[-1]["usage"]["completion_tokens"] >= 1
+    # OpenAI: usage is null on every chunk unless asked for, then it comes once, in a last chunk
+    # with no choices.
+    assert all(p["usage"] is None for p in payloads)
+    with_usage = events(stream_options={"include_usage": True})
+    assert all(p["usage"] is None for p in with_usage[:-1])
+    assert with_usage[-1]["choices"] == [] and with_usage[-1]["usage"]["prompt_tokens"] == len(reference.prompt_ids(PROMPTS[0]))
+    whole = server.client().completions.create(model=BASE_NAME, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+    assert with_usage[-1]["usage"] == whole.usage.model_dump(exclude_none=True)
 
 
 def test_stop_strings_seed_and_sampling(server: RunningServer, reference: ReferenceGenerator) -> None:
@@ -109,10 +120,23 @@ def test_stop_strings_seed_and_sampling(server: RunningServer, reference: Refere
 
 
 def test_n_and_prompt_lists(server: RunningServer, reference: ReferenceGenerator) -> None:
-    response = server.client().completions.create(model=BASE_NAME, prompt=PROMPTS[:2], max_tokens=MAX_TOKENS, temperature=0, n=2)
+    client = server.client()
+    response = client.completions.create(model=BASE_NAME, prompt=PROMPTS[:2], max_tokens=MAX_TOKENS, temperature=0, n=2)
     texts = [c.text for c in sorted(response.choices, key=lambda c: c.index)]
     expected = [reference.greedy(None, tuple(reference.prompt_ids(p)), MAX_TOKENS) for p in PROMPTS[:2]]
     assert texts == [expected[0], expected[0], expected[1], expected[1]]
+    # Each prompt's tokens are counted once, however many choices it has (as OpenAI and vLLM).
+    assert response.usage.prompt_tokens == sum(len(reference.prompt_ids(p)) for p in PROMPTS[:2])
+
+    # Seeded choices: choice i draws with seed + i, so they differ and the request repeats.
+    def seeded() -> list[str]:
+        choices = client.completions.create(model="task-1", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=1.5, seed=7, n=3).choices
+        return [c.text for c in sorted(choices, key=lambda c: c.index)]
+
+    first = seeded()
+    assert len(set(first)) == 3 and seeded() == first
+    alone = client.completions.create(model="task-1", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=1.5, seed=8).choices[0].text
+    assert first[1] == alone
 
 
 def test_models_lists_base_and_registry_adapters_with_residency(server: RunningServer, adapter_fleet: AdapterFleet) -> None:
