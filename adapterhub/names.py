@@ -74,7 +74,8 @@ def parse_ref(text: str) -> Ref:
         return Ref(validate_name(name, what="reference"), sha_prefix=prefix)
     if ":" in text:
         name, _, version = text.rpartition(":")
-        if not version.isdigit() or int(version) < 1:
+        # ASCII digits only (`str.isdigit` also takes '²'), and within SQLite's 64-bit integers.
+        if not re.fullmatch(r"[0-9]{1,18}", version) or int(version) < 1:
             raise AdapterhubError(f"invalid reference {text!r}: the version after ':' must be a positive integer")
         return Ref(validate_name(name, what="reference"), version=int(version))
     return Ref(validate_name(text, what="reference"))

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 import secrets
 import time
 import uuid
@@ -67,6 +68,8 @@ from adapterhub.serving.resolver import AdapterResolver
 
 # Fields that would change the output and are not implemented (chat's `echo` included).
 _UNSUPPORTED_FIELDS = ("echo", "tools", "tool_choice", "functions", "best_of", "suffix")
+# Engine keys of adapters added by `lora_path` (registry keys are `name:version`, never with '/').
+LORA_PATH_KEY_PREFIX = "lora_path/"
 # vLLM's floor for logprobs, so -inf never reaches JSON (which cannot spell it).
 _LOGPROB_FLOOR = -9999.0
 
@@ -104,7 +107,7 @@ class ServerState:
             text = self.token_texts[token_id] = self.backend.tokenizer.decode([token_id])
         return text
 
-    async def resolve_model(self, model: str) -> AdapterSpec | None:
+    async def resolve_model(self, model: str, *, param: str = "model") -> AdapterSpec | None:
         """None for the base model, else the adapter `model` names; 404 when it names nothing."""
         if model == self.backend.base_name:
             return None
@@ -119,7 +122,7 @@ class ServerState:
         if self.resolver is not None:
             listings = await asyncio.to_thread(self.resolver.list, self.backend.base_name)
             known += [name for listing in listings for name in (listing.id, *listing.aliases)]
-        raise model_not_found(model, known)
+        raise model_not_found(model, known, param=param)
 
 
 def _state(request: Request) -> ServerState:
@@ -253,7 +256,7 @@ def _logit_bias(backend: Backend, bias: dict[str, float] | None) -> tuple[tuple[
     vocab = len(backend.tokenizer)
     pairs = []
     for key, value in (bias or {}).items():
-        if not key.strip().lstrip("-").isdigit() or not 0 <= int(key) < vocab:
+        if not re.fullmatch(r"[0-9]{1,12}", key.strip()) or not 0 <= int(key) < vocab:  # ASCII digits only
             raise OpenAIError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab})", param="logit_bias")
         if not -100.0 <= value <= 100.0:
             raise OpenAIError(400, f"logit_bias value {value} for token {key} is outside [-100, 100]", param="logit_bias")
@@ -595,9 +598,15 @@ def _build_v1_router() -> APIRouter:
             path = Path(body.lora_path)
             if not (path / "adapter_config.json").is_file():
                 raise OpenAIError(404, f"no PEFT adapter at lora_path {str(path)!r}", param="lora_path", code="not_found")
-            spec = AdapterSpec(key=name, locate=lambda: path)
+            if state.resolver is not None and await asyncio.to_thread(state.resolver.resolve, state.backend.base_name, name):
+                raise OpenAIError(
+                    400, f"'{name}' already names an adapter in the registry; load this path under another lora_name",
+                    param="lora_name", code="already_loaded",
+                )
+            # Registry names cannot hold '/', so this key never meets a registry adapter's key.
+            spec = AdapterSpec(key=f"{LORA_PATH_KEY_PREFIX}{name}", locate=lambda: path)
         else:
-            spec = await state.resolve_model(name)
+            spec = await state.resolve_model(name, param="lora_name")
             assert spec is not None
         try:
             await state.backend.load_adapter(spec)

@@ -4,7 +4,8 @@ Design decisions:
 - Errors are turned into responses only here, at the HTTP edge (as vLLM's `serving_models.py`
   does); backends and resolvers raise plain `AdapterhubError` subclasses.
 - Status codes: unknown model 404; malformed JSON 400; a body that parses but breaks the schema
-  422 (the field goes in `param`); prompt over the context window 400
+  400 `invalid_value` (the field goes in `param`; OpenAI and vLLM answer 400 there, not
+  FastAPI's 422, so `openai.BadRequestError` catches it); prompt over the context window 400
   `context_length_exceeded`; an adapter that cannot be loaded 400 `adapter_load_failed` (only
   that request fails); queue full 429; engine not running or every slot pinned 503; missing or
   wrong API key 401. Anything else is a bug: 500 with no internals in the message.
@@ -59,13 +60,13 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status_code, headers=headers)
 
 
-def model_not_found(model: str, known: list[str]) -> OpenAIError:
+def model_not_found(model: str, known: list[str], *, param: str = "model") -> OpenAIError:
     """404 for an unknown `model`, naming close matches so a typo is easy to see."""
     import difflib
 
     close = difflib.get_close_matches(model, known, n=5, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return OpenAIError(404, f"The model `{model}` does not exist{hint}", param="model", code="model_not_found")
+    return OpenAIError(404, f"The model `{model}` does not exist{hint}", param=param, code="model_not_found")
 
 
 def from_exception(exc: BaseException, *, param: str | None = None) -> OpenAIError:
@@ -113,7 +114,7 @@ def install_error_handlers(app: FastAPI) -> None:
         details = "; ".join(
             f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors
         )
-        return OpenAIError(422, details or "invalid request body", param=".".join(location) or None, code="invalid_value").response()
+        return OpenAIError(400, details or "invalid request body", param=".".join(location) or None, code="invalid_value").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

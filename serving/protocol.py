@@ -20,10 +20,37 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class _Request(BaseModel):
+def _has_unpaired_surrogate(value: Any) -> bool:
+    """Whether any string in `value` holds a lone UTF-16 surrogate (JSON can spell `"\\ud800"`),
+    which is not Unicode: tokenizers and UTF-8 encoders fail on it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_unpaired_surrogate(k) or _has_unpaired_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_unpaired_surrogate(item) for item in value)
+    return False
+
+
+class _Body(BaseModel):
+    """A request body: its text must be valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if _has_unpaired_surrogate(data):
+            raise ValueError("the body holds text with an unpaired UTF-16 surrogate (such as \\ud800), which is not valid Unicode")
+        return data
+
+
+class _Request(_Body):
     model_config = ConfigDict(extra="allow")
 
 
@@ -48,7 +75,7 @@ class _SamplingFields(_Request):
     repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM extension (CTRL's penalty)
     logit_bias: dict[str, float] | None = None  # token id (as a string key) -> bias in [-100, 100]
     stop: str | StopList | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # torch generators take 64 bits
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -201,11 +228,11 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class LoadLoRAAdapterRequest(BaseModel):
+class LoadLoRAAdapterRequest(_Body):
     lora_name: str = Field(min_length=1)
     lora_path: str | None = None  # None: resolve `lora_name` from the registry and warm it
 
 
-class UnloadLoRAAdapterRequest(BaseModel):
+class UnloadLoRAAdapterRequest(_Body):
     lora_name: str = Field(min_length=1)
     lora_int_id: int | None = None

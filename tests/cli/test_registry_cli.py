@@ -63,6 +63,8 @@ def test_import_list_show_tag_export_rm_gc(home: Path, lora_dir: Path, tmp_path:
     [
         (["show", "nope"], "error: no adapter named 'nope'"),
         (["show", "ab/cd"], "error: invalid reference: name 'ab/cd' contains a path separator"),
+        (["show", "ab:\u00b2"], "the version after ':' must be a positive integer"),  # '²' passes str.isdigit
+        (["show", "ab:99999999999999999999999"], "the version after ':' must be a positive integer"),  # beyond 64 bits
         (["import", "/does/not/exist", "--name", "x", "--base", "tiny"], "the directory does not exist"),
         (["import", ".", "--name", "x", "--base", "nobase"], "error: no base model named 'nobase'"),
         (["models", "show", "tinny"], "did you mean: tiny"),

@@ -13,6 +13,7 @@ import pytest
 from tests.serving.conftest import BASE_NAME, AdapterFleet, ReferenceGenerator, RunningServer, start_server
 
 MAX_TOKENS = 12
+JSON_HEADERS = {"content-type": "application/json"}
 PROMPTS = ["the quick brown fox", "reverse the words: apple banana", "question: what is two plus two? answer:"]
 
 
@@ -202,11 +203,30 @@ def test_load_and_unload_lora_adapter_endpoints(
 
     response = httpx.post(f"{server.base_url}/v1/unload_lora_adapter", json={"lora_name": "by-path"}, timeout=30)
     assert response.status_code == 200 and "removed successfully" in response.text
-    assert "by-path" not in {a.key for a in server.backend.resident_adapters()}
+    assert not [a.key for a in server.backend.resident_adapters() if a.key.endswith("by-path")]
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="by-path", prompt="hello", max_tokens=2)
     missing = httpx.post(f"{server.base_url}/v1/unload_lora_adapter", json={"lora_name": "by-path"}, timeout=30)
     assert missing.status_code == 404
+    unknown = httpx.post(f"{server.base_url}/v1/load_lora_adapter", json={"lora_name": "no-such-adapter"}, timeout=30)
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "lora_name"
+
+    # A path adapter never shadows a registry adapter, nor the other way round: a lora_name that
+    # names one is refused, and a free name like `task-8:2` (the registry has only version 1) keeps
+    # `task-8` meaning the registry's adapter.
+    def greedy_text(model: str) -> str:
+        return client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0).choices[0].text
+
+    task8 = reference.greedy(adapter_fleet.dirs["task-8"], tuple(reference.prompt_ids(PROMPTS[0])), MAX_TOKENS)
+    task9 = reference.greedy(adapter_fleet.dirs["task-9"], tuple(reference.prompt_ids(PROMPTS[0])), MAX_TOKENS)
+    assert greedy_text("task-8") == task8  # resident under its registry key
+    clash = httpx.post(f"{server.base_url}/v1/load_lora_adapter", json={"lora_name": "task-8:1", "lora_path": path}, timeout=30)
+    assert clash.status_code == 400 and clash.json()["error"]["param"] == "lora_name"
+    beside = httpx.post(f"{server.base_url}/v1/load_lora_adapter", json={"lora_name": "task-8:2", "lora_path": path}, timeout=30)
+    assert beside.status_code == 200
+    assert greedy_text("task-8:2") == task9
+    assert greedy_text("task-8") == task8 and greedy_text("task-8:1") == task8
+    assert httpx.post(f"{server.base_url}/v1/unload_lora_adapter", json={"lora_name": "task-8:2"}, timeout=30).status_code == 200
 
     # Registry adapters: load warms by reference, unload drops every tier.
     response = httpx.post(f"{server.base_url}/v1/load_lora_adapter", json={"lora_name": "task-10"}, timeout=30)
@@ -247,15 +267,32 @@ def test_error_shapes_and_statuses(server: RunningServer, tmp_path) -> None:
     bad_json = httpx.post(f"{url}/completions", content=b"{not json", headers={"content-type": "application/json"}, timeout=10)
     assert bad_json.status_code == 400 and _error(bad_json)["code"] == "invalid_json"
     bad_value = httpx.post(f"{url}/completions", json={"model": BASE_NAME, "prompt": "hi", "temperature": 7}, timeout=10)
-    assert bad_value.status_code == 422 and _error(bad_value)["param"] == "temperature"
+    assert bad_value.status_code == 400 and _error(bad_value)["param"] == "temperature"
     missing = httpx.post(f"{url}/chat/completions", json={"model": BASE_NAME}, timeout=10)
-    assert missing.status_code == 422 and _error(missing)["param"] == "messages"
+    assert missing.status_code == 400 and _error(missing)["param"] == "messages"
     unsupported = httpx.post(f"{url}/completions", json={"model": BASE_NAME, "prompt": "hi", "best_of": 3}, timeout=10)
     assert unsupported.status_code == 400 and _error(unsupported)["param"] == "best_of"
     chat_echo = httpx.post(
         f"{url}/chat/completions", json={"model": BASE_NAME, "messages": [{"role": "user", "content": "hi"}], "echo": True}, timeout=10
     )
     assert chat_echo.status_code == 400 and _error(chat_echo)["code"] == "unsupported_parameter"
+
+    # Inputs that once reached the engine, the tokenizer or SQLite and came back as 500s.
+    for body, status, param in (
+        ({"prompt": "hi", "temperature": 1.0, "seed": 2**64}, 400, "seed"),
+        ({"prompt": "hi", "logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),  # '²' passes str.isdigit
+        ({"prompt": "hi", "model": "task-0:99999999999999999999999"}, 404, "model"),
+        ({"prompt": "a\ud800b"}, 400, None),  # an unpaired surrogate is not Unicode
+        ({"prompt": "hi", "model": "task-\ud800"}, 400, None),
+    ):
+        # json.dumps escapes a lone surrogate as `\\ud800`, as a client in another language may send it.
+        refused = httpx.post(f"{url}/completions", content=json.dumps({"model": BASE_NAME, **body}), headers=JSON_HEADERS, timeout=10)
+        assert refused.status_code == status and _error(refused)["param"] == param, (body, refused.text)
+    surrogate_chat = httpx.post(
+        f"{url}/chat/completions", content=json.dumps({"model": BASE_NAME, "messages": [{"role": "user", "content": "\udfff"}]}),
+        headers=JSON_HEADERS, timeout=10,
+    )
+    assert surrogate_chat.status_code == 400 and "surrogate" in _error(surrogate_chat)["message"]
 
     too_long = httpx.post(f"{url}/completions", json={"model": BASE_NAME, "prompt": "hi", "max_tokens": 100_000}, timeout=10)
     assert too_long.status_code == 400 and _error(too_long)["code"] == "context_length_exceeded"
