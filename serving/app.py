@@ -66,8 +66,24 @@ from adapterhub.serving.protocol import (
 )
 from adapterhub.serving.resolver import AdapterResolver
 
-# Fields that would change the output and are not implemented (chat's `echo` included).
-_UNSUPPORTED_FIELDS = ("echo", "tools", "tool_choice", "functions", "best_of", "suffix")
+# Fields that would change the output and are not implemented (chat's `echo` included), each
+# with the values that change nothing and are therefore accepted (clients send defaults).
+_UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "echo": lambda value: not value,
+    "suffix": lambda value: not value,
+    "best_of": lambda value: value in (None, 1),
+    "tools": lambda value: not value,
+    "functions": lambda value: not value,
+    "tool_choice": lambda value: value in (None, "none", "auto"),
+    "function_call": lambda value: value in (None, "none", "auto"),
+    "response_format": lambda value: value is None or (isinstance(value, dict) and value.get("type") == "text"),
+    # vLLM's structured-output extensions.
+    "guided_json": lambda value: value is None,
+    "guided_regex": lambda value: value is None,
+    "guided_choice": lambda value: value is None,
+    "guided_grammar": lambda value: value is None,
+    "structured_outputs": lambda value: value is None,
+}
 # Engine keys of adapters added by `lora_path` (registry keys are `name:version`, never with '/').
 LORA_PATH_KEY_PREFIX = "lora_path/"
 # vLLM's floor for logprobs, so -inf never reaches JSON (which cannot spell it).
@@ -144,8 +160,8 @@ async def _require_api_key(request: Request) -> None:
 
 def _refuse_unsupported(body: Any) -> None:
     extra = body.model_extra or {}
-    for name in _UNSUPPORTED_FIELDS:
-        if extra.get(name) not in (None, False, [], {}, 0):
+    for name, changes_nothing in _UNSUPPORTED_FIELDS.items():
+        if name in extra and not changes_nothing(extra[name]):
             raise OpenAIError(400, f"`{name}` is not supported by this server", param=name, code="unsupported_parameter")
 
 
@@ -268,12 +284,18 @@ def _sampling(
     backend: Backend, body: CompletionRequest | ChatCompletionRequest, max_tokens: int, *,
     logprobs: int | None = None, prompt_logprobs: int | None = None,
 ) -> SamplingParams:
+    vocab = len(backend.tokenizer)
+    stop_token_ids = tuple(body.stop_token_ids or ())
+    if any(not 0 <= token < vocab for token in stop_token_ids):
+        raise OpenAIError(400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids")
+    if body.min_tokens > max_tokens:
+        raise OpenAIError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})", param="min_tokens")
     return SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k or 0, 0),
         min_p=body.min_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, logit_bias=_logit_bias(backend, body.logit_bias),
-        stop=body.stop_strings(), seed=body.seed, ignore_eos=body.ignore_eos,
-        logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        stop=body.stop_strings(), stop_token_ids=stop_token_ids, min_tokens=body.min_tokens, seed=body.seed,
+        ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -347,6 +369,12 @@ async def _respond(
 
     `shape_chunk` gets the logprobs of every token since the last chunk sent for that choice.
     """
+    limit = state.backend.max_request_rows
+    if limit is not None and len(prompts) * n > limit:
+        raise OpenAIError(
+            400, f"this request asks for {len(prompts) * n} completions (prompts x n); this server takes at most {limit} at once",
+            param="n", code="too_many_completions",
+        )
     timer = _RequestTimer(state.metrics)
     label = adapter.key if adapter is not None else state.backend.base_name
     response_id = f"{id_prefix}-{uuid.uuid4().hex}"
@@ -430,6 +458,19 @@ def _build_v1_router() -> APIRouter:
 
     @router.get("/models")
     async def list_models(state: State) -> ModelList:
+        return ModelList(data=await _model_cards(state))
+
+    @router.get("/models/{model_id:path}")
+    async def retrieve_model(model_id: str, state: State) -> ModelCard:
+        """One model's card, found by id or alias (`client.models.retrieve`)."""
+        cards = await _model_cards(state)
+        for card in cards:
+            if model_id == card.id or model_id in card.aliases:
+                return card
+        raise model_not_found(model_id, [name for card in cards for name in (card.id, *card.aliases)])
+
+    async def _model_cards(state: ServerState) -> list[ModelCard]:
+        """The base, adapters added by path, then the registry's servable adapters of the base."""
         backend = state.backend
         held = {adapter.key: adapter for adapter in backend.resident_adapters()}
         cards = [
@@ -457,7 +498,7 @@ def _build_v1_router() -> APIRouter:
                 if peft_type is not None and str(peft_type).upper() not in backend.supported_peft_types:
                     continue  # prompt/prefix tuning, full models: not servable here, so not advertised
                 cards.append(adapter_card(listing.id, listing.key, listing.created, listing.aliases, dict(listing.meta)))
-        return ModelList(data=cards)
+        return cards
 
     @router.post("/completions")
     async def completions(body: CompletionRequest, state: State) -> Response:
@@ -536,7 +577,7 @@ def _build_v1_router() -> APIRouter:
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, state: State) -> Response:
         _refuse_unsupported(body)
-        if body.top_logprobs is not None and not body.logprobs:
+        if body.top_logprobs and not body.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         top = body.top_logprobs or 0
         adapter = await state.resolve_model(body.model)

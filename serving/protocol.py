@@ -9,7 +9,8 @@ Design decisions:
   refused; fields that would change the output and are not implemented (`tools`, `best_of`,
   `suffix`, `echo` in chat) are refused with 400 by the app rather than silently ignored.
 - vLLM's sampling extensions are accepted with vLLM's meanings (`top_k`, `min_p`,
-  `repetition_penalty`, `ignore_eos`), since clients such as lm-eval-harness send them.
+  `repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids`), since clients such as
+  lm-eval-harness send them.
 - Logprobs follow OpenAI's two shapes: completions' parallel lists (`tokens`, `token_logprobs`,
   `top_logprobs` as token -> logprob maps, `text_offset`), chat's `content` entries with `bytes`.
   Up to 20 alternatives per token, vLLM's default `max_logprobs`.
@@ -80,6 +81,8 @@ class _SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM extension: keep generating past end-of-sequence (benchmarks)
+    min_tokens: int = Field(0, ge=0)  # vLLM extension: no end token or stop string before this many
+    stop_token_ids: list[int] | None = None  # vLLM extension: tokens that end the output like EOS
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

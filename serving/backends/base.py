@@ -63,7 +63,9 @@ class SamplingParams:
     and the penalties change the logits greedy decoding sees too: `presence_penalty` and
     `frequency_penalty` (OpenAI's, subtracted once / per occurrence) count the request's own
     output tokens; `repetition_penalty` (CTRL's, divides positive and multiplies negative
-    logits) covers prompt and output tokens. Sampling applies temperature,
+    logits) covers prompt and output tokens. `stop_token_ids` end a request like end-of-sequence
+    (vLLM's extension), and neither can be chosen before `min_tokens` tokens are out, nor can a
+    stop string end it then. Sampling applies temperature,
     then `min_p`, `top_k` (0: off) and `top_p`. `max_tokens == 0` scores the prompt only.
     `logprobs`/`prompt_logprobs` ask for the chosen token's log-probability plus that many
     alternatives per position (None: none), of the model's raw distribution, before penalties
@@ -79,7 +81,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
     logprobs: int | None = None
@@ -94,6 +98,7 @@ class SamplingParams:
         """Whether a bias or penalty changes this request's logits before the token is chosen."""
         return (
             bool(self.logit_bias)
+            or self.min_tokens > 0
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
             or self.repetition_penalty != 1.0
@@ -193,6 +198,9 @@ class Backend(abc.ABC):
     tokenizer: Any
     #: Longest prompt + completion the engine accepts, in tokens.
     max_model_len: int
+    #: Most completions (prompts x `n`) one request may ask for; None: no limit. More could never
+    #: be queued at once, so the app refuses them with a 400 instead of an endless 429.
+    max_request_rows: int | None = None
     #: PEFT types (`adapter_config.json`'s `peft_type`) this backend can serve. `/v1/models` lists
     #: only adapters of these types, as vLLM lists only what it can serve; asking for another
     #: kind by name still gets an `AdapterLoadError` that names the kind.

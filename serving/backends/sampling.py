@@ -48,6 +48,11 @@ class SamplingRow(Protocol):
     @property
     def output_ids(self) -> Sequence[int]: ...
 
+    @property
+    def end_token_ids(self) -> Sequence[int]:
+        """Tokens that end the row (end-of-sequence unless ignored, `stop_token_ids`)."""
+        ...
+
 
 @dataclass(frozen=True)
 class StepTokens:
@@ -72,14 +77,17 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> StepToke
         logits = logits.to(torch.float32, copy=True)
         for index in adjusted:
             row = rows[index]
-            adjust_logits(logits, index, row.sampling, row.prompt_ids, row.output_ids)
+            adjust_logits(logits, index, row.sampling, row.prompt_ids, row.output_ids, row.end_token_ids)
     # One device-to-host transfer for the arg-max and the finiteness checks of every row. A row's
     # fp32 sum is non-finite exactly when the row holds an inf or NaN (overflowing the sum would
     # take logits near 1e34), and costs a 15th of `isfinite(...).all()` on the CPU.
     # `max(...).indices` is `argmax` (first maximum on ties), faster on the CPU.
-    checks = [logits.max(dim=-1).indices, torch.isfinite(raw.sum(dim=-1, dtype=torch.float32)).long()]
-    if adjusted:  # a huge bias or penalty can overflow what the model gave
-        checks.append(torch.isfinite(logits.sum(dim=-1)).long())
+    best = logits.max(dim=-1)
+    checks = [best.indices, torch.isfinite(raw.sum(dim=-1, dtype=torch.float32)).long()]
+    if adjusted:
+        # -inf is how `min_tokens` masks tokens, but a huge bias or penalty can make +inf or NaN,
+        # or mask everything: the row's best logit must be finite.
+        checks.append(torch.isfinite(best.values).long())
     greedy_ids, model_finite, *adjusted_finite = torch.stack(checks).tolist()
     failed: dict[int, str] = {}
     for index in range(len(rows)):
@@ -114,12 +122,15 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> StepToke
 
 
 def adjust_logits(
-    logits: torch.Tensor, row: int, sampling: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int]
+    logits: torch.Tensor, row: int, sampling: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int],
+    end_token_ids: Sequence[int] = (),
 ) -> None:
-    """Apply `sampling`'s logit bias and penalties to row `row` of fp32 `logits`, in place."""
+    """Apply `sampling`'s logit bias, `min_tokens` and penalties to row `row` of fp32 `logits`, in place."""
     values = logits[row]
     vocab = values.shape[0]
     device = values.device
+    if len(output_ids) < sampling.min_tokens and end_token_ids:
+        values[torch.tensor(list(end_token_ids), device=device)] = float("-inf")
     if sampling.logit_bias:
         ids, biases = zip(*sampling.logit_bias)
         values.index_add_(0, torch.tensor(ids, device=device), torch.tensor(biases, dtype=values.dtype, device=device))

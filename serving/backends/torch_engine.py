@@ -100,6 +100,7 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Any]
     generator: torch.Generator | None
+    end_token_ids: tuple[int, ...] = ()  # end-of-sequence (unless ignored) and stop_token_ids
     cancelled: bool = False
     request_id: int = 0
 
@@ -133,6 +134,10 @@ class _Row:
     @property
     def prompt_ids(self) -> list[int]:
         return self.request.prompt_ids
+
+    @property
+    def end_token_ids(self) -> tuple[int, ...]:
+        return self.request.end_token_ids
 
     @property
     def next_position(self) -> int:
@@ -179,6 +184,7 @@ class TorchEngine(Backend):
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         model_config = self.model.config
         self.max_model_len = int(self.config.max_model_len or getattr(model_config, "max_position_embeddings", 2048))
+        self.max_request_rows = self.config.max_waiting
         self.eos_token_ids = self._eos_token_ids()
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         self.base_weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -470,6 +476,7 @@ class TorchEngine(Backend):
                 if len(self._waiting) >= self.config.max_waiting:
                     raise CapacityError(f"{len(self._waiting)} requests are waiting; retry later")
                 generator = None
+                ignored = set(self.eos_token_ids) if sampling.ignore_eos else set()
                 if not sampling.greedy:
                     generator = torch.Generator()  # CPU: draws happen on host copies of the probabilities
                     if sampling.seed is not None:
@@ -483,6 +490,7 @@ class TorchEngine(Backend):
                     loop=asyncio.get_running_loop(),
                     queue=asyncio.Queue(),
                     generator=generator,
+                    end_token_ids=tuple(sorted(set(sampling.stop_token_ids) | ({*self.eos_token_ids} - ignored))),
                     request_id=next(self._request_ids),
                 )
                 self._waiting.append(request)
@@ -496,11 +504,17 @@ class TorchEngine(Backend):
                 self._release(entry)
 
     async def _detokenize(self, request: _Request) -> AsyncIterator[GenerationChunk]:
-        """Turn the engine's token ids into text deltas, applying stop strings."""
+        """Turn the engine's token ids into text deltas, applying stop strings.
+
+        As in vLLM, a stop string ends the text only once `min_tokens` tokens are out, found from
+        where the text stood then (a stop string may straddle that point).
+        """
         stops = request.sampling.stop
-        output_ids: list[int] = []  # without end-of-sequence tokens
+        ending_ids = set(self.eos_token_ids) | set(request.sampling.stop_token_ids)  # never in the text
+        output_ids: list[int] = []  # without end-of-sequence and stop tokens
         completion_tokens = 0  # every token generated, end-of-sequence included (as vLLM counts)
         emitted = 0  # characters of the decoded text already sent
+        searched_from: int | None = 0 if request.sampling.min_tokens == 0 else None  # where stop strings count
         prompt_tokens = len(request.prompt_ids)
         while True:
             item: _Emitted | BaseException = await request.queue.get()
@@ -513,10 +527,15 @@ class TorchEngine(Backend):
                     completion_tokens=0, prompt_logprobs=item.prompt_logprobs,
                 )
                 return
-            if token_id not in self.eos_token_ids:
+            if token_id not in ending_ids:
                 output_ids.append(token_id)
             text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
-            stop_at = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+            stop_at = -1
+            if searched_from is not None:
+                found = (text.find(s, max(0, searched_from - len(s) + 1)) for s in stops if s)
+                stop_at = min((i for i in found if i >= 0), default=-1)
+            elif completion_tokens + 1 >= request.sampling.min_tokens:
+                searched_from = len(text)  # stop strings count from the next token on
             if stop_at >= 0:
                 text, finish_reason = text[:stop_at], "stop"
                 request.cancelled = True  # the engine drops the row at its next step
@@ -795,7 +814,7 @@ class TorchEngine(Backend):
         finish_reason: str | None = None
         if request.sampling.max_tokens == 0:  # prompt scoring: the prefill's token is not wanted
             token_id, logprob, finish_reason = None, None, "length"
-        elif token_id in self.eos_token_ids and not request.sampling.ignore_eos:
+        elif token_id in request.end_token_ids:
             finish_reason = "stop"
         elif len(row.output_ids) >= request.sampling.max_tokens:
             finish_reason = "length"

@@ -140,6 +140,15 @@ def test_n_and_prompt_lists(server: RunningServer, reference: ReferenceGenerator
     assert first[1] == alone
 
 
+def test_retrieve_one_model_by_id_or_alias(server: RunningServer) -> None:
+    client = server.client()
+    assert client.models.retrieve(BASE_NAME).id == BASE_NAME
+    by_alias = client.models.retrieve("task-0")
+    assert by_alias.id == "task-0:1" and by_alias.parent == BASE_NAME  # type: ignore[attr-defined]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("task-99")
+
+
 def test_models_lists_base_and_registry_adapters_with_residency(server: RunningServer, adapter_fleet: AdapterFleet) -> None:
     client = server.client()
     client.completions.create(model="task-3", prompt="hello", max_tokens=2, temperature=0)
@@ -272,6 +281,19 @@ def test_error_shapes_and_statuses(server: RunningServer, tmp_path) -> None:
     assert missing.status_code == 400 and _error(missing)["param"] == "messages"
     unsupported = httpx.post(f"{url}/completions", json={"model": BASE_NAME, "prompt": "hi", "best_of": 3}, timeout=10)
     assert unsupported.status_code == 400 and _error(unsupported)["param"] == "best_of"
+    json_mode = httpx.post(
+        f"{url}/completions", json={"model": BASE_NAME, "prompt": "hi", "response_format": {"type": "json_object"}}, timeout=10
+    )
+    assert json_mode.status_code == 400 and _error(json_mode)["param"] == "response_format"
+    # Values that change nothing are accepted, as clients send defaults.
+    harmless = {"best_of": 1, "suffix": "", "tool_choice": "none", "response_format": {"type": "text"}, "max_tokens": 2}
+    assert httpx.post(f"{url}/completions", json={"model": BASE_NAME, "prompt": "hi", **harmless}, timeout=30).status_code == 200
+    chat = {"model": BASE_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert httpx.post(f"{url}/chat/completions", json={**chat, "top_logprobs": 0}, timeout=30).status_code == 200
+    # More completions than the engine could ever queue at once: a 400 now, not a 429 forever.
+    rows = server.backend.max_request_rows
+    too_many = httpx.post(f"{url}/completions", json={"model": BASE_NAME, "prompt": ["hi"] * (rows // 16 + 1), "n": 16}, timeout=10)
+    assert too_many.status_code == 400 and _error(too_many)["code"] == "too_many_completions"
     chat_echo = httpx.post(
         f"{url}/chat/completions", json={"model": BASE_NAME, "messages": [{"role": "user", "content": "hi"}], "echo": True}, timeout=10
     )

@@ -350,3 +350,35 @@ def test_extreme_settings_fail_only_their_own_request(server: RunningServer) -> 
     assert overflowed.body["code"] == "generation_failed" and "non-finite" in overflowed.body["message"]
     assert batch_mate.choices[0].text == greedy
     assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+
+
+def test_stop_token_ids_and_min_tokens(server: RunningServer, reference: ReferenceGenerator) -> None:
+    """A +100 bias makes the model choose a token at once; `stop_token_ids` and end-of-sequence
+    then end the output there, unless `min_tokens` masks them until that many tokens are out."""
+    client = server.client()
+    eos = reference.tokenizer.eos_token_id
+    forced = reference.prompt_ids("banana")[-1]
+
+    def complete(**settings: object) -> object:
+        return client.completions.create(model="task-2", prompt=PROMPT, max_tokens=10, temperature=0, **settings).choices[0]
+
+    for end_token, extra in ((eos, {}), (forced, {"stop_token_ids": [forced]})):
+        at_once = complete(logit_bias={str(end_token): 100}, logprobs=0, extra_body=extra)
+        assert at_once.text == "" and at_once.finish_reason == "stop" and len(at_once.logprobs.tokens) == 1
+        later = complete(logit_bias={str(end_token): 100}, logprobs=0, extra_body={**extra, "min_tokens": 4})
+        assert later.finish_reason == "stop" and len(later.logprobs.tokens) == 5
+        assert reference.tokenizer.decode([end_token]) not in later.logprobs.tokens[:4]
+
+    # Stop strings count only after min_tokens, from where the text then stood.
+    full = complete().text
+    stop = full[:2]
+    assert complete(stop=[stop]).text == ""
+    searched_from = len(client.completions.create(model="task-2", prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text)
+    found = full.find(stop, max(0, searched_from - len(stop) + 1))
+    assert complete(stop=[stop], extra_body={"min_tokens": 4}).text == (full[:found] if found >= 0 else full)
+
+    refused = httpx.post(
+        f"{server.base_url}/v1/completions", timeout=10,
+        json={"model": BASE_NAME, "prompt": "hi", "max_tokens": 2, "min_tokens": 3},
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "min_tokens"
