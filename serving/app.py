@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import re
 import secrets
@@ -65,6 +66,7 @@ from adapterhub.serving.protocol import (
     Usage,
 )
 from adapterhub.serving.resolver import AdapterResolver
+from adapterhub.serving.token_text import TextOffsets, TokenTexts
 
 # Fields that would change the output and are not implemented (chat's `echo` included), each
 # with the values that change nothing and are therefore accepted (clients send defaults).
@@ -114,14 +116,10 @@ class ServerState:
     loaded_by_path: dict[str, AdapterSpec] = field(default_factory=dict)
     started_at: int = field(default_factory=lambda: int(time.time()))
 
-    token_texts: dict[int, str] = field(default_factory=dict)
-
-    def token_text(self, token_id: int) -> str:
-        """A token's text decoded alone (special tokens spelled out), as logprobs show it."""
-        text = self.token_texts.get(token_id)
-        if text is None:
-            text = self.token_texts[token_id] = self.backend.tokenizer.decode([token_id])
-        return text
+    @functools.cached_property
+    def token_texts(self) -> TokenTexts:
+        """Exact bytes and text of each token, for logprobs (built on first use)."""
+        return TokenTexts(self.backend.tokenizer)
 
     async def resolve_model(self, model: str, *, param: str = "model") -> AdapterSpec | None:
         """None for the base model, else the adapter `model` names; 404 when it names nothing."""
@@ -304,33 +302,33 @@ def _floor(logprob: float) -> float:
 
 
 def _completion_logprobs(
-    state: ServerState, entries: Sequence[tuple[int, TokenLogprob | None]], text_offset: int
+    state: ServerState, entries: Sequence[tuple[int, TokenLogprob | None]], offsets: TextOffsets
 ) -> CompletionLogprobs:
-    """Completions' parallel lists for `(token id, its score or None)` pairs; offsets count from
-    `text_offset`. Each top map holds the alternatives and the chosen token (vLLM's shape)."""
-    shaped = CompletionLogprobs()
+    """Completions' parallel lists for `(token id, its score or None)` pairs, with offsets from
+    `offsets` (which moves on). Each top map holds the alternatives and the chosen token, as
+    vLLM's do."""
+    texts = state.token_texts
+    shaped = CompletionLogprobs(text_offset=offsets.advance([token_id for token_id, _ in entries]))
     for token_id, scored in entries:
-        text = state.token_text(token_id)
+        text = texts.token_text(token_id)
         shaped.tokens.append(text)
-        shaped.text_offset.append(text_offset)
-        text_offset += len(text)
         if scored is None:
             shaped.token_logprobs.append(None)
             shaped.top_logprobs.append(None)
             continue
         shaped.token_logprobs.append(_floor(scored.logprob))
-        top = {state.token_text(alternative): _floor(value) for alternative, value in scored.top}
+        top = {texts.token_text(alternative): _floor(value) for alternative, value in scored.top}
         top.setdefault(text, _floor(scored.logprob))
         shaped.top_logprobs.append(top)
     return shaped
 
 
 def _chat_logprobs(state: ServerState, scored: Sequence[TokenLogprob], top: int) -> ChatLogprobs:
-    """Chat's `logprobs.content`: each token with its UTF-8 bytes and its `top` alternatives."""
+    """Chat's `logprobs.content`: each token with its exact UTF-8 bytes and its `top` alternatives."""
+    texts = state.token_texts
 
     def entry(token_id: int, logprob: float) -> TopLogprob:
-        text = state.token_text(token_id)
-        return TopLogprob(token=text, logprob=_floor(logprob), bytes=list(text.encode("utf-8")))
+        return TopLogprob(token=texts.token_text(token_id), logprob=_floor(logprob), bytes=list(texts.token_bytes(token_id)))
 
     content = []
     for item in scored:
@@ -522,7 +520,7 @@ def _build_v1_router() -> APIRouter:
             prompt_texts = list(body.prompt)  # type: ignore[arg-type]
         else:
             prompt_texts = [state.backend.tokenizer.decode(ids) for ids in prompts]
-        stream_offsets: dict[int, int] = {}
+        stream_offsets: dict[int, TextOffsets] = {}  # per choice, across its chunks
 
         def echo_text(index: int) -> str:
             return prompt_texts[index // body.n] if body.echo else ""
@@ -537,10 +535,8 @@ def _build_v1_router() -> APIRouter:
                 prompt = prompts[index // body.n]
                 entries += zip(prompt, prompt_scores or [None] * len(prompt), strict=True)
             entries += [(item.token_id, item) for item in scored]
-            shaped = _completion_logprobs(state, entries, stream_offsets.get(index, 0))
-            if shaped.tokens:
-                stream_offsets[index] = shaped.text_offset[-1] + len(shaped.tokens[-1])
-            return shaped
+            offsets = stream_offsets.setdefault(index, TextOffsets(state.token_texts))
+            return _completion_logprobs(state, entries, offsets)
 
         def shape_final(rid: str, created: int, choices: list[_Choice], last: dict[int, GenerationChunk]) -> dict[str, Any]:
             return CompletionResponse(

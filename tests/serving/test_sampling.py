@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -75,6 +76,30 @@ def _adapter_dir(fleet: AdapterFleet, model: str) -> Path | None:
     return None if model == BASE_NAME else fleet.dirs[model]
 
 
+def _bytes_of(token: str) -> bytes:
+    """A completions logprobs token as bytes (`bytes:\\xNN...` spells part of a character)."""
+    if token.startswith("bytes:"):
+        return bytes(int(pair, 16) for pair in re.findall(r"\\x([0-9a-f]{2})", token))
+    return token.encode("utf-8")
+
+
+def assert_tokens_spell(token_bytes: list[bytes], tokens: list[str], ids: list[int], tokenizer: object) -> None:
+    """The tokens' exact bytes rejoin into the decoded text, and a token holding whole
+    characters reads as it does decoded alone."""
+    assert len(tokens) == len(ids)
+    # As the tokenizer decodes: a character cut off at the end becomes U+FFFD.
+    assert b"".join(token_bytes).decode("utf-8", errors="replace") == tokenizer.decode(ids)  # type: ignore[attr-defined]
+    for token, token_id in zip(tokens, ids, strict=True):
+        alone = tokenizer.decode([token_id])  # type: ignore[attr-defined]
+        if "\ufffd" not in alone:
+            assert token == alone
+
+
+def expected_offsets(token_bytes: list[bytes]) -> list[int]:
+    """Characters of the text before each token; a token inside a character gets its offset."""
+    return [len(b"".join(token_bytes[:i]).decode("utf-8", errors="ignore")) for i in range(len(token_bytes))]
+
+
 @pytest.mark.parametrize("model", [BASE_NAME, "task-2"])
 def test_completion_logprobs_match_offline_scores(
     server: RunningServer, adapter_fleet: AdapterFleet, reference: ReferenceGenerator, model: str
@@ -87,7 +112,8 @@ def test_completion_logprobs_match_offline_scores(
     response = server.client().completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=3)
     logprobs = response.choices[0].logprobs
     assert logprobs is not None
-    assert logprobs.tokens == [reference.tokenizer.decode([token]) for token in expected_ids]
+    token_bytes = [_bytes_of(token) for token in logprobs.tokens]
+    assert_tokens_spell(token_bytes, logprobs.tokens, expected_ids, reference.tokenizer)
     for position, token in enumerate(expected_ids):
         row = scores[len(prompt_ids) - 1 + position]
         assert logprobs.token_logprobs[position] == pytest.approx(float(row[token]), abs=TOLERANCE)
@@ -95,7 +121,7 @@ def test_completion_logprobs_match_offline_scores(
         expected_top = row.topk(3)
         assert sorted(top.values(), reverse=True)[:3] == pytest.approx(expected_top.values.tolist(), abs=TOLERANCE)
         assert max(top, key=top.get) == logprobs.tokens[position]  # greedy picks the most likely token
-    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+    assert logprobs.text_offset == expected_offsets(token_bytes)
 
 
 def test_echo_scores_the_prompt_alongside_other_requests(
@@ -172,10 +198,10 @@ def test_chat_logprobs_streaming_and_not(server: RunningServer, adapter_fleet: A
         model="task-1", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2
     )
     content = whole.choices[0].logprobs.content
-    assert [entry.token for entry in content] == [reference.tokenizer.decode([token]) for token in expected_ids]
+    assert_tokens_spell([bytes(entry.bytes) for entry in content], [entry.token for entry in content], expected_ids, reference.tokenizer)
     for position, (entry, token) in enumerate(zip(content, expected_ids, strict=True)):
         assert entry.logprob == pytest.approx(float(scores[len(prompt_ids) - 1 + position, token]), abs=TOLERANCE)
-        assert entry.bytes == list(entry.token.encode("utf-8"))
+        assert bytes(entry.bytes) == _bytes_of(entry.token)
         assert len(entry.top_logprobs) == 2
         assert entry.top_logprobs[0].token == entry.token  # greedy
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
@@ -223,9 +249,9 @@ def test_penalties_and_logit_bias_match_offline_and_leave_batch_mates_alone(
         )
 
     penalized, plain = asyncio.run(burst())
-    decode = reference.tokenizer.decode
-    assert penalized.choices[0].logprobs.tokens == [decode([token]) for token in expected_ids]
-    assert plain.choices[0].logprobs.tokens == [decode([token]) for token in plain_ids]
+    for response, ids in ((penalized, expected_ids), (plain, plain_ids)):
+        tokens = response.choices[0].logprobs.tokens
+        assert_tokens_spell([_bytes_of(token) for token in tokens], tokens, ids, reference.tokenizer)
     # Logprobs are the model's raw scores, not the penalized ones.
     raw = offline.logprobs(prompt_ids + expected_ids)
     assert penalized.choices[0].logprobs.token_logprobs == pytest.approx(
@@ -382,3 +408,21 @@ def test_stop_token_ids_and_min_tokens(server: RunningServer, reference: Referen
         json={"model": BASE_NAME, "prompt": "hi", "max_tokens": 2, "min_tokens": 3},
     )
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "min_tokens"
+
+
+def test_logprob_tokens_of_split_characters_carry_exact_bytes(server: RunningServer, reference: ReferenceGenerator) -> None:
+    """The tiny tokenizer splits CJK characters into byte tokens: each token's bytes are exact
+    (not U+FFFD), and text offsets index characters of the returned text."""
+    text = "日本語 café"
+    prompt_ids = reference.prompt_ids(text)
+    assert any("\ufffd" in reference.tokenizer.decode([token]) for token in prompt_ids)  # characters are split
+    scored = server.client().completions.create(model=BASE_NAME, prompt=text, max_tokens=0, echo=True, logprobs=0).choices[0]
+    assert scored.text == text
+    token_bytes = [_bytes_of(token) for token in scored.logprobs.tokens]
+    assert_tokens_spell(token_bytes, scored.logprobs.tokens, prompt_ids, reference.tokenizer)
+    assert scored.logprobs.text_offset == expected_offsets(token_bytes)
+    # The token holding the first byte of "本" starts at character 1 of the text.
+    first_byte_of_hon = len("日".encode())
+    starts = [len(b"".join(token_bytes[:i])) for i in range(len(token_bytes))]
+    hon = max(i for i, start in enumerate(starts) if start <= first_byte_of_hon)
+    assert scored.logprobs.text_offset[hon] == 1
