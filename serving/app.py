@@ -15,9 +15,10 @@ Design decisions:
 - The API key (if any) guards every `/v1` route; `/health` and `/metrics` stay open for probes
   and scrapers, as in vLLM.
 - Logprobs travel from the backend as token ids (`TokenLogprob`); this edge turns them into
-  OpenAI's completion or chat shapes, each token's text decoded alone. A streamed token whose
-  text is held back (a possible stop string, a partial UTF-8 character) keeps its logprob for
-  the next chunk that is sent, so the streamed logprobs are the same as the whole response's.
+  OpenAI's completion or chat shapes, with each token's exact bytes (`token_text.py`). A
+  streamed token whose text is held back (a possible stop string, a partial UTF-8 character)
+  keeps its logprob for the next chunk that is sent, so the streamed logprobs are the same as
+  the whole response's.
 - `echo` with `logprobs` (`max_tokens` 0 or more) scores the prompt itself, which is how
   lm-eval-harness computes log-likelihoods through an OpenAI-compatible server.
 """

@@ -58,18 +58,23 @@ class GenerationError(AdapterhubError):
 class SamplingParams:
     """Per-request decoding settings, with vLLM's meanings so every backend answers alike.
 
-    A temperature below `GREEDY_BELOW` (vLLM's 1e-5) means greedy (argmax): dividing logits by
-    less overflows. `logit_bias` (token id -> value added to its logit)
-    and the penalties change the logits greedy decoding sees too: `presence_penalty` and
-    `frequency_penalty` (OpenAI's, subtracted once / per occurrence) count the request's own
-    output tokens; `repetition_penalty` (CTRL's, divides positive and multiplies negative
-    logits) covers prompt and output tokens. `stop_token_ids` end a request like end-of-sequence
-    (vLLM's extension), and neither can be chosen before `min_tokens` tokens are out, nor can a
-    stop string end it then. Sampling applies temperature,
-    then `min_p`, `top_k` (0: off) and `top_p`. `max_tokens == 0` scores the prompt only.
+    Choosing a token: a temperature below `GREEDY_BELOW` (vLLM's 1e-5) means greedy arg-max, since
+    dividing logits by less overflows. Otherwise sampling applies the temperature, then `min_p`,
+    `top_k` (0: off) and `top_p`.
+
+    Before either, `logit_bias` (token id -> value added to its logit) and the penalties change
+    the logits: `presence_penalty` and `frequency_penalty` (OpenAI's: subtracted once, or once
+    per occurrence) count the request's own output tokens; `repetition_penalty` (CTRL's: divides
+    positive logits, multiplies negative ones) covers prompt and output tokens.
+
+    Ending: `stop_token_ids` end a request like end-of-sequence. Neither can be chosen, and no
+    stop string counts, before `min_tokens` tokens are out. `max_tokens == 0` scores the prompt
+    only.
+
     `logprobs`/`prompt_logprobs` ask for the chosen token's log-probability plus that many
-    alternatives per position (None: none), of the model's raw distribution, before penalties
-    and temperature (vLLM's default), so a score does not depend on how the text was sampled.
+    alternatives per position (None: none). They are of the model's raw distribution, before
+    bias, penalties and temperature (vLLM's default), so a score does not depend on how the text
+    was sampled.
     """
 
     max_tokens: int

@@ -476,7 +476,6 @@ class TorchEngine(Backend):
                 if len(self._waiting) >= self.config.max_waiting:
                     raise CapacityError(f"{len(self._waiting)} requests are waiting; retry later")
                 generator = None
-                ignored = set(self.eos_token_ids) if sampling.ignore_eos else set()
                 if not sampling.greedy:
                     generator = torch.Generator()  # CPU: draws happen on host copies of the probabilities
                     if sampling.seed is not None:
@@ -490,7 +489,7 @@ class TorchEngine(Backend):
                     loop=asyncio.get_running_loop(),
                     queue=asyncio.Queue(),
                     generator=generator,
-                    end_token_ids=tuple(sorted(set(sampling.stop_token_ids) | ({*self.eos_token_ids} - ignored))),
+                    end_token_ids=self._end_token_ids(sampling),
                     request_id=next(self._request_ids),
                 )
                 self._waiting.append(request)
@@ -502,6 +501,13 @@ class TorchEngine(Backend):
                 request.cancelled = True  # a no-op when it already finished
             if entry is not None:
                 self._release(entry)
+
+    def _end_token_ids(self, sampling: SamplingParams) -> tuple[int, ...]:
+        """Tokens that end a request: `stop_token_ids`, and end-of-sequence unless ignored."""
+        ends = set(sampling.stop_token_ids)
+        if not sampling.ignore_eos:
+            ends.update(self.eos_token_ids)
+        return tuple(sorted(ends))
 
     async def _detokenize(self, request: _Request) -> AsyncIterator[GenerationChunk]:
         """Turn the engine's token ids into text deltas, applying stop strings.
