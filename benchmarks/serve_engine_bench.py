@@ -47,7 +47,10 @@ def engine_level(engine: TorchEngine, specs: list[AdapterSpec | None], requests:
     tokenizer = engine.tokenizer
 
     async def one(index: int) -> tuple[int, str]:
-        sampling = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        # Exactly max_tokens tokens with end-of-sequence masked until then: what transformers'
+        # `min_new_tokens` does on the PEFT side, so the outputs can be compared. (`ignore_eos`
+        # lets end-of-sequence be chosen and goes on, which diverges wherever greedy picks it.)
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=0, min_tokens=max_tokens)
         count, pieces = 0, []
         async for chunk in engine.generate(tokenizer(PROMPTS[index % len(PROMPTS)]).input_ids, sampling, specs[index % len(specs)]):
             count += 1
