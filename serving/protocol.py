@@ -3,11 +3,15 @@
 Design decisions:
 - Field names, defaults and limits follow OpenAI's API reference (`max_tokens` 16 by default
   for completions, `temperature` in [0, 2], `top_p` in (0, 1]), so the official `openai` client
-  works unchanged. Stop strings are not held to OpenAI's 4: vLLM takes any number and
-  lm-eval-harness sends 5 for HumanEval; up to `MAX_STOP_STRINGS` are accepted. `max_completion_tokens` is accepted for chat.
+  works unchanged. `max_completion_tokens` is accepted for chat. Stop strings are not held to
+  OpenAI's 4: vLLM takes any number and lm-eval-harness sends 5 for HumanEval, so up to
+  `MAX_STOP_STRINGS` are accepted.
 - Unknown request fields are ignored, as vLLM does, so clients that send `user` are not
-  refused; fields that would change the output and are not implemented (`tools`, `best_of`,
-  `suffix`, `echo` in chat) are refused with 400 by the app rather than silently ignored.
+  refused. Fields that would change the output and are not implemented (tools,
+  `response_format`, guided decoding, `best_of`, `suffix`, `echo` in chat) are refused with 400
+  by the app rather than silently ignored.
+- Text with an unpaired UTF-16 surrogate (JSON can spell one) is refused here: it is not
+  Unicode, and tokenizers and encoders would fail on it later.
 - vLLM's sampling extensions are accepted with vLLM's meanings (`top_k`, `min_p`,
   `repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids`), since clients such as
   lm-eval-harness send them.
