@@ -8,6 +8,9 @@ Design decisions:
 - `model` resolution order: the base name; adapters added with `/v1/load_lora_adapter` (the
   vLLM way, by path); then the resolver (the registry), which turns `name`, `name:version` or
   `name@sha` into a canonical key. A name nobody knows is 404 with close matches listed.
+  Loading a path under a name the registry already knows is refused; if the registry gets that
+  name later, the path adapter keeps it while loaded (the registry's stays reachable by
+  `name:version`), and `/v1/models` never lists one name twice.
 - Streaming responses are only started once the first chunk of every choice exists, so an
   adapter that fails to load, a full queue or an engine that stopped still get a proper JSON
   error with the right status; a failure after that arrives as an SSE `error` event, then
@@ -158,6 +161,8 @@ async def _require_api_key(request: Request) -> None:
 
 
 def _refuse_unsupported(body: Any) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise OpenAIError(400, "stream_options can only be given with stream: true", param="stream_options")
     extra = body.model_extra or {}
     for name, changes_nothing in _UNSUPPORTED_FIELDS.items():
         if name in extra and not changes_nothing(extra[name]):
@@ -302,14 +307,13 @@ def _floor(logprob: float) -> float:
     return max(logprob, _LOGPROB_FLOOR)
 
 
-def _completion_logprobs(
-    state: ServerState, entries: Sequence[tuple[int, TokenLogprob | None]], offsets: TextOffsets
-) -> CompletionLogprobs:
-    """Completions' parallel lists for `(token id, its score or None)` pairs, with offsets from
-    `offsets` (which moves on). Each top map holds the alternatives and the chosen token, as
-    vLLM's do."""
+def _append_completion_logprobs(
+    state: ServerState, shaped: CompletionLogprobs, entries: Sequence[tuple[int, TokenLogprob | None]], offsets: list[int]
+) -> None:
+    """Add `(token id, its score or None)` pairs and their text offsets to completions' parallel
+    lists. Each top map holds the alternatives and the chosen token, as vLLM's do."""
     texts = state.token_texts
-    shaped = CompletionLogprobs(text_offset=offsets.advance([token_id for token_id, _ in entries]))
+    shaped.text_offset.extend(offsets)
     for token_id, scored in entries:
         text = texts.token_text(token_id)
         shaped.tokens.append(text)
@@ -321,7 +325,6 @@ def _completion_logprobs(
         top = {texts.token_text(alternative): _floor(value) for alternative, value in scored.top}
         top.setdefault(text, _floor(scored.logprob))
         shaped.top_logprobs.append(top)
-    return shaped
 
 
 def _chat_logprobs(state: ServerState, scored: Sequence[TokenLogprob], top: int) -> ChatLogprobs:
@@ -461,12 +464,16 @@ def _build_v1_router() -> APIRouter:
 
     @router.get("/models/{model_id:path}")
     async def retrieve_model(model_id: str, state: State) -> ModelCard:
-        """One model's card, found by id or alias (`client.models.retrieve`)."""
+        """One model's card, by id, alias or any ref requests accept (`client.models.retrieve`)."""
         cards = await _model_cards(state)
         for card in cards:
             if model_id == card.id or model_id in card.aliases:
                 return card
-        raise model_not_found(model_id, [name for card in cards for name in (card.id, *card.aliases)])
+        spec = await state.resolve_model(model_id)  # `name@sha`, `name:version`: 404 when unknown
+        found = next((card for card in cards if spec is not None and card.root == spec.key), None)
+        if found is None:  # known to the registry but not servable here (prompt tuning, a full model)
+            raise model_not_found(model_id, [name for card in cards for name in (card.id, *card.aliases)])
+        return found
 
     async def _model_cards(state: ServerState) -> list[ModelCard]:
         """The base, adapters added by path, then the registry's servable adapters of the base."""
@@ -496,7 +503,11 @@ def _build_v1_router() -> APIRouter:
                 peft_type = listing.meta.get("peft_type")
                 if peft_type is not None and str(peft_type).upper() not in backend.supported_peft_types:
                     continue  # prompt/prefix tuning, full models: not servable here, so not advertised
-                cards.append(adapter_card(listing.id, listing.key, listing.created, listing.aliases, dict(listing.meta)))
+                if listing.id in state.loaded_by_path:
+                    continue  # that name means the adapter loaded by path while it is loaded
+                # A registry adapter that took a path adapter's name later is listed by its versioned id only.
+                aliases = [alias for alias in listing.aliases if alias not in state.loaded_by_path]
+                cards.append(adapter_card(listing.id, listing.key, listing.created, aliases, dict(listing.meta)))
         return cards
 
     @router.post("/completions")
@@ -531,13 +542,19 @@ def _build_v1_router() -> APIRouter:
         ) -> CompletionLogprobs | None:
             if body.logprobs is None:
                 return None
-            entries: list[tuple[int, TokenLogprob | None]] = []
-            if first and body.echo:
-                prompt = prompts[index // body.n]
-                entries += zip(prompt, prompt_scores or [None] * len(prompt), strict=True)
-            entries += [(item.token_id, item) for item in scored]
+            shaped = CompletionLogprobs()
             offsets = stream_offsets.setdefault(index, TextOffsets(state.token_texts))
-            return _completion_logprobs(state, entries, offsets)
+            if first and body.echo:
+                # The echoed prompt is decoded on its own, special tokens spelled out.
+                prompt = prompts[index // body.n]
+                scores = prompt_scores or [None] * len(prompt)
+                _append_completion_logprobs(state, shaped, list(zip(prompt, scores, strict=True)), offsets.advance(prompt))
+                offsets.end_text()
+            generated = [item.token_id for item in scored]
+            entries = [(item.token_id, item) for item in scored]
+            # Generated text is decoded without special tokens: they take no room in it.
+            _append_completion_logprobs(state, shaped, entries, offsets.advance(generated, skip_special=True))
+            return shaped
 
         def shape_final(rid: str, created: int, choices: list[_Choice], last: dict[int, GenerationChunk]) -> dict[str, Any]:
             return CompletionResponse(

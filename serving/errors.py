@@ -7,7 +7,9 @@ Design decisions:
   400 `invalid_value` (the field goes in `param`; OpenAI and vLLM answer 400 there, not
   FastAPI's 422, so `openai.BadRequestError` catches it); prompt over the context window 400
   `context_length_exceeded`; an adapter that cannot be loaded 400 `adapter_load_failed` (only
-  that request fails); queue full 429; engine not running or every slot pinned 503; missing or
+  that request fails); sampling settings that leave no finite logit (a penalty that
+  overflows, `min_tokens` masking everything) 400 with the setting in `param`; the model
+  itself producing non-finite logits 500 `generation_failed`; queue full 429; engine not running or every slot pinned 503; missing or
   wrong API key 401. Anything else is a bug: 500 with no internals in the message.
 """
 
@@ -27,6 +29,7 @@ from adapterhub.serving.backends.base import (
     CapacityError,
     ContextLengthError,
     GenerationError,
+    SamplingSettingsError,
     UnavailableError,
 )
 
@@ -81,6 +84,8 @@ def from_exception(exc: BaseException, *, param: str | None = None) -> OpenAIErr
         return OpenAIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded")
     if isinstance(exc, GenerationError):
         return OpenAIError(500, str(exc), type="server_error", code="generation_failed")
+    if isinstance(exc, SamplingSettingsError):
+        return OpenAIError(400, str(exc), param=exc.param, code="invalid_value")
     if isinstance(exc, UnavailableError):
         return OpenAIError(503, str(exc), type="service_unavailable_error", code="service_unavailable")
     if isinstance(exc, NotFoundError):

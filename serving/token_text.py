@@ -12,7 +12,8 @@ Design decisions:
 - A token's text is its bytes decoded when they are whole UTF-8, else OpenAI's `bytes:\\xNN`
   spelling for the part of a character.
 - A text offset counts characters of the decoded text. A token that starts inside a character
-  gets that character's offset.
+  gets that character's offset. Generated text is decoded without special tokens, so they
+  take no room there; an echoed prompt is decoded on its own, with them.
 - Results are cached per token id; a vocabulary is a few hundred thousand entries at most.
 """
 
@@ -55,6 +56,7 @@ class TokenTexts:
 
             self._byte_of_char = {char: byte for byte, char in bytes_to_unicode().items()}
         self._added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
         self._bytes: dict[int, bytes] = {}
         self._texts: dict[int, str] = {}
 
@@ -99,10 +101,19 @@ class TextOffsets:
         self.position = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def advance(self, token_ids: Sequence[int]) -> list[int]:
-        """Where each of the next `token_ids` starts."""
+    def advance(self, token_ids: Sequence[int], *, skip_special: bool = False) -> list[int]:
+        """Where each of the next `token_ids` starts; `skip_special`: special tokens take no
+        room (the text was decoded without them)."""
         offsets = []
         for token_id in token_ids:
             offsets.append(self.position)
+            if skip_special and token_id in self.texts.special_ids:
+                continue
             self.position += len(self._decoder.decode(self.texts.token_bytes(token_id)))
         return offsets
+
+    def end_text(self) -> None:
+        """The text decoded so far ends here (an echoed prompt): a character it left unfinished
+        becomes U+FFFD, as a decoder's `errors="replace"` makes it."""
+        self.position += len(self._decoder.decode(b"", final=True))
+        self._decoder.reset()

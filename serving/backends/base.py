@@ -54,6 +54,16 @@ class GenerationError(AdapterhubError):
     fp16 (HTTP 500). Only that request fails; its batch-mates and the engine go on."""
 
 
+class SamplingSettingsError(AdapterhubError):
+    """The request's own settings left no usable distribution: a bias or penalty that overflows
+    the logits, `min_tokens` masking every token (HTTP 400, `param` names the setting). Only
+    that request fails; a retry with the same settings would fail again."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding settings, with vLLM's meanings so every backend answers alike.

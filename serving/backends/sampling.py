@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from adapterhub.serving.backends.base import SamplingParams, TokenLogprob
+from adapterhub.serving.backends.base import GenerationError, SamplingParams, SamplingSettingsError, TokenLogprob
 
 #: Positions per log-softmax chunk are chosen so one chunk holds at most this many fp32 values
 #: (64 MB).
@@ -57,11 +57,13 @@ class SamplingRow(Protocol):
 @dataclass(frozen=True)
 class StepTokens:
     """One step's choice for every row: the token and the logprob when asked for. Rows in
-    `failed` (index -> why) had no usable distribution: they must fail, their token is meaningless."""
+    `failed` (index -> the error to end that request with) had no usable distribution: the model
+    overflowed (`GenerationError`) or the request's own settings did (`SamplingSettingsError`);
+    their token is meaningless."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
-    failed: dict[int, str]
+    failed: dict[int, GenerationError | SamplingSettingsError]
 
 
 def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> StepTokens:
@@ -89,12 +91,13 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> StepToke
         # or mask everything: the row's best logit must be finite.
         checks.append(torch.isfinite(best.values).long())
     greedy_ids, model_finite, *adjusted_finite = torch.stack(checks).tolist()
-    failed: dict[int, str] = {}
-    for index in range(len(rows)):
+    failed: dict[int, GenerationError | SamplingSettingsError] = {}
+    for index, row in enumerate(rows):
+        where = f"at output token {len(row.output_ids) + 1}"
         if not model_finite[index]:
-            failed[index] = "the model produced non-finite logits"
+            failed[index] = GenerationError(f"the model produced non-finite logits {where}")
         elif adjusted_finite and not adjusted_finite[0][index]:
-            failed[index] = "logit_bias and the penalties made the logits non-finite"
+            failed[index] = _settings_error(row, where)
     sampled = [index for index, row in enumerate(rows) if not row.sampling.greedy and index not in failed]
     host_probs: dict[int, torch.Tensor] = {}
     if sampled:
@@ -106,7 +109,11 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> StepToke
             if probs_finite:
                 host_probs[index] = row_probs
             else:
-                failed[index] = f"temperature {rows[index].sampling.temperature} made the probabilities non-finite"
+                failed[index] = SamplingSettingsError(
+                    f"temperature {rows[index].sampling.temperature} made the probabilities non-finite "
+                    f"at output token {len(rows[index].output_ids) + 1}",
+                    param="temperature",
+                )
     token_ids = [
         draw(host_probs[index], row.sampling, row.generator) if index in host_probs else int(greedy_ids[index])
         for index, row in enumerate(rows)
@@ -119,6 +126,20 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> StepToke
         for index, value in zip(scored, computed, strict=True):
             logprobs[index] = value
     return StepTokens(token_ids=token_ids, logprobs=logprobs, failed=failed)
+
+
+def _settings_error(row: SamplingRow, where: str) -> SamplingSettingsError:
+    """Name the setting that left a row with no finite logit to choose."""
+    sampling = row.sampling
+    if len(row.output_ids) < sampling.min_tokens and sampling.stop_token_ids:
+        return SamplingSettingsError(f"min_tokens masks every token the model could choose {where}", param="stop_token_ids")
+    if sampling.repetition_penalty != 1.0:
+        param = "repetition_penalty"
+    elif sampling.logit_bias:
+        param = "logit_bias"
+    else:
+        param = "frequency_penalty" if sampling.frequency_penalty else "presence_penalty"
+    return SamplingSettingsError(f"{param} made the logits non-finite {where}", param=param)
 
 
 def adjust_logits(

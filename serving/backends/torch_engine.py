@@ -52,7 +52,6 @@ from adapterhub.serving.backends.base import (
     CapacityError,
     ContextLengthError,
     GenerationChunk,
-    GenerationError,
     HealthStatus,
     ResidentAdapter,
     SamplingParams,
@@ -671,12 +670,11 @@ class TorchEngine(Backend):
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[tuple[int, TokenLogprob | None]]:
         """Next token per row, with its logprob if asked for; rows with non-finite logits fail."""
         step = choose_tokens(logits, rows)
-        for index, why in step.failed.items():
+        for index, error in step.failed.items():
             # Overflowed logits (an adapter with huge weights, fp16, a huge penalty): this request
             # fails on its own and its row leaves the batch at the next step; the others go on.
-            row = rows[index]
-            if not row.request.cancelled:
-                self._fail(row.request, GenerationError(f"{why} at output token {len(row.output_ids) + 1}"))
+            if not rows[index].request.cancelled:
+                self._fail(rows[index].request, error)
         return list(zip(step.token_ids, step.logprobs, strict=True))
 
     def _forward(

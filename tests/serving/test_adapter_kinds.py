@@ -55,6 +55,9 @@ def test_models_lists_only_servable_kinds(kinds_server: RunningServer) -> None:
     cards = {card.id: card.model_dump() for card in kinds_server.client().models.list().data}
     assert set(cards) == {BASE_NAME, "dora:1", "ia3:1", "lora:1"}
     assert cards["ia3:1"]["meta"]["peft_type"] == "IA3"
+    # Nor can one be retrieved by any ref: the registry knows it, this server cannot serve it.
+    missing = httpx.get(f"{kinds_server.base_url}/v1/models/soft-prompt:1", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
 def test_prompt_and_prefix_tuning_get_an_error_naming_the_kind(kinds_server: RunningServer) -> None:

@@ -145,6 +145,8 @@ def test_retrieve_one_model_by_id_or_alias(server: RunningServer) -> None:
     assert client.models.retrieve(BASE_NAME).id == BASE_NAME
     by_alias = client.models.retrieve("task-0")
     assert by_alias.id == "task-0:1" and by_alias.parent == BASE_NAME  # type: ignore[attr-defined]
+    by_digest = client.models.retrieve(f"task-0@{by_alias.model_dump()['meta']['sha256'][:8]}")
+    assert by_digest.id == "task-0:1"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("task-99")
 
@@ -237,6 +239,19 @@ def test_load_and_unload_lora_adapter_endpoints(
     assert greedy_text("task-8") == task8 and greedy_text("task-8:1") == task8
     assert httpx.post(f"{server.base_url}/v1/unload_lora_adapter", json={"lora_name": "task-8:2"}, timeout=30).status_code == 200
 
+    # The registry gets a path adapter's name later: the path adapter keeps the name while loaded,
+    # the registry's answers to its versioned ref, and the listing shows each name once.
+    from adapterhub.registry import Registry
+
+    assert httpx.post(f"{server.base_url}/v1/load_lora_adapter", json={"lora_name": "late-name", "lora_path": path}, timeout=30).status_code == 200
+    Registry.open(home=adapter_fleet.home).put_adapter(name="late-name", source_dir=adapter_fleet.dirs["task-8"], base=BASE_NAME)
+    assert greedy_text("late-name") == task9 and greedy_text("late-name:1") == task8
+    listed = [(card.id, tuple(card.model_dump().get("aliases") or ())) for card in client.models.list().data]
+    names = [name for card_id, aliases in listed for name in (card_id, *aliases)]
+    assert names.count("late-name") == 1 and "late-name:1" in names
+    assert httpx.post(f"{server.base_url}/v1/unload_lora_adapter", json={"lora_name": "late-name"}, timeout=30).status_code == 200
+    assert greedy_text("late-name") == task8  # the name is the registry's again
+
     # Registry adapters: load warms by reference, unload drops every tier.
     response = httpx.post(f"{server.base_url}/v1/load_lora_adapter", json={"lora_name": "task-10"}, timeout=30)
     assert response.status_code == 200
@@ -289,6 +304,8 @@ def test_error_shapes_and_statuses(server: RunningServer, tmp_path) -> None:
     harmless = {"best_of": 1, "suffix": "", "tool_choice": "none", "response_format": {"type": "text"}, "max_tokens": 2}
     assert httpx.post(f"{url}/completions", json={"model": BASE_NAME, "prompt": "hi", **harmless}, timeout=30).status_code == 200
     chat = {"model": BASE_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    no_stream = httpx.post(f"{url}/chat/completions", json={**chat, "stream_options": {"include_usage": True}}, timeout=10)
+    assert no_stream.status_code == 400 and _error(no_stream)["param"] == "stream_options"
     assert httpx.post(f"{url}/chat/completions", json={**chat, "top_logprobs": 0}, timeout=30).status_code == 200
     # More completions than the engine could ever queue at once: a 400 now, not a 429 forever.
     rows = server.backend.max_request_rows

@@ -355,7 +355,8 @@ def test_candidates_equal_a_full_sort(scale: float) -> None:
 
 def test_extreme_settings_fail_only_their_own_request(server: RunningServer) -> None:
     """Below vLLM's 1e-5 a temperature decodes greedily (dividing by it would overflow); a
-    penalty that overflows the logits fails its request alone and the engine goes on."""
+    penalty that overflows the logits fails its request alone, as the client's error (400, so
+    SDKs do not retry it), and the engine goes on."""
     client = server.client()
     greedy = client.completions.create(model=BASE_NAME, prompt=PROMPT, max_tokens=6, temperature=0).choices[0].text
     for tiny in (1e-45, 1e-38, 9e-6):
@@ -372,8 +373,8 @@ def test_extreme_settings_fail_only_their_own_request(server: RunningServer) -> 
         )
 
     overflowed, batch_mate = asyncio.run(burst())
-    assert isinstance(overflowed, openai.InternalServerError), overflowed
-    assert overflowed.body["code"] == "generation_failed" and "non-finite" in overflowed.body["message"]
+    assert isinstance(overflowed, openai.BadRequestError), overflowed
+    assert overflowed.body["param"] == "repetition_penalty" and "non-finite" in overflowed.body["message"]
     assert batch_mate.choices[0].text == greedy
     assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
 
@@ -408,6 +409,13 @@ def test_stop_token_ids_and_min_tokens(server: RunningServer, reference: Referen
         json={"model": BASE_NAME, "prompt": "hi", "max_tokens": 2, "min_tokens": 3},
     )
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "min_tokens"
+    # min_tokens masking every token leaves nothing to choose: the client's error, not the server's.
+    everything = list(range(len(reference.tokenizer)))
+    masked_all = httpx.post(
+        f"{server.base_url}/v1/completions", timeout=30,
+        json={"model": BASE_NAME, "prompt": "hi", "max_tokens": 4, "min_tokens": 2, "stop_token_ids": everything},
+    )
+    assert masked_all.status_code == 400 and masked_all.json()["error"]["param"] == "stop_token_ids"
 
 
 def test_logprob_tokens_of_split_characters_carry_exact_bytes(server: RunningServer, reference: ReferenceGenerator) -> None:
@@ -426,3 +434,22 @@ def test_logprob_tokens_of_split_characters_carry_exact_bytes(server: RunningSer
     starts = [len(b"".join(token_bytes[:i])) for i in range(len(token_bytes))]
     hon = max(i for i, start in enumerate(starts) if start <= first_byte_of_hon)
     assert scored.logprobs.text_offset[hon] == 1
+
+
+def test_text_offsets_index_the_returned_text(server: RunningServer, reference: ReferenceGenerator) -> None:
+    """Special tokens take no room in generated text (it is decoded without them), and an echoed
+    prompt that ends inside a character is decoded on its own, as the returned text is."""
+    client = server.client()
+    eos = reference.tokenizer.eos_token_id
+    specials = client.completions.create(
+        model=BASE_NAME, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=0, logit_bias={str(eos): 100},
+        extra_body={"ignore_eos": True},
+    ).choices[0]
+    assert specials.text == "" and specials.logprobs.text_offset == [0, 0, 0, 0]
+
+    cut = [token for token in reference.prompt_ids("日本") if "\ufffd" in reference.tokenizer.decode([token])][:1]
+    assert cut, "the tiny tokenizer splits CJK characters into byte tokens"
+    echoed = client.completions.create(model=BASE_NAME, prompt=cut, max_tokens=2, temperature=0, echo=True, logprobs=0).choices[0]
+    prompt_text = reference.tokenizer.decode(cut)
+    assert echoed.text.startswith(prompt_text)
+    assert echoed.logprobs.text_offset[:2] == [0, len(prompt_text)]  # the completion starts after the prompt's U+FFFD
