@@ -526,11 +526,12 @@ def _build_v1_router() -> APIRouter:
         )
         # Choices run prompt by prompt, `n` each. With echo, a choice's text starts with its prompt
         # (as sent, or decoded from token ids) and, with logprobs, its scores with the prompt's.
-        if isinstance(body.prompt, str):
+        prompt_texts: list[str] = []  # decoded only to be echoed
+        if body.echo and isinstance(body.prompt, str):
             prompt_texts = [body.prompt]
-        elif all(isinstance(p, str) for p in body.prompt):
+        elif body.echo and all(isinstance(p, str) for p in body.prompt):
             prompt_texts = list(body.prompt)  # type: ignore[arg-type]
-        else:
+        elif body.echo:
             prompt_texts = [state.backend.tokenizer.decode(ids) for ids in prompts]
         stream_offsets: dict[int, TextOffsets] = {}  # per choice, across its chunks
 

@@ -93,11 +93,10 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> StepToke
     greedy_ids, model_finite, *adjusted_finite = torch.stack(checks).tolist()
     failed: dict[int, GenerationError | SamplingSettingsError] = {}
     for index, row in enumerate(rows):
-        where = f"at output token {len(row.output_ids) + 1}"
         if not model_finite[index]:
-            failed[index] = GenerationError(f"the model produced non-finite logits {where}")
+            failed[index] = GenerationError(f"the model produced non-finite logits {_where(row)}")
         elif adjusted_finite and not adjusted_finite[0][index]:
-            failed[index] = _settings_error(row, where)
+            failed[index] = _settings_error(row)
     sampled = [index for index, row in enumerate(rows) if not row.sampling.greedy and index not in failed]
     host_probs: dict[int, torch.Tensor] = {}
     if sampled:
@@ -110,8 +109,7 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> StepToke
                 host_probs[index] = row_probs
             else:
                 failed[index] = SamplingSettingsError(
-                    f"temperature {rows[index].sampling.temperature} made the probabilities non-finite "
-                    f"at output token {len(rows[index].output_ids) + 1}",
+                    f"temperature {rows[index].sampling.temperature} made the probabilities non-finite {_where(rows[index])}",
                     param="temperature",
                 )
     token_ids = [
@@ -128,9 +126,14 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> StepToke
     return StepTokens(token_ids=token_ids, logprobs=logprobs, failed=failed)
 
 
-def _settings_error(row: SamplingRow, where: str) -> SamplingSettingsError:
+def _where(row: SamplingRow) -> str:
+    return f"at output token {len(row.output_ids) + 1}"
+
+
+def _settings_error(row: SamplingRow) -> SamplingSettingsError:
     """Name the setting that left a row with no finite logit to choose."""
     sampling = row.sampling
+    where = _where(row)
     if len(row.output_ids) < sampling.min_tokens and sampling.stop_token_ids:
         return SamplingSettingsError(f"min_tokens masks every token the model could choose {where}", param="stop_token_ids")
     if sampling.repetition_penalty != 1.0:

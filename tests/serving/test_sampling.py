@@ -4,7 +4,6 @@ server and the official `openai` client, checked against offline transformers+PE
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -310,7 +309,6 @@ def test_draw_narrows_in_vllm_order() -> None:
     # Top-k leaves [0.5, 0.3] -> [0.625, 0.375]: top-p 0.6 is reached by the first token alone.
     # Without renormalization the second token would survive too.
     assert drawn(top_k=2, top_p=0.6) == {1}
-    assert math.isclose(float(probs.sum()), 1.0)
 
 
 def test_draws_follow_the_distribution_and_skip_zero_weights() -> None:
