@@ -39,13 +39,49 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# Typer's labels for value types, spelled the way click (and most CLIs) spell them in help.
+_VALUE_LABELS = {"str": "TEXT", "int": "INTEGER", "int range": "INTEGER", "float": "FLOAT", "float range": "FLOAT", "path": "PATH"}
+
+
+def _value_label(option: Any) -> str:
+    """The help label of one option: none for a flag, `[a|b]` for choices, else TEXT, INTEGER, ...
+
+    Typer 0.29's rich help prints its own type tag beside every option that has no metavar:
+    `<bool>` on every flag, `<str>` and `<list[str]>` on values. Flags take no value, so they
+    get no label; a repeatable option is labelled by its element type (its help says it repeats).
+    """
+    if option.is_flag:
+        return ""
+    label = option.display_type(None).strip("<>")
+    if label.startswith("list[") and label.endswith("]"):
+        label = label[len("list[") : -1]
+    if option.type_descriptor.is_choice:
+        return f"[{label}]"
+    return _VALUE_LABELS.get(label, label.upper())
+
+
+def _label_values(command: Any) -> None:
+    """Give every option of `command` (and of its subcommands) without a metavar its value label.
+
+    The help option is made per command on first use and then cached, so it is made here once.
+    """
+    help_option = command.get_help_option(command.context_class(command))
+    for param in [*getattr(command, "params", []), *([help_option] if help_option else [])]:
+        if type(param).__name__ == "TyperOption" and param.metavar is None:
+            param.metavar = _value_label(param)
+    for subcommand in getattr(command, "commands", {}).values():
+        _label_values(subcommand)
+
+
 def module_commands(module_name: str) -> dict[str, Any]:
-    """The click commands one module registers, by name."""
+    """The click commands one module registers, by name, their options labelled for help."""
     sub_app = typer.Typer()
     importlib.import_module(f"adapterhub.cli.{module_name}").register(sub_app)
     if not sub_app.registered_commands and not sub_app.registered_groups:
         return {}
     group = typer.main.get_group(sub_app)
+    for command in group.commands.values():
+        _label_values(command)
     return dict(group.commands)
 
 
@@ -64,6 +100,12 @@ class LazyCommands(TyperGroup):
         if module_name not in self._loaded:
             self._loaded[module_name] = module_commands(module_name)
         return self._loaded[module_name].get(cmd_name)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        help_option = super().get_help_option(ctx)
+        if help_option is not None and help_option.metavar is None:
+            help_option.metavar = _value_label(help_option)
+        return help_option
 
 
 app = typer.Typer(
