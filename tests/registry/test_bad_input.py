@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from adapterhub.errors import AdapterhubError, ValidationError
+from adapterhub.errors import AdapterhubError, AmbiguousRefError, NotFoundError, ValidationError
 from adapterhub.registry import Registry
 from tests.conftest import build_lora_adapter
 from tests.registry.conftest import registry_state
@@ -226,6 +226,32 @@ def test_a_link_to_a_file_inside_is_stored_as_that_file(registry: Registry, lora
     assert (out / "ADAPTER.md").read_bytes() == (lora_dir / "README.md").read_bytes()
 
 
+def test_pickled_extra_files_are_skipped_and_reported(registry: Registry, lora_dir: Path, tmp_path: Path) -> None:
+    import pickle
+
+    source = _copy(lora_dir, tmp_path)
+    torch.save({"learning_rate": 1e-3}, source / "training_args.bin")
+    torch.save({"state": {}}, source / "optimizer.pt")
+    (source / "extra.pkl").write_bytes(pickle.dumps({"a": 1}))
+    (source / "checkpoint").mkdir()
+    (source / "checkpoint" / "rng_state").write_bytes(pickle.dumps([1, 2], protocol=4))  # a pickle by content
+    torch.save({"x": 1}, source / "checkpoint" / "scheduler.state")  # torch's zip archive, any name
+    (source / "training_metrics.json").write_text("{}")
+    result = registry.put_adapter(name="extras", source_dir=source, base="tiny")
+    assert result.skipped == ("checkpoint/rng_state", "checkpoint/scheduler.state", "extra.pkl", "optimizer.pt", "training_args.bin")
+    assert set(result.record.files) == {"README.md", "adapter_config.json", "adapter_model.safetensors", "training_metrics.json"}
+
+
+def test_a_base_model_with_a_link_out_of_its_directory_is_refused(registry: Registry, tiny_base: Path, tmp_path: Path) -> None:
+    model = Path(shutil.copytree(tiny_base, tmp_path / "model"))
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer.json").symlink_to("/etc/passwd")
+    with pytest.raises(ValidationError, match="tokenizer.json is a symbolic link to /etc/passwd, outside the directory"):
+        registry.add_base_model(name="linked", model_dir=model)
+    assert [b.name for b in registry.list_base_models()] == ["tiny"]
+    assert not (registry.models_dir / "linked").exists()
+
+
 def _rewrite_header(weights: Path, edit: object, *, extra_data: int = 0, raw: bytes | None = None) -> None:
     """Rewrite a safetensors header in place (the data stays), `edit(header)` changing it."""
     import struct
@@ -381,6 +407,38 @@ def test_a_zero_dimensional_lora_weight_is_a_problem_not_a_crash(registry: Regis
     _assert_rejected(registry, bad, r"has shape \[\]; a lora_A.weight is 2-dimensional")
 
 
+@pytest.mark.parametrize("wildcard", ["%%%%%%%%", "________", "%", "tin_", "\\%%%%%%%%%"])
+def test_wildcards_in_a_base_model_lookup_match_nothing(registry: Registry, wildcard: str) -> None:
+    base = registry.get_base_model("tiny")
+    with pytest.raises(NotFoundError):
+        registry.get_base_model(wildcard)
+    with pytest.raises(NotFoundError):
+        registry.remove_base_model(wildcard)
+    assert registry.get_base_model("tiny") == base and base.path.is_dir()
+
+
+def test_removing_a_base_model_takes_its_exact_name_or_full_fingerprint(
+    registry: Registry, tiny_base_other: Path
+) -> None:
+    other = registry.add_base_model(name="other", model_dir=tiny_base_other)
+    assert registry.get_base_model(other.fingerprint[:8]).name == "other"  # prefixes still find it...
+    with pytest.raises(NotFoundError, match="exact name or full fingerprint"):
+        registry.remove_base_model(other.fingerprint[:8])  # ...but do not delete it
+    assert other.path.is_dir()
+    assert registry.remove_base_model(other.fingerprint).name == "other"
+    assert not other.path.exists()
+
+
+def test_a_fingerprint_prefix_two_bases_share_is_ambiguous(registry: Registry, tiny_base_other: Path) -> None:
+    registry.add_base_model(name="other", model_dir=tiny_base_other)
+    tiny = registry.get_base_model("tiny").fingerprint
+    with registry.engine.begin() as conn:  # force a shared prefix: the lookup, not sha256, is under test
+        conn.exec_driver_sql("UPDATE base_models SET fingerprint = ? WHERE name = 'other'", (tiny[:10] + "0" * 54,))
+    with pytest.raises(AmbiguousRefError, match="matches several base models"):
+        registry.get_base_model(tiny[:10])
+    assert registry.get_base_model(tiny[:11] if tiny[10] != "0" else tiny).name == "tiny"
+
+
 def test_a_hugging_face_cache_snapshot_imports_through_its_blob_links(registry: Registry, lora_dir: Path, tmp_path: Path) -> None:
     repo = tmp_path / "hub" / "models--someone--lora"
     (repo / "blobs").mkdir(parents=True)
@@ -395,3 +453,20 @@ def test_a_hugging_face_cache_snapshot_imports_through_its_blob_links(registry: 
     (repo / "refs" / "main").write_text("0123abcd")
     (snapshot / "main").symlink_to("../../refs/main")  # inside the repo cache, but not one of its blobs
     _assert_rejected(registry, snapshot, "main is a symbolic link to .*refs/main, outside the directory", name="cached2")
+
+
+def test_weights_whose_first_bytes_read_like_a_pickle_are_still_stored(registry: Registry, lora_dir: Path, tmp_path: Path) -> None:
+    import struct
+
+    source = _copy(lora_dir, tmp_path)
+    weights = source / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    # Pad the header (with spaces, as the format allows) to 0x0580 bytes: the file then opens with b"\x80\x05".
+    (length,) = struct.unpack("<Q", data[:8])
+    header = data[8:8 + length].rstrip() + b" " * (0x0580 - len(data[8:8 + length].rstrip()))
+    body = bytearray(struct.pack("<Q", len(header)) + header + data[8 + length:])
+    body[-1] = ord(".")  # a pickle's STOP opcode ends it, too (the last float just changes value)
+    weights.write_bytes(bytes(body))
+    assert weights.read_bytes()[:2] == b"\x80\x05"
+    result = registry.put_adapter(name="w", source_dir=source, base="tiny")
+    assert "adapter_model.safetensors" in result.record.files and result.skipped == ()
