@@ -63,8 +63,10 @@ def test_import_list_show_tag_export_rm_gc(home: Path, lora_dir: Path, tmp_path:
     [
         (["show", "nope"], "error: no adapter named 'nope'"),
         (["show", "ab/cd"], "error: invalid reference: name 'ab/cd' contains a path separator"),
-        (["show", "ab:\u00b2"], "the version after ':' must be a positive integer"),  # '²' passes str.isdigit
-        (["show", "ab:99999999999999999999999"], "the version after ':' must be a positive integer"),  # beyond 64 bits
+        (["show", "ab:\u00b2"], "the version after ':' must be a whole number"),  # '²' passes str.isdigit
+        (["show", "ab:99999999999999999999999"], "the version after ':' must be a whole number from 1 to 2147483647"),
+        (["show", "ab:2147483648"], "must be a whole number from 1 to 2147483647"),  # past PostgreSQL's INTEGER
+        (["show", "ab:2147483647"], "no adapter named 'ab:2147483647'"),  # the limit itself is a ref
         (["models", "show", "%%%%%%%%"], "no base model named '%%%%%%%%'"),
         (["models", "rm", "%%%%%%%%"], "no base model named '%%%%%%%%'"),
         (["import", ".", "--name", "x", "--base", "________"], "no base model named '________'"),
