@@ -4,7 +4,10 @@ Names become directory names and URL path parts (served models, Hub repos), so t
 restricted up front instead of escaped later: letters, digits, `.`, `_`, `-`; no path
 separators, no `..`, no control characters.
 
-A reference (REF) is `name` (latest version), `name:version` or `name@sha256-prefix`.
+A reference (REF) is `name` (latest version), `name:version` or `name@sha256-prefix`. A version
+is a whole number from 1 to `MAX_VERSION`, the range of the registry's version column on every
+database it runs on; a sha prefix is at least `MIN_SHA_PREFIX` hex digits, so neither can carry
+SQL wildcards into a lookup.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from adapterhub.errors import AdapterhubError, ValidationError
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MIN_SHA_PREFIX = 4
+# Versions are an INTEGER column: 64-bit on SQLite, 32-bit on PostgreSQL; the smaller range holds everywhere.
+MAX_VERSION = 2**31 - 1
 
 
 def name_problems(name: str) -> list[str]:
@@ -74,8 +79,10 @@ def parse_ref(text: str) -> Ref:
         return Ref(validate_name(name, what="reference"), sha_prefix=prefix)
     if ":" in text:
         name, _, version = text.rpartition(":")
-        # ASCII digits only (`str.isdigit` also takes '²'), and within SQLite's 64-bit integers.
-        if not re.fullmatch(r"[0-9]{1,18}", version) or int(version) < 1:
-            raise AdapterhubError(f"invalid reference {text!r}: the version after ':' must be a positive integer")
+        # ASCII digits only (`str.isdigit` also takes '²'), and within the version column's range.
+        if not re.fullmatch(r"[0-9]{1,40}", version) or not 1 <= int(version) <= MAX_VERSION:
+            raise AdapterhubError(
+                f"invalid reference {text[:80]!r}: the version after ':' must be a whole number from 1 to {MAX_VERSION}"
+            )
         return Ref(validate_name(name, what="reference"), version=int(version))
     return Ref(validate_name(text, what="reference"))

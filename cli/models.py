@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
-from adapterhub.cli.common import JsonOption, console, err_console, human_bytes, open_registry, print_json
+from adapterhub.cli.common import JsonOption, console, err_console, human_bytes, open_registry, print_json, print_table
 from adapterhub.errors import NotFoundError
+from adapterhub.formats import directory_files
 from adapterhub.names import validate_name
 
 models_app = typer.Typer(help="Register and inspect base models.", no_args_is_help=True)
@@ -30,11 +31,13 @@ def add(
     from adapterhub.models import SMOLLM2_NAME, prepare_base_model
 
     validate_name(name, what="base model name")
+    if path is not None and path.is_dir():
+        directory_files(path)  # before anything is copied: no link may lead out of the directory
     if path is None and name != SMOLLM2_NAME:
         err_console.print(f"[yellow]no PATH given: provisioning the embedded SmolLM2-135M-Instruct as {name!r}[/]")
     registry = open_registry()
     try:
-        existing = registry.get_base_model(name)
+        existing = registry.get_base_model(name, prefix=False)
     except NotFoundError:
         existing = None
     if existing is not None and path is None:
@@ -61,14 +64,14 @@ def list_models(json_output: JsonOption = False) -> None:
     if json_output:
         print_json([r.to_json() for r in records])
         return
-    table = Table("NAME", "ARCHITECTURE", "HIDDEN", "LAYERS", "SIZE", "FINGERPRINT", "SOURCE")
+    table = Table(Column("NAME", no_wrap=True), "ARCHITECTURE", "HIDDEN", "LAYERS", "SIZE", Column("FINGERPRINT", no_wrap=True), "SOURCE")
     for r in records:
         table.add_row(r.name, r.architecture, str(r.spec.hidden_size), str(r.spec.num_layers), human_bytes(r.size_bytes), r.fingerprint[:12], r.source)
-    console.print(table)
+    print_table(table)
 
 
 @models_app.command("show")
-def show(name: Annotated[str, typer.Argument(help="Base model name or fingerprint prefix.")], json_output: JsonOption = False) -> None:
+def show(name: Annotated[str, typer.Argument(help="Base model name, or at least 8 hex digits of its fingerprint.")], json_output: JsonOption = False) -> None:
     """Show one base model, its evaluations and how many adapters use it."""
     registry = open_registry()
     record = registry.get_base_model(name)
@@ -87,8 +90,8 @@ def show(name: Annotated[str, typer.Argument(help="Base model name or fingerprin
 
 
 @models_app.command("rm")
-def remove(name: Annotated[str, typer.Argument(help="Base model name.")]) -> None:
-    """Remove a base model (refused while adapters use it)."""
+def remove(name: Annotated[str, typer.Argument(help="Base model name or full fingerprint (no prefixes: this deletes its directory).")]) -> None:
+    """Remove a base model and its directory (refused while adapters use it)."""
     record = open_registry().remove_base_model(name)
     console.print(f"removed base model {record.name}")
 

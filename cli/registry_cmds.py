@@ -1,4 +1,15 @@
-"""`adapterhub import|list|show|rm|tag|export|gc`: the adapter registry from the shell."""
+"""`adapterhub import|list|show|rm|tag|export|gc`: the adapter registry from the shell.
+
+Design decisions:
+- The commands own no logic: validation, lookups and file handling are the registry's
+  (`registry/store.py`) and the format's (`adapterhub/formats.py`); a user error is one line.
+- `import --convert-bin` is the one place a pickle is opened, with `torch.load(weights_only=True)`
+  in a temporary directory that is removed whatever happens; anything torch raises on the bytes
+  is the file's fault, so it is one error, not a traceback.
+- What an import skipped (pickled extra files) is said on stderr; what `rm --force` orphaned is
+  said on stdout, so `show` of such a child is no surprise.
+- `list` prints references whole at any width (`common.print_table`), and `--tag` repeats.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +19,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
-from adapterhub.cli.common import JsonOption, console, human_bytes, open_registry, print_json
+from adapterhub.cli.common import JsonOption, console, err_console, human_bytes, open_registry, print_json, print_table
 from adapterhub.errors import AdapterhubError
-from adapterhub.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from adapterhub.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, directory_files
 from adapterhub.registry import AdapterRecord, Lineage
 
 
@@ -20,25 +31,37 @@ def _convert_pickled_adapter(source: Path, staging: Path) -> Path:
     """Copy an adapter dir, turning `adapter_model.bin` into safetensors via `weights_only=True`.
 
     `weights_only=True` makes torch refuse anything but tensors and plain containers, so a
-    malicious pickle cannot run code; the registry itself never stores pickles.
+    malicious pickle cannot run code; the registry itself never stores pickles. The other files
+    are the ones an import would store (`directory_files`: nothing from outside the directory,
+    no other pickle).
     """
-    import pickle
-
     import torch
     from safetensors.torch import save_file
 
     pickled = source / "adapter_model.bin"
+    listing = directory_files(source)
     try:
         state = torch.load(pickled, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise AdapterhubError(f"{pickled} is not a plain tensor checkpoint (refused by weights_only=True): {exc}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: torch raises anything from KeyError to BadZipFile
+        raise AdapterhubError(f"{pickled} is not a plain tensor checkpoint: torch.load(weights_only=True) refused it ({_one_line(exc)})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise AdapterhubError(f"{pickled} does not hold a flat name → tensor mapping")
-    for item in source.iterdir():
-        if item.is_file() and item.name != "adapter_model.bin":
-            shutil.copy2(item, staging / item.name)
-    save_file({k: v.contiguous() for k, v in state.items()}, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    for rel in listing.files:
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / rel, staging / rel)
+    try:
+        # A copy per tensor: safetensors refuses tensors that share memory (tied weights, views).
+        save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise AdapterhubError(f"{pickled}: its tensors cannot be written as safetensors ({exc})") from None
     return staging
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one short line; torch's weights-only refusal is paragraphs, its cause at the end."""
+    text = " ".join(str(exc).split())
+    text = text.rpartition("WeightsUnpickler error:")[2].partition(" Check the documentation")[0].strip() or text
+    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
 
 
 def import_adapter(
@@ -48,16 +71,20 @@ def import_adapter(
     tag: Annotated[Optional[list[str]], typer.Option("--tag", "-t", help="Tag to attach (repeatable).")] = None,
     convert_bin: Annotated[bool, typer.Option("--convert-bin", help="Convert pickled adapter_model.bin with torch.load(weights_only=True).")] = False,
 ) -> None:
-    """Import an adapter into the registry, validated against its base model."""
+    """Import an adapter into the registry, validated against its base model.
+
+    Only regular files inside the directory are stored; pickled extra files (training_args.bin,
+    optimizer.pt, …) are skipped and named.
+    """
     registry = open_registry()
     source = path
     staging: Path | None = None
-    if convert_bin and path.is_dir() and (path / "adapter_model.bin").exists() and not (path / ADAPTER_WEIGHTS).exists():
-        if not (path / ADAPTER_CONFIG).exists():
-            raise AdapterhubError(f"{path} has no {ADAPTER_CONFIG}")
-        staging = Path(tempfile.mkdtemp(prefix="adapterhub-convert-"))
-        source = _convert_pickled_adapter(path, staging)
     try:
+        if convert_bin and path.is_dir() and (path / "adapter_model.bin").is_file() and not (path / ADAPTER_WEIGHTS).exists():
+            if not (path / ADAPTER_CONFIG).exists():
+                raise AdapterhubError(f"{path} has no {ADAPTER_CONFIG}")
+            staging = Path(tempfile.mkdtemp(prefix="adapterhub-convert-"))
+            source = _convert_pickled_adapter(path, staging)
         result = registry.put_adapter(
             name=name, source_dir=source, base=base, tags=tuple(tag or ()),
             lineage=Lineage(kind="imported", details={"source": str(path.resolve())}),
@@ -66,6 +93,8 @@ def import_adapter(
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     record = result.record
+    if result.skipped:
+        err_console.print(f"skipped {len(result.skipped)} pickled file(s), which the registry never stores: {', '.join(result.skipped)}")
     if result.created:
         console.print(f"imported [bold]{record.ref}[/] ({_kind(record)}, {human_bytes(record.size_bytes)}) sha256 {record.sha256[:12]}")
     else:
@@ -75,31 +104,32 @@ def import_adapter(
 def _kind(record: AdapterRecord) -> str:
     if record.is_full_model:
         return "full model"
-    if record.rank:
-        return f"{record.peft_type.lower()} r={record.rank}"
-    return record.peft_type.lower()
+    return f"{record.kind} r={record.rank}" if record.rank else record.kind
 
 
 def list_adapters(
     base: Annotated[Optional[str], typer.Option(help="Only adapters of this base model.")] = None,
-    tag: Annotated[Optional[str], typer.Option(help="Only adapters with this tag.")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option("--tag", "-t", help="Only adapters with this tag (repeatable: all of them).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Only versions of this name.")] = None,
-    peft_type: Annotated[Optional[str], typer.Option("--type", help="Only this PEFT type (lora, ia3, full, …).")] = None,
+    peft_type: Annotated[Optional[str], typer.Option("--type", help="Only this kind (lora, dora, rslora, ia3, prompt_tuning, full, …).")] = None,
     latest: Annotated[bool, typer.Option("--latest", help="Only the newest version of each name.")] = False,
     json_output: JsonOption = False,
 ) -> None:
     """List registered adapters and full models."""
-    records = open_registry().list(base=base, tag=tag, name=name, peft_type=peft_type, latest_only=latest)
+    records = open_registry().list(base=base, tag=tag or None, name=name, peft_type=peft_type, latest_only=latest)
     if json_output:
         print_json([r.to_json() for r in records])
         return
-    table = Table("REF", "KIND", "BASE", "SIZE", "TAGS", "ORIGIN", "CREATED", "SHA256")
+    # References are what users copy into the next command: never wrapped or cut.
+    ref_width = max((len(r.ref) for r in records), default=3)
+    table = Table(Column("REF", no_wrap=True, min_width=ref_width), "KIND", "BASE", "SIZE", "TAGS", "ORIGIN", "CREATED",
+                  Column("SHA256", no_wrap=True))
     for r in records:
         table.add_row(
             r.ref, _kind(r), r.base_name, human_bytes(r.size_bytes), ",".join(r.tags),
             r.origin or "", r.created_at.strftime("%Y-%m-%d %H:%M"), r.sha256[:12],
         )
-    console.print(table)
+    print_table(table)
     console.print(f"{len(records)} record(s)")
 
 
@@ -108,8 +138,9 @@ def show(ref: Annotated[str, typer.Argument(help="name, name:version or name@sha
     registry = open_registry()
     record = registry.get(ref)
     children = registry.children(record.ref)
+    removed_parents = registry.removed_parents(record.ref)
     if json_output:
-        print_json(record.to_json() | {"children": [c.ref for c in children]})
+        print_json(record.to_json() | {"children": [c.ref for c in children], "removed_parents": list(removed_parents)})
         return
     console.print(f"[bold]{record.ref}[/]  {_kind(record)}  on {record.base_name} ({record.base_fingerprint[:12]})")
     console.print(f"sha256 {record.sha256}\nsize {human_bytes(record.size_bytes)}, created {record.created_at:%Y-%m-%d %H:%M:%S} UTC")
@@ -119,7 +150,9 @@ def show(ref: Annotated[str, typer.Argument(help="name, name:version or name@sha
         console.print(f"tags: {', '.join(record.tags)}")
     if record.lineage:
         lineage = record.lineage
-        console.print(f"lineage: [bold]{lineage.kind}[/]" + (f" from {', '.join(lineage.parents)}" if lineage.parents else ""))
+        removed = set(removed_parents)
+        parents = ", ".join(f"{p} (removed)" if p in removed else p for p in lineage.parents)
+        console.print(f"lineage: [bold]{lineage.kind}[/]" + (f" from {parents}" if parents else ""))
         for key, value in lineage.details.items():
             text = str(value)
             console.print(f"  {key}: {text if len(text) < 160 else text[:157] + '…'}")
@@ -133,10 +166,16 @@ def show(ref: Annotated[str, typer.Argument(help="name, name:version or name@sha
     console.print("files: " + ", ".join(sorted(record.files)))
 
 
-def remove(ref: Annotated[str, typer.Argument(help="name:version, name@sha-prefix, or name (its latest version)")]) -> None:
+def remove(
+    ref: Annotated[str, typer.Argument(help="name:version, name@sha-prefix, or name (its latest version)")],
+    force: Annotated[bool, typer.Option("--force", help="Remove it even when other records name it as a lineage parent.")] = False,
+) -> None:
     """Remove one record; `gc` reclaims blobs no record uses any more."""
-    record = open_registry().remove(ref)
-    console.print(f"removed {record.ref}")
+    result = open_registry().remove(ref, force=force)
+    console.print(f"removed {result.record.ref}")
+    if result.orphaned:
+        shown = ", ".join(result.orphaned[:10]) + (f" and {len(result.orphaned) - 10} more" if len(result.orphaned) > 10 else "")
+        console.print(f"{len(result.orphaned)} record(s)' lineage now names a removed parent: {shown}")
 
 
 def tag(

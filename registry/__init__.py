@@ -3,7 +3,7 @@
 Importing it never imports torch (a test checks), so listing and resolving stay fast.
 """
 
-from adapterhub.registry.records import AdapterRecord, BaseModelRecord, Evaluation, GcReport, Lineage, PutResult
+from adapterhub.registry.records import AdapterRecord, BaseModelRecord, Evaluation, GcReport, Lineage, PutResult, RemoveResult
 from adapterhub.registry.store import Registry
 
-__all__ = ["AdapterRecord", "BaseModelRecord", "Evaluation", "GcReport", "Lineage", "PutResult", "Registry"]
+__all__ = ["AdapterRecord", "BaseModelRecord", "Evaluation", "GcReport", "Lineage", "PutResult", "Registry", "RemoveResult"]

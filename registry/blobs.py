@@ -27,12 +27,14 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
-from adapterhub.errors import CorruptBlobError, NotFoundError
+from adapterhub.errors import AdapterhubError, CorruptBlobError, NotFoundError
 
 _CHUNK = 4 * 1024 * 1024
 _RACY_SECONDS = 2.0  # a stamp is written only for files whose ctime is older than this
@@ -96,13 +98,28 @@ class BlobStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def put_file(self, source: Path) -> tuple[str, int]:
-        """Copy `source` in durably; returns (sha256, size). Call under `writer_lock`."""
+        """Copy `source` in durably; returns (sha256, size). Call under `writer_lock`.
+
+        `source` must be a regular file, not a symbolic link: the import resolved and checked
+        its files first, so a file swapped for a link (or a FIFO) since then is refused here
+        instead of read.
+        """
+        try:
+            src_fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:
+            raise AdapterhubError(f"cannot read {source}: {exc.strerror} (it must be a regular file, not a symbolic link)") from None
+        with os.fdopen(src_fd, "rb") as src:
+            if not stat.S_ISREG(os.fstat(src_fd).st_mode):
+                raise AdapterhubError(f"{source} is not a regular file")
+            return self._copy_in(src)
+
+    def _copy_in(self, src: BinaryIO) -> tuple[str, int]:
         digest = hashlib.sha256()
         size = 0
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="put-")
         tmp_path = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+            with os.fdopen(fd, "wb") as out:
                 while chunk := src.read(_CHUNK):
                     digest.update(chunk)
                     out.write(chunk)

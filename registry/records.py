@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from adapterhub.formats import BaseModelSpec
+from adapterhub.formats import BaseModelSpec, adapter_kind
 
 LineageKind = Literal["trained", "merged", "imported"]
 
@@ -94,6 +94,13 @@ class AdapterRecord:
     files: Mapping[str, str] = field(default_factory=dict)
     config: Mapping[str, Any] = field(default_factory=dict)
     origin: str | None = None  # lineage kind; set on summaries too, where `lineage` is None
+    # What a user calls it (`dora`, `rslora`, `ia3`, …; see `formats.adapter_kind`); set on
+    # summaries too, which have no config. Derived from peft_type and config when not given.
+    kind: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            object.__setattr__(self, "kind", adapter_kind(self.peft_type, self.config))
 
     @property
     def ref(self) -> str:
@@ -108,7 +115,7 @@ class AdapterRecord:
         return {
             "name": self.name, "version": self.version, "ref": self.ref, "sha256": self.sha256,
             "base": self.base_name, "base_fingerprint": self.base_fingerprint, "peft_type": self.peft_type,
-            "task_type": self.task_type, "rank": self.rank, "alpha": self.alpha,
+            "kind": self.kind, "task_type": self.task_type, "rank": self.rank, "alpha": self.alpha,
             "target_modules": list(self.target_modules), "size_bytes": self.size_bytes,
             "created_at": self.created_at.isoformat(), "tags": list(self.tags),
             "origin": self.origin,
@@ -120,10 +127,22 @@ class AdapterRecord:
 
 @dataclass(frozen=True)
 class PutResult:
-    """`created` is False when identical content was already registered under that name."""
+    """`created` is False when identical content was already registered under that name.
+
+    `skipped` are the source directory's pickled files, which the registry never stores.
+    """
 
     record: AdapterRecord
     created: bool
+    skipped: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RemoveResult:
+    """A removed record, and the records whose lineage now names it as a removed parent."""
+
+    record: AdapterRecord
+    orphaned: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

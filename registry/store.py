@@ -11,8 +11,20 @@ Invariants, and how they hold:
 - *Verified reads.* `export` re-hashes every blob it hands out; `materialize` does too, except
   for blobs whose stat still matches the stamp of an earlier check (see `registry/blobs.py`).
 
+Lookups and removal:
+- *User text is never a pattern.* Refs and base-model names are compared with `=`; the two
+  prefix lookups (`name@sha-prefix`, a base's fingerprint prefix) use `startswith(autoescape=True)`,
+  so `%` and `_` match themselves; a prefix that two records share is an `AmbiguousRefError`.
+- *Deleting takes an exact name.* `remove_base_model` (which deletes the model's directory)
+  accepts only the name or the full fingerprint, never a prefix.
+- *Lineage is not broken silently.* Removing a record that other records name as a parent needs
+  `force`; the edges keep the parent's ref text, and `removed_parents` says which are gone.
+- *Suggestions name live records.* `adapter_names` keeps removed names so versions are never
+  reused; "did you mean" draws from the records that exist.
+
 The registry imports no torch: adapters are checked against a base model through safetensors
-headers (`adapterhub.formats`).
+headers (`adapterhub.formats`), and only regular files inside an adapter's directory are stored
+(`formats.directory_files`).
 """
 
 from __future__ import annotations
@@ -35,12 +47,17 @@ from sqlalchemy import Connection, Engine, String, create_engine, delete, event,
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from adapterhub import settings
-from adapterhub.errors import AdapterhubError, AmbiguousRefError, NotFoundError, ValidationError
+from adapterhub.errors import AdapterhubError, AmbiguousRefError, CorruptBlobError, NotFoundError, ValidationError
 from adapterhub.formats import (
+    FULL_MODEL_PEFT_TYPE,
+    PEFT_TYPES,
     BaseModelSpec,
+    adapter_kind,
     base_model_spec,
     check_adapter_against_base,
+    directory_files,
     fingerprint_config,
+    link_roots,
     read_adapter_dir,
     weight_files,
 )
@@ -53,6 +70,7 @@ from adapterhub.registry.records import (
     GcReport,
     Lineage,
     PutResult,
+    RemoveResult,
 )
 from adapterhub.registry.schema import (
     AdapterFileRow,
@@ -175,6 +193,7 @@ class Registry:
         """
         validate_name(name, what="base model name")
         model_dir = Path(model_dir)
+        listing = directory_files(model_dir)  # refuses links that leave it; pickles are left out
         spec = base_model_spec(model_dir)
         fingerprint = model_fingerprint(model_dir)
         with self._read() as conn:
@@ -189,11 +208,12 @@ class Registry:
         target = self.models_dir / name
         staging = Path(tempfile.mkdtemp(dir=self.models_dir, prefix=f".{name}-"))
         try:
-            if move:
-                for item in model_dir.iterdir():
-                    shutil.move(str(item), staging / item.name)
-            else:
-                shutil.copytree(model_dir, staging, dirs_exist_ok=True)
+            for rel in listing.files:
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                if move:
+                    shutil.move(str(model_dir / rel), staging / rel)
+                else:
+                    shutil.copy2(model_dir / rel, staging / rel)
             if target.exists():
                 shutil.rmtree(target)  # leftovers of a removed model of the same name
             os.replace(staging, target)
@@ -210,17 +230,31 @@ class Registry:
             raise AdapterhubError(f"base model {name!r} was registered concurrently by another process") from None
         return self.get_base_model(name)
 
-    def get_base_model(self, name_or_fingerprint: str) -> BaseModelRecord:
-        """A base model by name or (a prefix of at least 8 digits of) its fingerprint."""
+    def get_base_model(self, name_or_fingerprint: str, *, prefix: bool = True) -> BaseModelRecord:
+        """A base model by name, fingerprint, or (with `prefix`) at least 8 hex digits of its fingerprint.
+
+        The prefix is matched literally (`startswith` with `%`, `_` and the escape character
+        escaped), so no text can match more than the bases whose fingerprint begins with it;
+        a prefix two bases share is an `AmbiguousRefError`.
+        """
         with self._read() as conn:
-            row = conn.execute(select(_B).where(_B.c.name == name_or_fingerprint)).first()
-            if row is None and len(name_or_fingerprint) >= 8:
-                row = conn.execute(select(_B).where(_B.c.fingerprint.like(f"{name_or_fingerprint}%"))).first()
-            if row is None:
-                names = list(conn.execute(select(_B.c.name)).scalars())
-                raise NotFoundError(_not_found_message("base model", name_or_fingerprint, names, hint="`adapterhub models add`"))
+            row = self._base_row(conn, name_or_fingerprint, prefix=prefix)
             evaluations = self._evaluations(conn, _E.c.base_model_id == row.id)
         return _base_record(row, evaluations)
+
+    def _base_row(self, conn: Connection, wanted: str, *, prefix: bool) -> Any:
+        row = conn.execute(select(_B).where((_B.c.name == wanted) | (_B.c.fingerprint == wanted.lower()))).first()
+        if row is None and prefix and len(wanted) >= 8 and all(c in "0123456789abcdef" for c in wanted.lower()):
+            rows = conn.execute(select(_B).where(_B.c.fingerprint.startswith(wanted.lower(), autoescape=True)).limit(6)).all()
+            if len(rows) > 1:
+                shown = ", ".join(f"{r.name} ({r.fingerprint[:12]})" for r in rows[:5])
+                raise AmbiguousRefError(f"fingerprint prefix {wanted!r} matches several base models: {shown}; give more digits or the name")
+            row = rows[0] if rows else None
+        if row is None:
+            names = list(conn.execute(select(_B.c.name)).scalars())
+            hint = "" if prefix else " (removing a base model takes its exact name or full fingerprint)"
+            raise NotFoundError(_not_found_message("base model", wanted, names, hint="`adapterhub models add`") + hint)
+        return row
 
     def list_base_models(self) -> list[BaseModelRecord]:
         with self._read() as conn:
@@ -228,8 +262,12 @@ class Registry:
         return [_base_record(row, ()) for row in rows]
 
     def remove_base_model(self, name: str) -> BaseModelRecord:
-        """Remove a base model; refused while adapters still point to it."""
-        record = self.get_base_model(name)
+        """Remove a base model named exactly (name or full fingerprint); refused while adapters use it.
+
+        No prefix matching here: deleting a model directory takes the model's own name.
+        """
+        with self._read() as conn:
+            record = _base_record(self._base_row(conn, name, prefix=False), ())
         with self._write() as conn:
             row_id = conn.execute(select(_B.c.id).where(_B.c.name == record.name)).scalar_one()
             users = conn.execute(select(_A.c.name, _A.c.version).where(_A.c.base_model_id == row_id).limit(6)).all()
@@ -238,7 +276,10 @@ class Registry:
                 raise AdapterhubError(f"base model {name!r} is used by adapters ({shown}{', …' if len(users) > 5 else ''}); remove them first")
             conn.execute(delete(_E).where(_E.c.base_model_id == row_id))
             conn.execute(delete(_B).where(_B.c.id == row_id))
-        shutil.rmtree(record.path, ignore_errors=True)
+        # Only a directory the registry made is deleted (a database shared or edited by hand
+        # could name any path).
+        if record.path.resolve().is_relative_to(self.models_dir.resolve()):
+            shutil.rmtree(record.path, ignore_errors=True)
         return record
 
     # ------------------------------------------------------------------ adapters: write
@@ -271,18 +312,26 @@ class Registry:
             if missing_parents:
                 raise ValidationError(f"adapter {name!r}", [f"lineage parent {p!r} is not in the registry" for p in missing_parents])
 
+        root = manifest.path.resolve()
+        allowed = link_roots(root)
         with self.blobs.writer_lock():
             files: dict[str, str] = {}
             sizes: dict[str, int] = {}
             for rel in manifest.files:
-                files[rel], sizes[rel] = self.blobs.put_file(manifest.path / rel)
+                # Links were checked by `directory_files`; resolving again here (and opening
+                # without following links) keeps a file swapped for a link since then out.
+                real = (root / rel).resolve()
+                if not any(real.is_relative_to(allowed_root) for allowed_root in allowed):
+                    raise AdapterhubError(f"{manifest.path / rel} changed during the import and now leads outside the directory")
+                files[rel], sizes[rel] = self.blobs.put_file(real)
             sha256 = content_sha256(files)
             for attempt in range(5):
                 try:
-                    return self._insert_record(
+                    result = self._insert_record(
                         name=name, sha256=sha256, base_record=base_record, manifest=manifest,
                         files=files, sizes=sizes, tags=tags, lineage=lineage,
                     )
+                    return PutResult(record=result.record, created=result.created, skipped=manifest.skipped)
                 except IntegrityError:
                     # Another writer took this version between our read and insert (possible on
                     # databases without BEGIN IMMEDIATE); the retry sees its row.
@@ -352,17 +401,40 @@ class Registry:
             conn.execute(delete(_T).where(_T.c.adapter_id == row.id, _T.c.tag == tag))
         return self.get(f"{row.name}:{row.version}")
 
-    def remove(self, ref: str) -> AdapterRecord:
-        """Remove one record (its blobs stay until `gc`, as other records may share them)."""
+    def remove(self, ref: str, *, force: bool = False) -> RemoveResult:
+        """Remove one record (its blobs stay until `gc`, as other records may share them).
+
+        A record other records name as a lineage parent (a merge's inputs, say) is removed only
+        with `force`: their lineage would then name a removed parent, which `removed_parents`
+        reports and `RemoveResult.orphaned` lists.
+        """
         record = self.get(ref)
         with self._write() as conn:
             row = self._find_row(conn, parse_ref(record.ref))
+            child_ids = select(_L.c.child_id).where(_L.c.parent_id == row.id)
+            children = [f"{r.name}:{r.version}" for r in conn.execute(
+                select(_A.c.name, _A.c.version).where(_A.c.id.in_(child_ids)).order_by(_A.c.name, _A.c.version)
+            )]
+            if children and not force:
+                shown = ", ".join(children[:5]) + (f" and {len(children) - 5} more" if len(children) > 5 else "")
+                raise AdapterhubError(
+                    f"{record.ref} is a lineage parent of {len(children)} record(s) ({shown}); remove them first, "
+                    f"or `adapterhub rm {record.ref} --force` to remove it and leave their lineage naming a removed parent"
+                )
             for table in (_F, _T, _E):
                 conn.execute(delete(table).where(table.c.adapter_id == row.id))
             conn.execute(delete(_L).where(_L.c.child_id == row.id))
             conn.execute(update(_L).where(_L.c.parent_id == row.id).values(parent_id=None))
             conn.execute(delete(_A).where(_A.c.id == row.id))
-        return record
+        return RemoveResult(record=record, orphaned=tuple(children))
+
+    def removed_parents(self, ref: str) -> tuple[str, ...]:
+        """The lineage parents of `ref`'s record that have been removed from the registry since."""
+        with self._read() as conn:
+            row = self._find_row(conn, parse_ref(ref))
+            return tuple(sorted(conn.execute(
+                select(_L.c.parent_ref).where(_L.c.child_id == row.id, _L.c.parent_id.is_(None))
+            ).scalars()))
 
     def record_evaluation(
         self, ref: str, *, metric: str, value: float, dataset: str, split: str | None = None,
@@ -414,13 +486,14 @@ class Registry:
         return record
 
     def list(
-        self, *, base: str | None = None, tag: str | None = None, name: str | None = None,
+        self, *, base: str | None = None, tag: str | Sequence[str] | None = None, name: str | None = None,
         peft_type: str | None = None, latest_only: bool = False,
     ) -> list[AdapterRecord]:
         """Summary records, filtered as asked, by name then newest version first.
 
-        Summaries leave out files, evaluations, config and the lineage document (`origin`
-        holds its kind); `get` returns the full record.
+        `tag` may be several tags: records having all of them. Summaries leave out files,
+        evaluations, config and the lineage document (`origin` holds its kind, `kind` the two
+        config flags that name a LoRA variant); `get` returns the full record.
         """
         # Raw text columns, decoded here with the C json/fromisoformat: SQLAlchemy's per-row
         # type processing was most of the time of a 10,000-record listing.
@@ -428,15 +501,17 @@ class Registry:
             _A.c.id, _A.c.name, _A.c.version, _A.c.sha256, _A.c.peft_type, _A.c.task_type, _A.c.rank, _A.c.alpha,
             type_coerce(_A.c.target_modules, String), _A.c.size_bytes, _A.c.origin, _B.c.name, _B.c.fingerprint,
             type_coerce(_A.c.created_at, String),
+            _A.c.config["use_dora"].as_boolean(), _A.c.config["use_rslora"].as_boolean(),
         ).join(_B, _A.c.base_model_id == _B.c.id)
         if base is not None:
             query = query.where((_B.c.name == base) | (_B.c.fingerprint == base))
         if name is not None:
             query = query.where(_A.c.name == name)
-        if peft_type is not None:
+        by_kind = peft_type is not None and peft_type.upper() not in (*PEFT_TYPES, FULL_MODEL_PEFT_TYPE)
+        if peft_type is not None and not by_kind:
             query = query.where(_A.c.peft_type == peft_type.upper())
-        if tag is not None:
-            query = query.where(_A.c.id.in_(select(_T.c.adapter_id).where(_T.c.tag == tag)))
+        for wanted_tag in [tag] if isinstance(tag, str) else tag or ():
+            query = query.where(_A.c.id.in_(select(_T.c.adapter_id).where(_T.c.tag == wanted_tag)))
         if latest_only:
             latest = select(_A.c.name, func.max(_A.c.version).label("v")).group_by(_A.c.name).subquery()
             query = query.join(latest, (latest.c.name == _A.c.name) & (latest.c.v == _A.c.version))
@@ -449,7 +524,9 @@ class Registry:
             tags: dict[int, list[str]] = {}
             for adapter_id, tag_value in conn.execute(tag_query):
                 tags.setdefault(adapter_id, []).append(tag_value)
-        return [_summary_record(row, tuple(sorted(tags.get(row[0], ())))) for row in rows]
+        records = [_summary_record(row, tuple(sorted(tags.get(row[0], ())))) for row in rows]
+        # A kind that is not a PEFT type (`dora`, `rslora`) is a config flag: filtered here.
+        return [r for r in records if r.kind == peft_type.lower()] if by_kind else records
 
     def children(self, ref: str) -> list[AdapterRecord]:
         """Records whose lineage names `ref`'s record as a parent."""
@@ -485,7 +562,7 @@ class Registry:
         staging = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".tmp-"))
         try:
             for rel, sha in record.files.items():
-                dest = staging / rel
+                dest = staging / _safe_relpath(rel)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 source = self.blobs.path_for(sha)
                 if not source.exists():
@@ -503,23 +580,43 @@ class Registry:
             shutil.rmtree(staging, ignore_errors=True)
 
     def export(self, ref: str, dest: Path) -> Path:
-        """Write the record's files (verified) into `dest`, a new or empty directory."""
+        """Write the record's files (verified) into `dest`, a new or empty directory.
+
+        The files are written to a staging directory beside `dest` and renamed onto it in one
+        step, so a failure (a corrupt blob, a full disk, a directory that cannot be written)
+        leaves nothing at `dest`, and parent directories created for it are removed again.
+        `dest` may not be a symbolic link (the files would land wherever it points) or a file.
+        """
         record = self.get(ref)
         dest = Path(dest)
-        if dest.exists() and any(dest.iterdir()):
-            raise AdapterhubError(f"export target {dest} exists and is not empty")
-        staging = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None, prefix=".export-"))
+        created_parents: list[Path] = []
+        staging: Path | None = None
+        done = False
         try:
+            if dest.is_symlink():
+                raise AdapterhubError(f"export target {dest} is a symbolic link; give the directory itself")
+            if dest.exists() and not dest.is_dir():
+                raise AdapterhubError(f"export target {dest} exists and is not a directory")
+            if dest.exists() and any(dest.iterdir()):
+                raise AdapterhubError(f"export target {dest} exists and is not empty")
+            created_parents = [p for p in dest.absolute().parents if not p.exists()]  # innermost first
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.export-"))
             for rel, sha in record.files.items():
-                out = staging / rel
+                out = staging / _safe_relpath(rel)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(self.blobs.verified_path(sha), out)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if dest.exists():
-                dest.rmdir()
-            shutil.move(str(staging), dest)
+            os.replace(staging, dest)  # atomic; replaces `dest` only when it is an empty directory
+            done = True
+        except OSError as exc:
+            raise AdapterhubError(f"cannot export to {dest}: {exc.strerror or exc}") from None
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if not done:
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
+                for parent in created_parents:
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
         return dest
 
     def gc(self) -> GcReport:
@@ -559,7 +656,8 @@ class Registry:
         if ref.version is not None:
             query = query.where(_A.c.version == ref.version)
         if ref.sha_prefix is not None:
-            query = query.where(_A.c.sha256.like(f"{ref.sha_prefix}%"))
+            # Literal prefix: `parse_ref` allows only hex digits, and autoescape keeps it so.
+            query = query.where(_A.c.sha256.startswith(ref.sha_prefix, autoescape=True))
         rows = conn.execute(query.order_by(_A.c.version.desc())).all()
         if not rows:
             if not explain:  # `resolve`: a miss is an answer, not an error worth a diagnosis
@@ -568,7 +666,12 @@ class Registry:
             if versions:
                 shown = ", ".join(f"{ref.name}:{v}" for v in versions[-10:])
                 raise NotFoundError(f"no adapter matches {str(ref)!r}; {ref.name!r} has {shown}")
-            names = list(conn.execute(select(_N.c.name)).scalars())
+            # Suggestions come from live records: `adapter_names` keeps removed names (so their
+            # versions are never reused), which are no answer to "did you mean".
+            last = conn.execute(select(_N.c.last_version).where(_N.c.name == ref.name)).scalar_one_or_none()
+            if last:
+                raise NotFoundError(f"no adapter matches {str(ref)!r}: every version of {ref.name!r} was removed (the last was {ref.name}:{last})")
+            names = list(conn.execute(select(_A.c.name).distinct()).scalars())
             raise NotFoundError(_not_found_message("adapter", str(ref), names, hint="`adapterhub list`"))
         if ref.sha_prefix is not None and len(rows) > 1:
             shown = ", ".join(f"{r.name}:{r.version} ({r.sha256[:12]})" for r in rows[:10])
@@ -587,6 +690,18 @@ class Registry:
         tags = tuple(sorted(conn.execute(select(_T.c.tag).where(_T.c.adapter_id == row.id)).scalars()))
         files = {r.path: r.blob_sha256 for r in conn.execute(select(_F.c.path, _F.c.blob_sha256).where(_F.c.adapter_id == row.id))}
         return _adapter_record(row, tags=tags, files=files, evaluations=self._evaluations(conn, _E.c.adapter_id == row.id))
+
+
+def _safe_relpath(rel: str) -> str:
+    """A record's file path, refused if it could leave the directory it is written into.
+
+    Imports only store paths relative to the adapter directory; this guards against a
+    database edited by hand or shared with a less careful writer.
+    """
+    parts = Path(rel).parts
+    if not parts or Path(rel).is_absolute() or ".." in parts:
+        raise CorruptBlobError(f"the registry lists a file {rel!r} whose path leaves the record's directory")
+    return rel
 
 
 def _name_problems(name: str) -> list[str]:
@@ -634,12 +749,14 @@ def _parse_timestamp(text: Any) -> datetime:
 
 
 def _summary_record(row: tuple[Any, ...], tags: tuple[str, ...]) -> AdapterRecord:
-    _, name, version, sha256, peft_type, task_type, rank, alpha, targets, size, origin, base_name, base_print, created = row
+    (_, name, version, sha256, peft_type, task_type, rank, alpha, targets, size, origin, base_name, base_print,
+     created, use_dora, use_rslora) = row
     return AdapterRecord(
         name=name, version=version, sha256=sha256, base_name=base_name, base_fingerprint=base_print,
         peft_type=peft_type, task_type=task_type, rank=rank, alpha=alpha,
         target_modules=tuple(json.loads(targets)) if targets else (), size_bytes=size,
         created_at=_parse_timestamp(created), tags=tags, origin=origin,
+        kind=adapter_kind(peft_type, {"use_dora": bool(use_dora), "use_rslora": bool(use_rslora)}),
     )
 
 

@@ -235,3 +235,81 @@ def test_importing_the_registry_does_not_import_torch() -> None:
     code = "import sys, adapterhub.registry, adapterhub.registry.store; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_suggestions_name_only_records_that_still_exist(registry: Registry, lora_dir: Path, tmp_path: Path) -> None:
+    registry.put_adapter(name="summarize", source_dir=lora_dir, base="tiny")
+    registry.put_adapter(name="summary", source_dir=make_variant(lora_dir, tmp_path / "v", seed=2), base="tiny")
+    registry.remove("summarize")
+    with pytest.raises(NotFoundError) as info:
+        registry.get("sumarize")
+    assert "did you mean: summary?" in str(info.value) and "summarize" not in str(info.value).split("did you mean")[1]
+    with pytest.raises(NotFoundError, match="every version of 'summarize' was removed \\(the last was summarize:1\\)"):
+        registry.get("summarize")
+
+
+def test_removing_a_lineage_parent_needs_force_and_says_what_it_orphans(registry: Registry, lora_dir: Path, tmp_path: Path) -> None:
+    registry.put_adapter(name="parent", source_dir=lora_dir, base="tiny")
+    for i in range(7):
+        registry.put_adapter(
+            name=f"merge{i}", source_dir=make_variant(lora_dir, tmp_path / f"m{i}", seed=20 + i), base="tiny",
+            lineage=Lineage(kind="merged", parents=("parent:1",), details={"method": "ties"}),
+        )
+    with pytest.raises(AdapterhubError, match=r"parent:1 is a lineage parent of 7 record\(s\) \(merge0:1, merge1:1, .* and 2 more\); .*--force"):
+        registry.remove("parent")
+    assert registry.get("parent").ref == "parent:1" and registry.removed_parents("merge0:1") == ()
+    result = registry.remove("parent", force=True)
+    assert result.record.ref == "parent:1"
+    assert result.orphaned == tuple(f"merge{i}:1" for i in range(7))
+    assert registry.removed_parents("merge3") == ("parent:1",)
+    assert registry.get("merge3").lineage.parents == ("parent:1",)  # the story is kept, the parent is gone
+    assert registry.remove("merge3").orphaned == ()  # a record nothing names is removed without force
+
+
+def test_kinds_name_the_lora_variant(registry: Registry, tiny_base: Path, tmp_path: Path, lora_dir: Path) -> None:
+    from tests.conftest import build_lora_adapter
+
+    registry.put_adapter(name="plain", source_dir=lora_dir, base="tiny")
+    registry.put_adapter(name="dora", source_dir=build_lora_adapter(tiny_base, tmp_path / "dora", use_dora=True), base="tiny")
+    registry.put_adapter(name="rs", source_dir=build_lora_adapter(tiny_base, tmp_path / "rs", seed=3, use_rslora=True), base="tiny")
+    registry.put_adapter(name="ia3", source_dir=build_lora_adapter(tiny_base, tmp_path / "ia3", peft_type="ia3"), base="tiny")
+    registry.put_adapter(name="pt", source_dir=build_lora_adapter(tiny_base, tmp_path / "pt", peft_type="prompt_tuning"), base="tiny")
+    expected = {"dora": "dora", "ia3": "ia3", "plain": "lora", "pt": "prompt_tuning", "rs": "rslora"}
+    assert {r.name: r.kind for r in registry.list()} == expected  # summaries, without their config
+    assert {name: registry.get(name).kind for name in expected} == expected
+    assert registry.get("dora").to_json()["kind"] == "dora"
+    assert [r.name for r in registry.list(peft_type="dora")] == ["dora"]
+    assert [r.name for r in registry.list(peft_type="lora")] == ["dora", "plain", "rs"]  # the PEFT type
+
+
+def test_list_with_several_tags_needs_all_of_them(registry: Registry, lora_dir: Path, tmp_path: Path) -> None:
+    registry.put_adapter(name="a", source_dir=lora_dir, base="tiny", tags=("x", "y"))
+    registry.put_adapter(name="b", source_dir=make_variant(lora_dir, tmp_path / "b", seed=1), base="tiny", tags=("x",))
+    assert [r.ref for r in registry.list(tag=["x", "y"])] == ["a:1"]
+    assert [r.ref for r in registry.list(tag=["x"])] == ["a:1", "b:1"]
+    assert registry.list(tag=["x", "nope"]) == []
+
+
+def test_export_refuses_files_links_and_unwritable_places_and_leaves_nothing(registry: Registry, lora_dir: Path, tmp_path: Path) -> None:
+    registry.put_adapter(name="a", source_dir=lora_dir, base="tiny")
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    with pytest.raises(AdapterhubError, match="exists and is not a directory"):
+        registry.export("a", a_file)
+    assert a_file.read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "link").symlink_to(empty)
+    with pytest.raises(AdapterhubError, match="is a symbolic link"):
+        registry.export("a", tmp_path / "link")
+    assert list(empty.iterdir()) == []
+    with pytest.raises(AdapterhubError, match="cannot export to /proc/self/adapter"):
+        registry.export("a", Path("/proc/self/adapter"))
+    # A failure after writing started leaves neither the target nor the parents made for it.
+    blob = registry.blobs.path_for(registry.get("a").files["adapter_model.safetensors"])
+    blob.chmod(0o644)
+    blob.write_bytes(b"rot")
+    with pytest.raises(CorruptBlobError):
+        registry.export("a", tmp_path / "new" / "deeper" / "out")
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "home", "link", "lora"]
