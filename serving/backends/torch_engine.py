@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import threading
@@ -52,6 +53,7 @@ from adapterhub.serving.backends.base import (
     CapacityError,
     ContextLengthError,
     GenerationChunk,
+    GenerationError,
     HealthStatus,
     ResidentAdapter,
     SamplingParams,
@@ -432,9 +434,18 @@ class TorchEngine(Backend):
         started = time.perf_counter()
         if victim is not None:
             self.listener.adapter_evicted(victim.key, tier="device", seconds=0.0)
-        self.slots.write(free, entry.weights)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        try:
+            self.slots.write(free, entry.weights)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except BaseException:
+            # Out of memory growing the stacks, say: the slot holds nothing usable, so it is free.
+            with self._lock:
+                entry.slot = None
+                self._slot_owner[free] = None
+            with contextlib.suppress(Exception):
+                self.slots.clear(free)
+            raise
         self.listener.adapter_loaded(
             entry.key, source="cpu", seconds=time.perf_counter() - started, size_bytes=entry.weights.size_bytes
         )
@@ -587,11 +598,41 @@ class TorchEngine(Backend):
                         future.set_result(command())
                     except BaseException as exc:  # reported to the caller, engine goes on
                         future.set_exception(exc)
-                self._step()
+                try:
+                    self._step()
+                except Exception as exc:  # noqa: BLE001 - fails the batch it hit, never the engine
+                    self._recover(exc)
         except BaseException as exc:  # a bug: fail every request rather than hang them
             logger.exception("engine thread failed")
             self._engine_error = exc
         self._fail_all(UnavailableError("the engine stopped" if self._engine_error is None else f"engine failed: {self._engine_error!r}"))
+
+    def _row_error(self, request: _Request, exc: Exception) -> Exception:
+        """What a request that raised `exc` in the engine is failed with.
+
+        An `AdapterhubError` already says what went wrong in the client's terms. Anything else is
+        unexpected: logged here with its traceback, and the client gets a 500 that names no
+        internals, only the request number to find it in the log.
+        """
+        if isinstance(exc, AdapterhubError):
+            return exc
+        logger.error("request %d failed in the engine", request.request_id, exc_info=exc)
+        return GenerationError(f"the engine failed on this request (request {request.request_id}; the server log has the details)")
+
+    def _recover(self, exc: Exception) -> None:
+        """A step raised outside any one row's work (a forward pass of the whole batch, merging
+        caches): fail the rows it involved, drop the batch state, and go on with the next step.
+        Waiting requests and every later request are served as usual."""
+        logger.error("an engine step failed; its %d running request(s) fail", len(self._rows) + len(self._prefilling), exc_info=exc)
+        with self._lock:
+            rows = self._rows + self._prefilling
+            self._rows, self._prefilling, self._cache, self._mask = [], [], None, None
+            for row in rows:
+                if row.request.entry is not None:
+                    row.request.entry.running_rows -= 1
+        for row in rows:
+            if not row.request.cancelled:
+                self._fail(row.request, self._row_error(row.request, exc))
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
@@ -648,10 +689,10 @@ class TorchEngine(Backend):
                         continue  # first come, first served for the next free slot
                     try:
                         placed = self._place(entry, allow_drain=True)
-                    except UnavailableError as exc:
+                    except Exception as exc:  # noqa: BLE001 - every slot pinned, or writing it failed
                         with self._lock:
                             self._waiting.remove(request)
-                        request.loop.call_soon_threadsafe(request.queue.put_nowait, exc)
+                        self._fail(request, self._row_error(request, exc))
                         continue
                     if placed is None:
                         blocked_on_slot = True
@@ -660,9 +701,11 @@ class TorchEngine(Backend):
                 with self._lock:
                     entry.running_rows += 1
                     entry.last_used = time.monotonic()
+            row = _Row(request=request, slot=slot)
             with self._lock:
                 self._waiting.remove(request)
-            admitted.append(_Row(request=request, slot=slot))
+                self._prefilling.append(row)  # failed with the rest if the step fails before it joins
+            admitted.append(row)
             budget -= len(request.prompt_ids)
             room -= 1
         return admitted
@@ -671,10 +714,11 @@ class TorchEngine(Backend):
         """Next token per row, with its logprob if asked for; rows with non-finite logits fail."""
         step = choose_tokens(logits, rows)
         for index, error in step.failed.items():
-            # Overflowed logits (an adapter with huge weights, fp16, a huge penalty): this request
-            # fails on its own and its row leaves the batch at the next step; the others go on.
+            # Overflowed logits (an adapter with huge weights, fp16, a huge penalty), or a row's
+            # own work that raised: this request fails on its own and its row leaves the batch at
+            # the next step; the others go on.
             if not rows[index].request.cancelled:
-                self._fail(rows[index].request, error)
+                self._fail(rows[index].request, self._row_error(rows[index].request, error))
         return list(zip(step.token_ids, step.logprobs, strict=True))
 
     def _forward(
@@ -780,7 +824,7 @@ class TorchEngine(Backend):
         plain = [row for row in admitted if row.request.sampling.prompt_logprobs is None]
         for group in (plain, scoring):  # only scoring rows pay for every position's logits
             if group:
-                self._prefill_into_batch(group)
+                self._prefill_into_batch(group, isolate=len(group) > 1)
         if not self._rows:
             if self._waiting:
                 time.sleep(0.001)  # everything waits on a slot that is draining
@@ -799,17 +843,47 @@ class TorchEngine(Backend):
                 finished.append(index)
         self._retire(finished)
 
-    def _prefill_into_batch(self, rows: list[_Row]) -> None:
-        """Prefill newly admitted rows, add them to the running batch and report their first token."""
-        self._prefilling = rows
-        cache, mask, logprobs = self._prefill(rows)
+    def _prefill_into_batch(self, rows: list[_Row], *, isolate: bool) -> None:
+        """Prefill newly admitted rows (in `_prefilling`), add them to the running batch and report
+        their first token.
+
+        A prefill that raises is the work of these rows only (the running batch is untouched), so
+        with `isolate` each row is prefilled again alone, from the same generator state: a row
+        that fails alone fails its own request, the others go on exactly as they would have.
+        """
+        states = [row.generator.get_state() if row.generator is not None else None for row in rows]
+        try:
+            cache, mask, logprobs = self._prefill(rows)
+        except Exception as exc:  # noqa: BLE001 - one of these rows; find which
+            if not isolate:
+                self._abandon(rows, exc)
+                return
+            for row, state in zip(rows, states):
+                row.output_ids.clear()
+                row.prompt_logprobs = None
+                if state is not None:
+                    row.generator.set_state(state)  # type: ignore[union-attr]
+                self._prefill_into_batch([row], isolate=False)
+            return
         start = len(self._rows)
         with self._lock:
             self._rows.extend(rows)
-            self._prefilling = []
+            for row in rows:
+                self._prefilling.remove(row)
         self._merge(cache, mask)
         finished = [start + offset for offset, (row, logprob) in enumerate(zip(rows, logprobs)) if self._report(row, logprob)]
         self._retire(finished)
+
+    def _abandon(self, rows: list[_Row], exc: Exception) -> None:
+        """Fail admitted rows that never joined the running batch, giving back their slots' rows."""
+        with self._lock:
+            for row in rows:
+                self._prefilling.remove(row)
+                if row.request.entry is not None:
+                    row.request.entry.running_rows -= 1
+        for row in rows:
+            if not row.request.cancelled:
+                self._fail(row.request, self._row_error(row.request, exc))
 
     def _report(self, row: _Row, logprob: TokenLogprob | None) -> bool:
         """Send the row's newest token to its client; True when the row is finished."""
