@@ -14,7 +14,14 @@ Design decisions:
 - Two adapter tiers. CPU tier: an LRU of parsed adapters (`--max-cpu-adapters`), filled by
   worker threads (`asyncio.to_thread`), so a disk read never stalls the engine. Device tier:
   `--max-resident` numbered slots; putting an adapter into a slot is a memory copy done on the
-  engine thread between two steps. `--preload` adapters are pinned to slots.
+  engine thread between two steps. `--preload` adapters are pinned to slots. The CPU tier never
+  drops an adapter a request holds, a slot owns or a pin keeps, so it may run over its size
+  while those alone fill it (always the case for a moment when `--max-cpu-adapters` equals
+  `--max-resident`) and shrinks back when they fall idle: every pair with
+  `max_cpu_adapters >= max_resident >= 1` is served.
+- A row's failure stays the row's: what one request's work raises fails that request, a
+  prefill that raises is retried row by row to find the row, and a step that fails as a whole
+  fails only the requests it held. The engine thread ends only on shutdown.
 - Fair slot eviction: when the oldest waiting request needs a slot and none is free, the
   least-busy unpinned slot is *drained* (no new rows admitted to it) and swapped as soon as its
   rows finish, so a hot adapter cannot starve a cold one.
@@ -195,7 +202,7 @@ class TorchEngine(Backend):
         self._wakeup = threading.Condition(self._lock)
         self._entries: collections.OrderedDict[str, _AdapterEntry] = collections.OrderedDict()
         self._slot_owner: list[_AdapterEntry | None] = [None] * (self.config.max_resident + 1)
-        self._loading: dict[str, asyncio.Future[_AdapterEntry]] = {}
+        self._loading: dict[str, asyncio.Future[_AdapterEntry | None]] = {}
         self._waiting: collections.deque[_Request] = collections.deque()
         self._commands: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._rows: list[_Row] = []
@@ -283,29 +290,45 @@ class TorchEngine(Backend):
             if pending is not None:
                 await asyncio.shield(pending)
                 continue  # loaded (or failed: the shielded await raised)
-            future: asyncio.Future[_AdapterEntry] = asyncio.get_running_loop().create_future()
+            # Resolves to the entry, or to None when the reader was cancelled (its client went
+            # away): then the others read it themselves instead of failing with it.
+            future: asyncio.Future[_AdapterEntry | None] = asyncio.get_running_loop().create_future()
             self._loading[adapter.key] = future
             try:
                 started = time.perf_counter()
                 weights = await asyncio.to_thread(self._read_adapter, adapter)
                 seconds = time.perf_counter() - started
-                entry = _AdapterEntry(key=adapter.key, weights=weights)
-                with self._lock:
-                    self._entries[adapter.key] = entry
-                    evicted = self._trim_cpu_tier()
-                self.listener.adapter_loaded(adapter.key, source="disk", seconds=seconds, size_bytes=weights.size_bytes)
-                for key, evict_seconds in evicted:
-                    self.listener.adapter_evicted(key, tier="cpu", seconds=evict_seconds)
-                future.set_result(entry)
+            except asyncio.CancelledError:
+                future.set_result(None)
+                raise
             except BaseException as exc:
                 future.set_exception(exc)
                 future.exception()  # mark retrieved: waiters re-raise it themselves
                 raise
             finally:
                 self._loading.pop(adapter.key, None)
+            # Born with this caller's reference: trimming the tier to make room can only drop
+            # other, idle adapters, never the one just read for a request (which once made an
+            # adapter beyond equal tiers be read from disk forever).
+            entry = _AdapterEntry(key=adapter.key, weights=weights, refs=1)
+            with self._lock:
+                self._entries[adapter.key] = entry
+                evicted = self._trim_cpu_tier()
+            future.set_result(entry)
+            self.listener.adapter_loaded(adapter.key, source="disk", seconds=seconds, size_bytes=weights.size_bytes)
+            self._report_cpu_evictions(evicted)
+            return entry
 
     def _trim_cpu_tier(self) -> list[tuple[str, float]]:
-        """Drop least recently used idle adapters beyond `max_cpu_adapters` (lock held)."""
+        """Drop least recently used idle adapters beyond `max_cpu_adapters` (lock held).
+
+        The tier's invariant: adapters that requests hold (waiting or running), that own a
+        device slot or are pinned are never dropped; idle ones are dropped, oldest first, while
+        the tier holds more than `max_cpu_adapters`. The tier may so exceed its size while the
+        adapters in use alone do (every slot taken and one more adapter being read for a
+        request, which `max_cpu_adapters == max_resident` always gives); it shrinks back as soon
+        as they become idle: this runs whenever an adapter is added, released, or leaves a slot.
+        """
         evicted: list[tuple[str, float]] = []
         for key in list(self._entries):
             if len(self._entries) <= self.config.max_cpu_adapters:
@@ -320,6 +343,12 @@ class TorchEngine(Backend):
     def _release(self, entry: _AdapterEntry) -> None:
         with self._lock:
             entry.refs -= 1
+            evicted = self._trim_cpu_tier()
+        self._report_cpu_evictions(evicted)
+
+    def _report_cpu_evictions(self, evicted: list[tuple[str, float]]) -> None:
+        for key, seconds in evicted:
+            self.listener.adapter_evicted(key, tier="cpu", seconds=seconds)
 
     async def load_adapter(self, adapter: AdapterSpec, *, pin: bool = False) -> ResidentAdapter:
         entry = await self._acquire(adapter)
@@ -425,15 +454,19 @@ class TorchEngine(Backend):
                         f"all {self.config.max_resident} device slots hold pinned adapters; raise --max-resident"
                     )
                 return None
+            evicted: list[tuple[str, float]] = []
             if victim is not None:
                 victim.slot = None
                 victim.draining = False
                 self._slot_owner[free] = None
             entry.slot = free
             self._slot_owner[free] = entry
+            if victim is not None:
+                evicted = self._trim_cpu_tier()  # the victim may be the tier's oldest idle adapter now
         started = time.perf_counter()
         if victim is not None:
             self.listener.adapter_evicted(victim.key, tier="device", seconds=0.0)
+            self._report_cpu_evictions(evicted)
         try:
             self.slots.write(free, entry.weights)
             if self.device.type == "cuda":

@@ -117,3 +117,50 @@ def test_an_exception_in_one_row_fails_that_request_alone(adapter_fleet: Adapter
     assert alone[0] == reference.greedy(None, tuple(prompt), 6)
     assert alone[2] == reference.greedy(adapter_fleet.dirs["task-3"], tuple(prompt), 6)
 
+
+# ----------------------------------------------------------------------------- adapter tiers
+
+
+@pytest.mark.parametrize("max_resident,max_cpu_adapters", [(1, 1), (2, 2), (3, 3), (1, 2), (2, 3), (1, 4)])
+def test_every_accepted_pair_of_tiers_serves_more_adapters_than_both(
+    adapter_fleet: AdapterFleet, reference: ReferenceGenerator, max_resident: int, max_cpu_adapters: int
+) -> None:
+    """`--max-resident 2 --max-cpu-adapters 2` (any equal pair) once read the adapter beyond
+    them from disk forever, at 100% CPU, and never answered: the adapter just read was the only
+    idle one, so trimming the CPU tier dropped it at once. Six adapters, one after the other
+    twice and then all at once, give offline PEFT's outputs with at most one disk read per
+    request, and the tiers are back within their sizes when the requests are done."""
+    names = [f"task-{i}" for i in range(6)]
+    prompt = reference.prompt_ids(PROMPT)
+    reads: list[str] = []
+
+    def counting(name: str) -> AdapterSpec:
+        def locate() -> Path:
+            reads.append(name)
+            return adapter_fleet.dirs[name]
+
+        return AdapterSpec(key=name, locate=locate)
+
+    async def scenario() -> tuple[list[str], list[str], list[tuple[str, str]]]:
+        config = EngineConfig(device="cpu", max_resident=max_resident, max_cpu_adapters=max_cpu_adapters)
+        engine = TorchEngine(adapter_fleet.base_dir, base_name=BASE_NAME, config=config)
+        await engine.start()
+        try:
+            sampling = SamplingParams(max_tokens=5, temperature=0)
+
+            async def one_after_another() -> list[str]:
+                return [await _text(engine, prompt, sampling, counting(name)) for name in names * 2]
+
+            # Hang guards only: the bug never answered at all.
+            one_by_one = await asyncio.wait_for(one_after_another(), 120)
+            together = await asyncio.wait_for(asyncio.gather(*(_text(engine, prompt, sampling, counting(n)) for n in names)), 120)
+            return one_by_one, list(together), [(a.key, a.tier) for a in engine.resident_adapters()]
+        finally:
+            await engine.shutdown()
+
+    one_by_one, together, held = asyncio.run(scenario())
+    expected = [reference.greedy(adapter_fleet.dirs[name], tuple(prompt), 5) for name in names]
+    assert one_by_one == expected * 2 and together == expected
+    assert len(reads) <= 3 * len(names)  # at most one read per request
+    assert sum(1 for _, tier in held if tier == "device") <= max_resident
+    assert len(held) <= max_cpu_adapters
