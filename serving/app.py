@@ -500,9 +500,11 @@ def _build_v1_router() -> APIRouter:
             cards.append(adapter_card(name, spec.key, state.started_at, (), {"source": "load_lora_adapter"}))
         if state.resolver is not None:
             for listing in await asyncio.to_thread(state.resolver.list, backend.base_name):
-                peft_type = listing.meta.get("peft_type")
-                if peft_type is not None and str(peft_type).upper() not in backend.supported_peft_types:
-                    continue  # prompt/prefix tuning, full models: not servable here, so not advertised
+                peft_type, task_type = listing.meta.get("peft_type"), listing.meta.get("task_type")
+                if backend.unservable_reason(
+                    str(peft_type) if peft_type is not None else None, str(task_type) if task_type is not None else None
+                ) is not None:
+                    continue  # prompt/prefix tuning, a classification head, full models: not advertised
                 if listing.id in state.loaded_by_path:
                     continue  # that name means the adapter loaded by path while it is loaded
                 # A registry adapter that took a path adapter's name later is listed by its versioned id only.
@@ -660,7 +662,7 @@ def _build_v1_router() -> APIRouter:
                     param="lora_name", code="already_loaded",
                 )
             # Registry names cannot hold '/', so this key never meets a registry adapter's key.
-            spec = AdapterSpec(key=f"{LORA_PATH_KEY_PREFIX}{name}", locate=lambda: path)
+            spec = AdapterSpec(key=f"{LORA_PATH_KEY_PREFIX}{name}", locate=lambda: path, name=name)
         else:
             spec = await state.resolve_model(name, param="lora_name")
             assert spec is not None

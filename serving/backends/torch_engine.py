@@ -42,7 +42,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +67,15 @@ from adapterhub.serving.backends.base import (
     TokenLogprob,
     UnavailableError,
 )
-from adapterhub.serving.backends.lora_slots import SERVED_PEFT_TYPES, AdapterWeights, SlotTable, read_adapter_dir
+from adapterhub.serving.backends.lora_slots import (
+    SERVED_PEFT_TYPES,
+    AdapterWeights,
+    SlotTable,
+    describe_kind,
+    read_adapter_config,
+    read_adapter_dir,
+    why_not_served,
+)
 from adapterhub.serving.backends.sampling import choose_tokens, token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -264,17 +272,44 @@ class TorchEngine(Backend):
 
     # ----------------------------------------------------------------- adapters
 
+    def unservable_reason(
+        self, peft_type: str | None, task_type: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> str | None:
+        return why_not_served(peft_type, task_type, config) if peft_type is not None else None
+
     def _read_adapter(self, adapter: AdapterSpec) -> AdapterWeights:
+        """Read `adapter` for the CPU tier; every failure is an `AdapterLoadError` that names it
+        as the client knows it (its ref or `lora_name`) and its kind, never a cache path or hash.
+
+        A kind the engine cannot serve is refused from the record before anything is read.
+        """
+        name = adapter.display_name
+        if adapter.peft_type is not None:
+            reason = self.unservable_reason(adapter.peft_type, adapter.task_type, adapter.config)
+            if reason is not None:
+                kind = describe_kind(adapter.peft_type, adapter.task_type, adapter.config)
+                raise AdapterLoadError(f"adapter {name!r} ({kind}) cannot be served by the torch backend: {reason}")
         try:
-            adapter_dir = adapter.locate()
+            adapter_dir = Path(adapter.locate())
         except AdapterhubError as exc:
-            raise AdapterLoadError(f"{adapter.key}: {exc}") from exc
+            raise AdapterLoadError(f"adapter {name!r} cannot be read from the registry: {exc}") from exc
+        kind = "unknown kind"
         try:
-            return read_adapter_dir(Path(adapter_dir), self.slots.base_layers)
-        except AdapterhubError:
-            raise
-        except Exception as exc:  # unreadable files: safetensors, JSON or OS errors
-            raise AdapterLoadError(f"{adapter.key}: cannot read {adapter_dir}: {exc}") from exc
+            config = read_adapter_config(adapter_dir)
+            kind = describe_kind(config.get("peft_type"), config.get("task_type"), config)
+            reason = why_not_served(config.get("peft_type"), config.get("task_type"), config)
+            if reason is None:
+                return read_adapter_dir(adapter_dir, self.slots.base_layers, config)
+        except AdapterLoadError as exc:
+            raise AdapterLoadError(f"adapter {name!r} ({kind}) cannot be served: {exc}") from None
+        except OSError as exc:  # unreadable files: the log gets the path, the client the file's role
+            logger.warning("adapter %r: cannot read %s: %s", name, adapter_dir, exc)
+            what = Path(exc.filename).name if exc.filename else "its files"
+            raise AdapterLoadError(f"adapter {name!r} ({kind}) cannot be read: {what}: {exc.strerror or exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a file that parses into something unexpected
+            logger.warning("adapter %r: cannot read %s", name, adapter_dir, exc_info=exc)
+            raise AdapterLoadError(f"adapter {name!r} ({kind}) cannot be read: {type(exc).__name__}: {exc}") from None
+        raise AdapterLoadError(f"adapter {name!r} ({kind}) cannot be served by the torch backend: {reason}")
 
     async def _acquire(self, adapter: AdapterSpec) -> _AdapterEntry:
         """The CPU-tier entry of `adapter` with one more reference, read from disk if needed."""

@@ -5,6 +5,8 @@ solo run or with offline PEFT."""
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from adapterhub.serving.backends.base import AdapterSpec, SamplingParams
 from adapterhub.serving.backends.sampling import candidates, draw
 from adapterhub.serving.backends.torch_engine import EngineConfig, TorchEngine
 from adapterhub.serving.errors import from_exception
-from tests.serving.conftest import BASE_NAME, AdapterFleet, ReferenceGenerator, RunningServer
+from tests.serving.conftest import BASE_NAME, AdapterFleet, ReferenceGenerator, RunningServer, start_server
 
 PROMPT = "the quick brown fox"
 
@@ -164,3 +166,96 @@ def test_every_accepted_pair_of_tiers_serves_more_adapters_than_both(
     assert len(reads) <= 3 * len(names)  # at most one read per request
     assert sum(1 for _, tier in held if tier == "device") <= max_resident
     assert len(held) <= max_cpu_adapters
+
+
+# ----------------------------------------------------------------------------- kinds not served
+
+
+def _error(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def _classification_lora(base_dir: Path, out_dir: Path) -> Path:
+    """A LoRA trained for sequence classification, as PEFT saves one: task SEQ_CLS, with the
+    `score` head in `modules_to_save`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+    model.config.pad_token_id = 0
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    get_peft_model(model, config).save_pretrained(out_dir)
+    return out_dir
+
+
+def test_a_classification_adapter_is_not_listed_and_its_errors_name_ref_and_kind(
+    tiny_base: Path, reference: ReferenceGenerator, tmp_path: Path
+) -> None:
+    """`/v1/models` listed a classification adapter the server cannot serve, and a request for
+    it failed on `unsupported tensor ...score.weight` with cache paths and hashes in the
+    message. It is left out of the listing, and refused from its record (nothing is read from
+    the blob store) with an error naming its ref and kind; other adapters are unaffected."""
+    from adapterhub.registry import Registry
+    from tests.conftest import build_lora_adapter
+
+    home = tmp_path / "home"
+    registry = Registry.open(home=home)
+    registry.add_base_model(name=BASE_NAME, model_dir=tiny_base)
+    record = registry.put_adapter(name="cls", source_dir=_classification_lora(tiny_base, tmp_path / "cls"), base=BASE_NAME).record
+    registry.put_adapter(name="lm", source_dir=build_lora_adapter(tiny_base, tmp_path / "lm", seed=3), base=BASE_NAME)
+    fleet = AdapterFleet(home=home, base_dir=Path(registry.get_base_model(BASE_NAME).path), names=("cls", "lm"), dirs={})
+    with start_server(fleet, max_resident=2) as running:
+        assert {card.id for card in running.client().models.list().data} == {BASE_NAME, "lm:1"}
+        assert httpx.get(f"{running.base_url}/v1/models/cls", timeout=10).status_code == 404
+        for ref in ("cls", "cls:1", f"cls@{record.sha256[:8]}"):
+            refused = httpx.post(f"{running.base_url}/v1/completions", json={"model": ref, "prompt": "hi", "max_tokens": 2}, timeout=30)
+            assert refused.status_code == 400, refused.text
+            error = _error(refused)
+            assert error["code"] == "adapter_load_failed"
+            assert error["message"].startswith(
+                "adapter 'cls:1' (lora, sequence classification head) cannot be served by the torch backend: "
+                "it was trained for a sequence classification head"
+            ), error["message"]
+            assert str(home) not in error["message"] and record.sha256[:12] not in error["message"]
+        loaded = httpx.post(f"{running.base_url}/v1/load_lora_adapter", json={"lora_name": "cls"}, timeout=30)
+        assert loaded.status_code == 400 and _error(loaded)["message"].startswith("adapter 'cls:1' (lora, sequence classification head)")
+        assert not (home / "cache" / record.sha256).exists()  # refused from the record: never materialized
+        text = running.client().completions.create(model="lm", prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
+        assert text == reference.greedy(tmp_path / "lm", tuple(reference.prompt_ids(PROMPT)), 4)
+        assert httpx.get(f"{running.base_url}/health", timeout=10).json()["status"] == "ok"
+
+
+def test_a_path_adapter_that_cannot_be_served_is_named_by_its_lora_name(
+    server: RunningServer, adapter_fleet: AdapterFleet, tmp_path: Path
+) -> None:
+    """Errors for adapters loaded by path name the `lora_name` and the kind their config says,
+    and say what is wrong (bad numbers, a broken pattern, a missing weights file) in one line."""
+    bad_alpha = Path(shutil.copytree(adapter_fleet.dirs["task-0"], tmp_path / "nan-alpha"))
+    config = json.loads((bad_alpha / "adapter_config.json").read_text())
+    (bad_alpha / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": float("nan")}))
+    bad_pattern = Path(shutil.copytree(adapter_fleet.dirs["task-0"], tmp_path / "bad-pattern"))
+    (bad_pattern / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"(": 4}}))
+    no_weights = Path(shutil.copytree(adapter_fleet.dirs["task-0"], tmp_path / "no-weights"))
+    (no_weights / "adapter_model.safetensors").unlink()
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    (nested / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    cls = _classification_lora(adapter_fleet.base_dir, tmp_path / "cls")
+    for name, path, expected in (
+        ("nan-alpha", bad_alpha, "adapter 'nan-alpha' (lora) cannot be served: lora_alpha is nan, not a finite number"),
+        ("bad-pattern", bad_pattern, "adapter 'bad-pattern' (lora) cannot be served: "),
+        ("no-weights", no_weights, "adapter 'no-weights' (lora) cannot be served: no adapter_model.safetensors"),
+        ("nested", nested, "adapter 'nested' (unknown kind) cannot be served: adapter_config.json is not valid JSON"),
+        ("cls-by-path", cls, "adapter 'cls-by-path' (lora, sequence classification head) cannot be served by the torch backend"),
+    ):
+        refused = httpx.post(f"{server.base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=30)
+        assert refused.status_code == 400, refused.text
+        message = _error(refused)["message"]
+        assert message.startswith(expected) and str(tmp_path) not in message, message
+        assert name not in [m.id for m in server.client().models.list().data]
+    assert "pattern key '(' is not a regular expression" in httpx.post(
+        f"{server.base_url}/v1/load_lora_adapter", json={"lora_name": "again", "lora_path": str(bad_pattern)}, timeout=30
+    ).json()["error"]["message"]
+    assert httpx.get(f"{server.base_url}/health", timeout=10).json()["status"] == "ok"
