@@ -271,9 +271,14 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
+def _vocab_size(backend: Backend) -> int:
+    """Token ids requests may use are below this: ids the tokenizer and the model both know."""
+    return backend.vocab_size if backend.vocab_size is not None else len(backend.tokenizer)
+
+
 def _logit_bias(backend: Backend, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     """OpenAI's `logit_bias` map (token id as a string -> bias in [-100, 100]) as id pairs."""
-    vocab = len(backend.tokenizer)
+    vocab = _vocab_size(backend)
     pairs = []
     for key, value in (bias or {}).items():
         if not re.fullmatch(r"[0-9]{1,12}", key.strip()) or not 0 <= int(key) < vocab:  # ASCII digits only
@@ -288,7 +293,7 @@ def _sampling(
     backend: Backend, body: CompletionRequest | ChatCompletionRequest, max_tokens: int, *,
     logprobs: int | None = None, prompt_logprobs: int | None = None,
 ) -> SamplingParams:
-    vocab = len(backend.tokenizer)
+    vocab = _vocab_size(backend)
     stop_token_ids = tuple(body.stop_token_ids or ())
     if any(not 0 <= token < vocab for token in stop_token_ids):
         raise OpenAIError(400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids")
@@ -447,7 +452,7 @@ def _completion_prompts(backend: Backend, prompt: Any) -> list[list[int]]:
 
 
 def _check_prompt_ids(backend: Backend, prompts: list[list[int]]) -> None:
-    vocab = len(backend.tokenizer)
+    vocab = _vocab_size(backend)
     for ids in prompts:
         if not ids:
             raise OpenAIError(400, "the prompt is empty", param="prompt")

@@ -227,6 +227,11 @@ class Backend(abc.ABC):
     tokenizer: Any
     #: Longest prompt + completion the engine accepts, in tokens.
     max_model_len: int
+    #: Token ids a request may use (prompt, `stop_token_ids`, `logit_bias`) lie in
+    #: [0, vocab_size): the ids both the tokenizer and the model's embeddings and logits have. A
+    #: tokenizer given tokens the model was never resized for is longer than the model's
+    #: vocabulary. None: the tokenizer's length.
+    vocab_size: int | None = None
     #: Most completions (prompts x `n`) one request may ask for; None: no limit. More could never
     #: be queued at once, so the app refuses them with a 400 instead of an endless 429.
     max_request_rows: int | None = None

@@ -201,6 +201,11 @@ class TorchEngine(Backend):
         model_config = self.model.config
         self.max_model_len = int(self.config.max_model_len or getattr(model_config, "max_position_embeddings", 2048))
         self.max_request_rows = self.config.max_waiting
+        output_layer = self.model.get_output_embeddings()
+        self.vocab_size = min(
+            len(self.tokenizer), self.model.get_input_embeddings().num_embeddings,
+            *([output_layer.weight.shape[0]] if output_layer is not None else []),
+        )
         self.eos_token_ids = self._eos_token_ids()
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         self.base_weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())

@@ -193,9 +193,11 @@ def serve_app(app: object, *, startup_timeout: float = 60.0) -> Iterator[str]:
 
 @contextlib.contextmanager
 def start_server(
-    fleet: AdapterFleet, *, api_key: str | None = None, preload: tuple[str, ...] = (), **engine_options: object
+    fleet: AdapterFleet, *, api_key: str | None = None, preload: tuple[str, ...] = (), base_dir: Path | None = None,
+    **engine_options: object,
 ) -> Iterator[RunningServer]:
-    """A real server over the fleet's registry with a fresh torch engine."""
+    """A real server over the fleet's registry with a fresh torch engine (`base_dir` serves
+    another copy of the base)."""
     from adapterhub.registry import Registry
     from adapterhub.serving.app import create_app
     from adapterhub.serving.backends.torch_engine import EngineConfig, TorchEngine
@@ -204,7 +206,7 @@ def start_server(
     registry = Registry.open(home=fleet.home)
     # CPU in fp32 unless a test says otherwise: outputs are compared with offline PEFT exactly.
     engine_options = {"device": "cpu", **engine_options}
-    backend = TorchEngine(fleet.base_dir, base_name=BASE_NAME, config=EngineConfig(**engine_options))  # type: ignore[arg-type]
+    backend = TorchEngine(base_dir or fleet.base_dir, base_name=BASE_NAME, config=EngineConfig(**engine_options))  # type: ignore[arg-type]
     app = create_app(backend, RegistryResolver(registry, BASE_NAME), api_key=api_key, preload=preload)
     with serve_app(app) as base_url:
         yield RunningServer(base_url=base_url, app=app, backend=backend)

@@ -168,6 +168,32 @@ def test_every_accepted_pair_of_tiers_serves_more_adapters_than_both(
     assert len(held) <= max_cpu_adapters
 
 
+def test_token_ids_the_tokenizer_has_but_the_model_does_not_are_the_clients_400(
+    adapter_fleet: AdapterFleet, tmp_path: Path
+) -> None:
+    """A tokenizer given tokens the model was never resized for is longer than the model's
+    vocabulary: ids between passed the edge's check (against the tokenizer) and raised in the
+    engine. They are refused as the client's error, naming the field, before any work."""
+    from transformers import AutoTokenizer
+
+    base_copy = Path(shutil.copytree(adapter_fleet.base_dir, tmp_path / "base"))
+    tokenizer = AutoTokenizer.from_pretrained(base_copy)
+    model_vocab = len(tokenizer)
+    tokenizer.add_tokens(["<never-resized-1>", "<never-resized-2>"])
+    tokenizer.save_pretrained(base_copy)
+    with start_server(adapter_fleet, base_dir=base_copy, max_resident=1) as running:
+        url = f"{running.base_url}/v1/completions"
+        for extra, param in (
+            ({"prompt": [5, model_vocab + 1]}, "prompt"),
+            ({"prompt": "hi", "stop_token_ids": [model_vocab]}, "stop_token_ids"),
+            ({"prompt": "hi", "logit_bias": {str(model_vocab + 1): 5}}, "logit_bias"),
+        ):
+            refused = httpx.post(url, json={"model": BASE_NAME, "max_tokens": 2, **extra}, timeout=30)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+            assert f"[0, {model_vocab})" in refused.json()["error"]["message"]
+        assert httpx.post(url, json={"model": BASE_NAME, "prompt": [5, model_vocab - 1], "max_tokens": 2}, timeout=30).status_code == 200
+
+
 # ----------------------------------------------------------------------------- kinds not served
 
 
