@@ -104,3 +104,30 @@ def test_serve_unknown_base_is_one_line_error(adapterhub_home: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: no base model 'no-such-model'")
     assert "Traceback" not in result.stderr
+
+
+def test_serve_warns_when_it_listens_beyond_loopback_without_a_key(adapterhub_home: Path) -> None:
+    from adapterhub.cli.serve import exposure_warnings
+
+    env = {key: value for key, value in _env(adapterhub_home).items() if key != "ADAPTERHUB_API_KEY"}
+    # The base does not exist, so the command stops after its checks: nothing binds or loads.
+    exposed = subprocess.run(
+        [*CLI, "serve", "--base", "no-such-model", "--host", "0.0.0.0", "--allow-lora-path"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert exposed.returncode == 1
+    warnings = [line for line in exposed.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2, exposed.stderr
+    assert "--host 0.0.0.0 is not a loopback address and no --api-key" in warnings[0]
+    assert "--allow-lora-path" in warnings[1] and "anywhere on this machine" in warnings[1]
+    assert exposed.stdout == ""  # human output on stderr only
+    quiet = subprocess.run([*CLI, "serve", "--base", "no-such-model"], env=env, capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 1 and "warning:" not in quiet.stderr, quiet.stderr
+
+    for host in ("127.0.0.1", "127.8.9.1", "::1", "[::1]", "localhost"):
+        assert exposure_warnings(host, api_key=None, allow_lora_path=False, adapter_dir=None) == [], host
+    for host in ("0.0.0.0", "::", "192.168.1.4", "my-host.example"):
+        assert len(exposure_warnings(host, api_key=None, allow_lora_path=False, adapter_dir=None)) == 1, host
+        assert exposure_warnings(host, api_key="k3y", allow_lora_path=False, adapter_dir=None) == [], host
+    below = exposure_warnings("127.0.0.1", api_key=None, allow_lora_path=True, adapter_dir=Path("/srv/adapters"))
+    assert len(below) == 1 and "below /srv/adapters" in below[0]

@@ -194,13 +194,125 @@ def test_token_ids_the_tokenizer_has_but_the_model_does_not_are_the_clients_400(
         assert httpx.post(url, json={"model": BASE_NAME, "prompt": [5, model_vocab - 1], "max_tokens": 2}, timeout=30).status_code == 200
 
 
-# ----------------------------------------------------------------------------- kinds not served
+# ----------------------------------------------------------------------------- loading by path
 
 
 def _error(response: httpx.Response) -> dict:
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     return body["error"]
+
+
+def test_loading_by_path_is_off_unless_the_operator_turns_it_on(adapter_fleet: AdapterFleet, tmp_path: Path) -> None:
+    """`lora_path` once loaded any directory of the machine holding an adapter_config.json, on
+    a server without a key by default. It is refused now unless `serve` allows it, with the same
+    answer whether the path exists or not; loading a registry adapter by name still works."""
+    with start_server(adapter_fleet, max_resident=2) as running:
+        url = f"{running.base_url}/v1/load_lora_adapter"
+        answers = []
+        for path in (adapter_fleet.dirs["task-0"], tmp_path / "no-such-dir", Path("/etc")):
+            refused = httpx.post(url, json={"lora_name": "by-path", "lora_path": str(path)}, timeout=30)
+            assert refused.status_code == 403, refused.text
+            answers.append(_error(refused))
+        assert answers[0] == answers[1] == answers[2]
+        assert answers[0]["code"] == "lora_path_not_allowed" and answers[0]["param"] == "lora_path"
+        assert "--allow-lora-path" in answers[0]["message"] and "--adapter-dir" in answers[0]["message"]
+        assert "by-path" not in [m.id for m in running.client().models.list().data]
+        assert running.backend.resident_adapters() == []
+        assert httpx.post(url, json={"lora_name": "task-0"}, timeout=30).status_code == 200  # a registry ref
+        assert [a.key for a in running.backend.resident_adapters()] == ["task-0:1"]
+
+
+def test_lora_path_below_the_adapter_dir_only(adapter_fleet: AdapterFleet, reference: ReferenceGenerator, tmp_path: Path) -> None:
+    """With an adapter directory, a path is loaded only when it, its config and its weights all
+    lie below it once symlinks are resolved: `..`, a symlinked directory and a symlinked weights
+    file that leave it are refused (403 naming the rule), and nothing outside is read."""
+    from adapterhub.serving.app import LoraPathPolicy
+
+    root = tmp_path / "adapters"
+    inside = Path(shutil.copytree(adapter_fleet.dirs["task-4"], root / "team" / "task-4"))
+    outside = Path(shutil.copytree(adapter_fleet.dirs["task-5"], tmp_path / "elsewhere"))
+    (root / "linked-dir").symlink_to(outside, target_is_directory=True)
+    linked_weights = root / "linked-weights"
+    linked_weights.mkdir()
+    shutil.copy(outside / "adapter_config.json", linked_weights)
+    (linked_weights / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    with start_server(adapter_fleet, max_resident=2, lora_paths=LoraPathPolicy(root=root)) as running:
+        url = f"{running.base_url}/v1/load_lora_adapter"
+        for index, path in enumerate((str(outside), str(root / ".." / "elsewhere"), str(root / "linked-dir"), str(linked_weights), str(root))):
+            refused = httpx.post(url, json={"lora_name": f"bad-{index}", "lora_path": path}, timeout=30)
+            assert refused.status_code == 403, (path, refused.text)
+            error = _error(refused)
+            assert error["code"] == "lora_path_not_allowed" and str(root.resolve()) in error["message"]
+        assert running.backend.resident_adapters() == []
+        # Absolute, and relative to the adapter directory.
+        for name, path in (("absolute", str(inside)), ("relative", "team/task-4")):
+            assert httpx.post(url, json={"lora_name": name, "lora_path": path}, timeout=30).status_code == 200
+            text = running.client().completions.create(model=name, prompt=PROMPT, max_tokens=6, temperature=0).choices[0].text
+            assert text == reference.greedy(adapter_fleet.dirs["task-4"], tuple(reference.prompt_ids(PROMPT)), 6)
+        nul = httpx.post(url, json={"lora_name": "nul", "lora_path": "team/\u0000x"}, timeout=30)
+        assert nul.status_code == 400 and _error(nul)["param"] == "lora_path"
+
+
+# ----------------------------------------------------------------------------- metrics labels
+
+
+def _series(metrics: str) -> set[str]:
+    """Every series of a Prometheus text page (its name and labels, not its value)."""
+    return {line.rsplit(" ", 1)[0] for line in metrics.splitlines() if line and not line.startswith("#")}
+
+
+def test_metrics_stay_bounded_however_many_names_clients_load(adapter_fleet: AdapterFleet, tmp_path: Path) -> None:
+    """A client-chosen `lora_name` was a Prometheus label for good: 300 loads of 2000-character
+    names grew /metrics from 53 KB to 4.9 MB. Names are bounded, an adapter loaded by path has
+    series only while it is loaded, and unloading removes them: after 150 loads, requests and
+    unloads under new long names, /metrics has exactly the series it had after the first."""
+    from adapterhub.serving.app import LoraPathPolicy
+
+    path = str(adapter_fleet.dirs["task-3"])
+    with start_server(adapter_fleet, max_resident=2, lora_paths=LoraPathPolicy(allow_any=True)) as running:
+        http = httpx.Client(base_url=running.base_url, timeout=30)
+        for name in ("x" * 2000, "y" * 129):
+            too_long = http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+            assert too_long.status_code == 400 and _error(too_long)["param"] == "lora_name"
+        names = [f"{i:04d}-" + "n" * 123 for i in range(150)]
+
+        def cycle(name: str) -> None:
+            assert http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}).status_code == 200
+            assert http.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 1}).status_code == 200
+            assert http.post("/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
+
+        cycle(names[0])
+        first = http.get("/metrics").text
+        for name in names[1:]:
+            cycle(name)
+        last = http.get("/metrics").text
+        assert _series(last) == _series(first)
+        assert not any(name in last for name in names)
+        assert len(last) < len(first) + 2_000  # values grew a digit or two, nothing else
+
+
+def test_adapter_series_are_capped_and_the_rest_counted_together(server: RunningServer) -> None:
+    from adapterhub.serving.metrics import OTHER_LABEL, ServingMetrics
+
+    metrics = ServingMetrics(server.backend, max_adapter_labels=3)  # type: ignore[arg-type]
+    for index in range(10):
+        metrics.request_finished(f"a{index}:1", status=200, ttft=0.01, latency=0.1, completion_tokens=2)
+        metrics.adapter_loaded(f"a{index}:1", source="disk", seconds=0.001, size_bytes=10)
+    metrics.request_finished(BASE_NAME, status=200, ttft=0.01, latency=0.1, completion_tokens=2)  # the base: always its own
+    page = metrics.render().decode()
+    assert {f'model="a{i}:1"' in page for i in range(3)} == {True}
+    assert not any(f"a{i}:1" in page for i in range(3, 10))
+    assert f'adapterhub_requests_total{{model="{OTHER_LABEL}",status="200"}} 7.0' in page
+    assert f'adapterhub_adapter_loads_total{{adapter="{OTHER_LABEL}",source="disk"}} 7.0' in page
+    assert f'adapterhub_requests_total{{model="{BASE_NAME}",status="200"}} 1.0' in page
+    metrics.forget("a0:1")  # room for one more
+    metrics.request_finished("a9:1", status=200, ttft=None, latency=0.1, completion_tokens=0)
+    page = metrics.render().decode()
+    assert "a0:1" not in page and 'adapterhub_requests_total{model="a9:1",status="200"} 1.0' in page
+
+
+# ----------------------------------------------------------------------------- kinds not served
 
 
 def _classification_lora(base_dir: Path, out_dir: Path) -> Path:
