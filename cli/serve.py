@@ -7,6 +7,9 @@ Design decisions:
 - Safe by default: loopback only, loading adapters by `lora_path` off (`--allow-lora-path`, or
   directories below `--adapter-dir`), and a warning on stderr when the server listens beyond
   loopback without an API key or takes any path, as vLLM warns for runtime LoRA updating.
+- Shutdown is bounded: after SIGTERM/SIGINT requests in flight get `--shutdown-timeout`
+  seconds, then uvicorn cancels them and the engine stops (it would otherwise wait for every
+  open stream, a stalled client's included, for ever).
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ def serve(
         bool, typer.Option("--allow-lora-path", help="Let /v1/load_lora_adapter load any directory by lora_path (off: only "
                            "below --adapter-dir, or none). Like vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING: for local use.")
     ] = False,
+    shutdown_timeout: Annotated[
+        int, typer.Option(min=0, help="Seconds requests in flight get to finish after SIGTERM/SIGINT before they are cancelled.")
+    ] = 5,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: CUDA when present).")] = None,
     dtype: Annotated[str, typer.Option(help="bf16, fp16, fp32 or auto (from the hardware).")] = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
@@ -97,7 +103,7 @@ def serve(
         lora_paths=LoraPathPolicy(allow_any=allow_lora_path, root=adapter_dir),
     )
     typer.secho(f"serving {base_name} and its adapters at http://{host}:{port}/v1", err=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
 
 
 def _is_loopback(host: str) -> bool:

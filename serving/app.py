@@ -453,7 +453,10 @@ async def _respond(
     created = int(time.time())
     try:
         choices = await _start_choices(state.backend, prompts, n, sampling, adapter)
-    except BaseException as exc:
+    except asyncio.CancelledError:  # the client went away, or the server stops: not an error to answer
+        timer.finish(label, 499)
+        raise
+    except Exception as exc:
         error = from_exception(exc)
         timer.finish(label, error.status_code)
         raise error from exc
@@ -462,7 +465,10 @@ async def _respond(
     if not stream:
         try:
             lasts = await asyncio.gather(*(_drain(c) for c in choices))
-        except BaseException as exc:
+        except asyncio.CancelledError:
+            timer.finish(label, 499)
+            raise
+        except Exception as exc:
             error = from_exception(exc)
             timer.finish(label, error.status_code)
             raise error from exc
