@@ -147,6 +147,8 @@ class LoraPathPolicy:
                 param="lora_path", code="lora_path_not_allowed",
             )
         return target
+
+
 # vLLM's floor for logprobs, so -inf never reaches JSON (which cannot spell it).
 _LOGPROB_FLOOR = -9999.0
 

@@ -38,7 +38,7 @@ _LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 _RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 #: Where adapters without a series of their own are counted (never a registry ref or path key).
 OTHER_LABEL = "(other)"
-#: Adapters with series of their own, at most (about 6 KB of /metrics each).
+#: Adapters with series of their own, at most (each adds 6-12 KB to /metrics, with its name).
 DEFAULT_MAX_ADAPTER_LABELS = 128
 
 
