@@ -2,10 +2,19 @@
 
 The commands only wire things together: the registry, a backend, `create_app`, uvicorn; the
 benchmark logic lives in `adapterhub.serving.bench`.
+
+Design decisions:
+- Safe by default: loopback only, loading adapters by `lora_path` off (`--allow-lora-path`, or
+  directories below `--adapter-dir`), and a warning on stderr when the server listens beyond
+  loopback without an API key or takes any path, as vLLM warns for runtime LoRA updating.
+- Shutdown is bounded: after SIGTERM/SIGINT requests in flight get `--shutdown-timeout`
+  seconds, then uvicorn cancels them and the engine stops (it would otherwise wait for every
+  open stream, a stalled client's included, for ever).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -32,8 +41,17 @@ def serve(
     max_waiting: Annotated[int, typer.Option(min=0, help="Queued requests beyond which new ones get 429.")] = 512,
     max_model_len: Annotated[Optional[int], typer.Option(help="Context window (default: the model's).")] = None,
     adapter_dir: Annotated[
-        Optional[Path], typer.Option(help="Also serve PEFT adapters found in subdirectories of this folder (by folder name).")
+        Optional[Path],
+        typer.Option(help="Also serve PEFT adapters found in subdirectories of this folder (by folder name); "
+                     "/v1/load_lora_adapter may then load paths below it."),
     ] = None,
+    allow_lora_path: Annotated[
+        bool, typer.Option("--allow-lora-path", help="Let /v1/load_lora_adapter load any directory by lora_path (off: only "
+                           "below --adapter-dir, or none). Like vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING: for local use.")
+    ] = False,
+    shutdown_timeout: Annotated[
+        int, typer.Option(min=0, help="Seconds requests in flight get to finish after SIGTERM/SIGINT before they are cancelled.")
+    ] = 5,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: CUDA when present).")] = None,
     dtype: Annotated[str, typer.Option(help="bf16, fp16, fp32 or auto (from the hardware).")] = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
@@ -42,7 +60,7 @@ def serve(
     import uvicorn
 
     from adapterhub.models import default_device, resolve_dtype
-    from adapterhub.serving.app import create_app
+    from adapterhub.serving.app import LoraPathPolicy, create_app
     from adapterhub.serving.backends.torch_engine import EngineConfig, TorchEngine
     from adapterhub.serving.resolver import DirectoryResolver, RegistryResolver
 
@@ -52,6 +70,9 @@ def serve(
         raise AdapterhubError("--max-cpu-adapters must be at least --max-resident")
     if len(preload or []) > max_resident:
         raise AdapterhubError(f"{len(preload or [])} --preload adapters do not fit in --max-resident {max_resident}")
+    api_key = api_key or os.environ.get("ADAPTERHUB_API_KEY") or None
+    for warning in exposure_warnings(host, api_key=api_key, allow_lora_path=allow_lora_path, adapter_dir=adapter_dir):
+        typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
     resolver = None
     if Path(base).is_dir():
         model_dir, base_name = Path(base), Path(base).resolve().name
@@ -77,9 +98,38 @@ def serve(
     )
     typer.secho(f"loading {base_name} from {model_dir} on {chosen_device} …", err=True)
     engine = TorchEngine(model_dir, base_name=base_name, config=config)
-    app = create_app(engine, resolver, api_key=api_key or os.environ.get("ADAPTERHUB_API_KEY"), preload=tuple(preload or ()))
+    app = create_app(
+        engine, resolver, api_key=api_key, preload=tuple(preload or ()),
+        lora_paths=LoraPathPolicy(allow_any=allow_lora_path, root=adapter_dir),
+    )
     typer.secho(f"serving {base_name} and its adapters at http://{host}:{port}/v1", err=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def exposure_warnings(host: str, *, api_key: str | None, allow_lora_path: bool, adapter_dir: Path | None) -> list[str]:
+    """What `serve` warns about at start: who can reach the server and what they can make it read."""
+    warnings = []
+    if not _is_loopback(host) and not api_key:
+        warnings.append(
+            f"--host {host} is not a loopback address and no --api-key (or ADAPTERHUB_API_KEY) is set: "
+            "anyone who can reach this port can use every /v1 route"
+        )
+    if allow_lora_path:
+        where = f"below {adapter_dir}" if adapter_dir is not None else "anywhere on this machine"
+        warnings.append(
+            f"--allow-lora-path: clients can make the server read any adapter directory {where} through "
+            "/v1/load_lora_adapter; use it only for local development"
+        )
+    return warnings
 
 
 @bench_app.command("serve")

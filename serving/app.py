@@ -17,6 +17,14 @@ Design decisions:
   `[DONE]`. A client that disconnects cancels its rows in the engine (the generator closes).
 - The API key (if any) guards every `/v1` route; `/health` and `/metrics` stay open for probes
   and scrapers, as in vLLM.
+- Loading by `lora_path` makes the server read a directory a client names, so it is off unless
+  the operator turns it on (`LoraPathPolicy`), as vLLM keeps it behind
+  `VLLM_ALLOW_RUNTIME_LORA_UPDATING`; loading a registry adapter by `lora_name` always works.
+  A path outside what is allowed is refused before anything under it is read. Adapters loaded
+  by path are capped in number (`max_path_adapters`), and their metrics series live only while
+  they are loaded.
+- `/v1/models` lists what this backend can serve, decided from each record's kind
+  (`Backend.unservable_reason`) without reading weights: no prompt tuning, no classification head.
 - Logprobs travel from the backend as token ids (`TokenLogprob`); this edge turns them into
   OpenAI's completion or chat shapes, with each token's exact bytes (`token_text.py`). A
   streamed token whose text is held back (a possible stop string, a partial UTF-8 character)
@@ -92,6 +100,55 @@ _UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
 }
 # Engine keys of adapters added by `lora_path` (registry keys are `name:version`, never with '/').
 LORA_PATH_KEY_PREFIX = "lora_path/"
+#: Longest `lora_name` of an adapter loaded by path (as registry names): it is a metrics label.
+MAX_PATH_ADAPTER_NAME = 128
+#: Adapters loaded by path at once, by default: each is a name the server keeps.
+DEFAULT_MAX_PATH_ADAPTERS = 256
+_PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass(frozen=True)
+class LoraPathPolicy:
+    """Which directories `/v1/load_lora_adapter` may load by `lora_path`.
+
+    Off by default: `allow_any` (`serve --allow-lora-path`) takes any directory of the machine;
+    `root` (`serve --adapter-dir DIR`) takes directories below it only, with symlinks resolved
+    (the directory's and its two PEFT files'), and bounds `allow_any` too when both are given.
+    """
+
+    allow_any: bool = False
+    root: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.allow_any or self.root is not None
+
+    def check(self, lora_path: str) -> Path:
+        """The directory to load, symlinks resolved; an `OpenAIError` naming the rule when
+        `lora_path` is not allowed. Nothing under the path is opened here."""
+        if not self.enabled:
+            raise OpenAIError(
+                403, "loading adapters by lora_path is turned off on this server: start it with --allow-lora-path "
+                "(any directory) or --adapter-dir DIR (directories below DIR); registry adapters load by lora_name alone",
+                param="lora_path", code="lora_path_not_allowed",
+            )
+        try:
+            if self.root is None:
+                return Path(lora_path).resolve()
+            root = self.root.resolve()
+            target = (root / lora_path).resolve()  # a relative lora_path is taken below the root
+            resolved = [target, *((target / name).resolve() for name in _PEFT_FILES)]
+        except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a symlink loop
+            raise OpenAIError(400, "lora_path is not a usable path", param="lora_path", code="invalid_value") from None
+        if target == root or not all(path.is_relative_to(root) for path in resolved):
+            raise OpenAIError(
+                403, f"lora_path must be a directory below {root} (this server's --adapter-dir), symlinks resolved, "
+                "its adapter_config.json and adapter_model.safetensors included",
+                param="lora_path", code="lora_path_not_allowed",
+            )
+        return target
+
+
 # vLLM's floor for logprobs, so -inf never reaches JSON (which cannot spell it).
 _LOGPROB_FLOOR = -9999.0
 
@@ -116,9 +173,19 @@ class ServerState:
     metrics: ServingMetrics
     api_key: str | None
     preload: tuple[str, ...]
+    lora_paths: LoraPathPolicy = field(default_factory=LoraPathPolicy)
+    max_path_adapters: int = DEFAULT_MAX_PATH_ADAPTERS
     # Adapters added by path through /v1/load_lora_adapter: name -> spec (their key is the name).
     loaded_by_path: dict[str, AdapterSpec] = field(default_factory=dict)
     started_at: int = field(default_factory=lambda: int(time.time()))
+
+    def may_label(self, key: str) -> bool:
+        """Whether adapter `key` may get metrics series of its own: registry adapters (as many
+        as the registry holds), an adapter loaded by path only while it is loaded."""
+        if not key.startswith(LORA_PATH_KEY_PREFIX):
+            return True
+        spec = self.loaded_by_path.get(key.removeprefix(LORA_PATH_KEY_PREFIX))
+        return spec is not None and spec.key == key
 
     @functools.cached_property
     def token_texts(self) -> TokenTexts:
@@ -271,9 +338,14 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
+def _vocab_size(backend: Backend) -> int:
+    """Token ids requests may use are below this: ids the tokenizer and the model both know."""
+    return backend.vocab_size if backend.vocab_size is not None else len(backend.tokenizer)
+
+
 def _logit_bias(backend: Backend, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     """OpenAI's `logit_bias` map (token id as a string -> bias in [-100, 100]) as id pairs."""
-    vocab = len(backend.tokenizer)
+    vocab = _vocab_size(backend)
     pairs = []
     for key, value in (bias or {}).items():
         if not re.fullmatch(r"[0-9]{1,12}", key.strip()) or not 0 <= int(key) < vocab:  # ASCII digits only
@@ -288,7 +360,7 @@ def _sampling(
     backend: Backend, body: CompletionRequest | ChatCompletionRequest, max_tokens: int, *,
     logprobs: int | None = None, prompt_logprobs: int | None = None,
 ) -> SamplingParams:
-    vocab = len(backend.tokenizer)
+    vocab = _vocab_size(backend)
     stop_token_ids = tuple(body.stop_token_ids or ())
     if any(not 0 <= token < vocab for token in stop_token_ids):
         raise OpenAIError(400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids")
@@ -383,7 +455,10 @@ async def _respond(
     created = int(time.time())
     try:
         choices = await _start_choices(state.backend, prompts, n, sampling, adapter)
-    except BaseException as exc:
+    except asyncio.CancelledError:  # the client went away, or the server stops: not an error to answer
+        timer.finish(label, 499)
+        raise
+    except Exception as exc:
         error = from_exception(exc)
         timer.finish(label, error.status_code)
         raise error from exc
@@ -392,7 +467,10 @@ async def _respond(
     if not stream:
         try:
             lasts = await asyncio.gather(*(_drain(c) for c in choices))
-        except BaseException as exc:
+        except asyncio.CancelledError:
+            timer.finish(label, 499)
+            raise
+        except Exception as exc:
             error = from_exception(exc)
             timer.finish(label, error.status_code)
             raise error from exc
@@ -447,7 +525,7 @@ def _completion_prompts(backend: Backend, prompt: Any) -> list[list[int]]:
 
 
 def _check_prompt_ids(backend: Backend, prompts: list[list[int]]) -> None:
-    vocab = len(backend.tokenizer)
+    vocab = _vocab_size(backend)
     for ids in prompts:
         if not ids:
             raise OpenAIError(400, "the prompt is empty", param="prompt")
@@ -500,9 +578,11 @@ def _build_v1_router() -> APIRouter:
             cards.append(adapter_card(name, spec.key, state.started_at, (), {"source": "load_lora_adapter"}))
         if state.resolver is not None:
             for listing in await asyncio.to_thread(state.resolver.list, backend.base_name):
-                peft_type = listing.meta.get("peft_type")
-                if peft_type is not None and str(peft_type).upper() not in backend.supported_peft_types:
-                    continue  # prompt/prefix tuning, full models: not servable here, so not advertised
+                peft_type, task_type = listing.meta.get("peft_type"), listing.meta.get("task_type")
+                if backend.unservable_reason(
+                    str(peft_type) if peft_type is not None else None, str(task_type) if task_type is not None else None
+                ) is not None:
+                    continue  # prompt/prefix tuning, a classification head, full models: not advertised
                 if listing.id in state.loaded_by_path:
                     continue  # that name means the adapter loaded by path while it is loaded
                 # A registry adapter that took a path adapter's name later is listed by its versioned id only.
@@ -650,26 +730,49 @@ def _build_v1_router() -> APIRouter:
         name = body.lora_name
         if name == state.backend.base_name or name in state.loaded_by_path:
             raise OpenAIError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name", code="already_loaded")
-        if body.lora_path is not None:
-            path = Path(body.lora_path)
-            if not (path / "adapter_config.json").is_file():
-                raise OpenAIError(404, f"no PEFT adapter at lora_path {str(path)!r}", param="lora_path", code="not_found")
-            if state.resolver is not None and await asyncio.to_thread(state.resolver.resolve, state.backend.base_name, name):
-                raise OpenAIError(
-                    400, f"'{name}' already names an adapter in the registry; load this path under another lora_name",
-                    param="lora_name", code="already_loaded",
-                )
-            # Registry names cannot hold '/', so this key never meets a registry adapter's key.
-            spec = AdapterSpec(key=f"{LORA_PATH_KEY_PREFIX}{name}", locate=lambda: path)
-        else:
+        if body.lora_path is None:
             spec = await state.resolve_model(name, param="lora_name")
             assert spec is not None
+            try:
+                await state.backend.load_adapter(spec)
+            except Exception as exc:
+                raise from_exception(exc, param="lora_name") from exc
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+        path = state.lora_paths.check(body.lora_path)  # refused before anything under it is read
+        if len(name) > MAX_PATH_ADAPTER_NAME:
+            raise OpenAIError(
+                400, f"lora_name of an adapter loaded by path has at most {MAX_PATH_ADAPTER_NAME} characters ({len(name)} given)",
+                param="lora_name", code="invalid_value",
+            )
+        if len(state.loaded_by_path) >= state.max_path_adapters:
+            raise OpenAIError(
+                400, f"{len(state.loaded_by_path)} adapters are loaded by path, the most this server takes; unload one first",
+                param="lora_path", code="too_many_adapters",
+            )
+        if not await asyncio.to_thread((path / "adapter_config.json").is_file):
+            raise OpenAIError(404, f"no PEFT adapter at lora_path {body.lora_path!r}", param="lora_path", code="not_found")
+        if state.resolver is not None and await asyncio.to_thread(state.resolver.resolve, state.backend.base_name, name):
+            raise OpenAIError(
+                400, f"'{name}' already names an adapter in the registry; load this path under another lora_name",
+                param="lora_name", code="already_loaded",
+            )
+        if name in state.loaded_by_path:  # loaded meanwhile, by a concurrent request
+            raise OpenAIError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name", code="already_loaded")
+        # Registry names cannot hold '/', so this key never meets a registry adapter's key. The
+        # name is taken before the load, so its load events are labelled and a concurrent load
+        # of the same name is refused; a failed load gives it back.
+        spec = AdapterSpec(key=f"{LORA_PATH_KEY_PREFIX}{name}", locate=lambda: path, name=name)
+        state.loaded_by_path[name] = spec
         try:
             await state.backend.load_adapter(spec)
         except BaseException as exc:
-            raise from_exception(exc) from exc
-        if body.lora_path is not None:
-            state.loaded_by_path[name] = spec
+            if state.loaded_by_path.get(name) is spec:
+                del state.loaded_by_path[name]
+            state.metrics.forget(spec.key)
+            if isinstance(exc, Exception):
+                raise from_exception(exc, param="lora_path") from exc
+            raise  # cancelled: the client went away or the server stops
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @router.post("/unload_lora_adapter")
@@ -682,6 +785,7 @@ def _build_v1_router() -> APIRouter:
         if spec is None:
             raise OpenAIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name", code="not_found")
         removed = await state.backend.unload_adapter(spec.key)
+        state.metrics.forget(spec.key)  # unloaded: its series go (a path adapter's name may never return)
         if not removed and not added_by_path:
             raise OpenAIError(404, f"The lora adapter '{name}' is not loaded.", param="lora_name", code="not_found")
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
@@ -696,14 +800,22 @@ def create_app(
     api_key: str | None = None,
     preload: Sequence[str] = (),
     metrics: ServingMetrics | None = None,
+    lora_paths: LoraPathPolicy | None = None,
+    max_path_adapters: int = DEFAULT_MAX_PATH_ADAPTERS,
 ) -> FastAPI:
     """The server for `backend`; adapters come from `resolver`; `preload` refs are pinned.
 
-    `api_key` (the CLI also reads `ADAPTERHUB_API_KEY`) guards every `/v1` route.
+    `api_key` (the CLI also reads `ADAPTERHUB_API_KEY`) guards every `/v1` route. `lora_paths`
+    says which directories `/v1/load_lora_adapter` may load by path (default: none), and
+    `max_path_adapters` how many may be loaded that way at once.
     """
     metrics = metrics or ServingMetrics(backend)
     backend.listener = metrics
-    state = ServerState(backend=backend, resolver=resolver, metrics=metrics, api_key=api_key or None, preload=tuple(preload))
+    state = ServerState(
+        backend=backend, resolver=resolver, metrics=metrics, api_key=api_key or None, preload=tuple(preload),
+        lora_paths=lora_paths or LoraPathPolicy(), max_path_adapters=max_path_adapters,
+    )
+    metrics.label_allowed = state.may_label
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -738,4 +850,4 @@ def create_app(
     return app
 
 
-__all__ = ["ServerState", "create_app"]
+__all__ = ["LoraPathPolicy", "ServerState", "create_app"]

@@ -79,7 +79,8 @@ def from_exception(exc: BaseException, *, param: str | None = None) -> OpenAIErr
     if isinstance(exc, ContextLengthError):
         return OpenAIError(400, str(exc), param=param or "max_tokens", code="context_length_exceeded")
     if isinstance(exc, AdapterLoadError):
-        return OpenAIError(400, f"adapter could not be loaded: {exc}", param="model", code="adapter_load_failed")
+        # The message names the adapter (ref or lora_name) and its kind already.
+        return OpenAIError(400, str(exc), param=param or "model", code="adapter_load_failed")
     if isinstance(exc, CapacityError):
         return OpenAIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded")
     if isinstance(exc, GenerationError):

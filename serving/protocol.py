@@ -18,7 +18,8 @@ Design decisions:
 - Logprobs follow OpenAI's two shapes: completions' parallel lists (`tokens`, `token_logprobs`,
   `top_logprobs` as token -> logprob maps, `text_offset`), chat's `content` entries with `bytes`.
   Up to 20 alternatives per token, vLLM's default `max_logprobs`.
-- vLLM's `/v1/load_lora_adapter` bodies are mirrored exactly (`lora_name`, `lora_path`).
+- vLLM's `/v1/load_lora_adapter` bodies are mirrored exactly (`lora_name`, `lora_path`), with
+  lengths bounded: a name becomes a key the server keeps and a Prometheus label.
 """
 
 from __future__ import annotations
@@ -235,11 +236,16 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+#: Longest `lora_name`: a registry ref (`name@sha256`, names of at most 128 characters) fits. A
+#: name becomes a metrics label and a key the server holds; it need not be unbounded.
+MAX_LORA_NAME = 256
+
+
 class LoadLoRAAdapterRequest(_Body):
-    lora_name: str = Field(min_length=1)
-    lora_path: str | None = None  # None: resolve `lora_name` from the registry and warm it
+    lora_name: str = Field(min_length=1, max_length=MAX_LORA_NAME)
+    lora_path: str | None = Field(None, min_length=1, max_length=4096)  # None: resolve `lora_name` from the registry and warm it
 
 
 class UnloadLoRAAdapterRequest(_Body):
-    lora_name: str = Field(min_length=1)
+    lora_name: str = Field(min_length=1, max_length=MAX_LORA_NAME)
     lora_int_id: int | None = None

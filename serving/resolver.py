@@ -51,21 +51,30 @@ class DirectoryResolver:
         self.root = Path(root)
 
     def resolve(self, base: str, name: str) -> AdapterSpec | None:
-        if "/" in name or name.startswith("."):
+        if "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
             return None
         adapter_dir = self.root / name
         if not (adapter_dir / "adapter_config.json").is_file():
             return None
-        return AdapterSpec(key=name, locate=lambda: adapter_dir)
+        return AdapterSpec(key=name, locate=lambda: adapter_dir, name=name)
 
     def list(self, base: str) -> list[AdapterListing]:
+        """Subdirectories with an `adapter_config.json`, with its `peft_type` and `task_type`
+        (the app lists only kinds the backend serves); one whose config cannot be read is left
+        out, as it could not be served either."""
+        from adapterhub.serving.backends.lora_slots import read_adapter_config  # torch-free at import
+
         if not self.root.is_dir():
             return []
-        return [
-            AdapterListing(id=d.name, key=d.name, created=int(d.stat().st_mtime))
-            for d in sorted(self.root.iterdir())
-            if (d / "adapter_config.json").is_file()
-        ]
+        listings = []
+        for adapter_dir in sorted(self.root.iterdir()):
+            try:
+                config = read_adapter_config(adapter_dir)
+            except (AdapterhubError, OSError):
+                continue
+            meta = {key: config.get(key) for key in ("peft_type", "task_type", "r") if config.get(key) is not None}
+            listings.append(AdapterListing(id=adapter_dir.name, key=adapter_dir.name, created=int(adapter_dir.stat().st_mtime), meta=meta))
+        return listings
 
 
 def _timestamp(value: Any) -> int:
@@ -94,8 +103,12 @@ class RegistryResolver:
         if record is None:
             return None
         registry = self.registry
-        # `materialize` hashes a blob once; later hot loads only compare its stat stamp.
-        return AdapterSpec(key=record.ref, locate=lambda: Path(registry.materialize(record)))
+        # `materialize` hashes a blob once; later hot loads only compare its stat stamp. The
+        # record's kind travels along, so the backend refuses a kind it cannot serve unread.
+        return AdapterSpec(
+            key=record.ref, locate=lambda: Path(registry.materialize(record)), name=record.ref,
+            peft_type=record.peft_type, task_type=record.task_type, config=dict(record.config or {}) or None,
+        )
 
     def list(self, base: str) -> list[AdapterListing]:
         records = self.registry.list(base=self.registry_base)
@@ -113,6 +126,7 @@ class RegistryResolver:
                     aliases=aliases,
                     meta={
                         "peft_type": record.peft_type,
+                        "task_type": record.task_type,
                         "rank": record.rank,
                         "size_bytes": record.size_bytes,
                         "sha256": record.sha256,

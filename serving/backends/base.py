@@ -18,7 +18,7 @@ Design decisions:
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -137,10 +137,24 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """An adapter a request needs: a canonical key and a way to get its directory."""
+    """An adapter a request needs: a canonical key and a way to get its directory.
+
+    `name` is how messages name it to clients (the registry ref, or the `lora_name` it was
+    loaded under; default the key). `peft_type`, `task_type` and `config` are what its record
+    says, when a record exists: a backend refuses a kind it cannot serve from them, before
+    `locate` materializes anything.
+    """
 
     key: str
     locate: Callable[[], Path] = field(compare=False, repr=False)
+    name: str | None = field(default=None, compare=False)
+    peft_type: str | None = field(default=None, compare=False)
+    task_type: str | None = field(default=None, compare=False, repr=False)
+    config: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.key
 
 
 @dataclass(frozen=True)
@@ -213,6 +227,11 @@ class Backend(abc.ABC):
     tokenizer: Any
     #: Longest prompt + completion the engine accepts, in tokens.
     max_model_len: int
+    #: Token ids a request may use (prompt, `stop_token_ids`, `logit_bias`) lie in
+    #: [0, vocab_size): the ids both the tokenizer and the model's embeddings and logits have. A
+    #: tokenizer given tokens the model was never resized for is longer than the model's
+    #: vocabulary. None: the tokenizer's length.
+    vocab_size: int | None = None
     #: Most completions (prompts x `n`) one request may ask for; None: no limit. More could never
     #: be queued at once, so the app refuses them with a 400 instead of an endless 429.
     max_request_rows: int | None = None
@@ -220,6 +239,22 @@ class Backend(abc.ABC):
     #: only adapters of these types, as vLLM lists only what it can serve; asking for another
     #: kind by name still gets an `AdapterLoadError` that names the kind.
     supported_peft_types: frozenset[str] = frozenset({"LORA"})
+
+    def unservable_reason(
+        self, peft_type: str | None, task_type: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> str | None:
+        """Why this backend cannot serve an adapter of this kind (None: it can), from what its
+        record says, without reading its weights. `/v1/models` lists only adapters this
+        returns None for; a request for another gets an `AdapterLoadError` with the reason.
+
+        The default knows `supported_peft_types` and that a classification (or any other
+        non-language-model) head cannot generate text.
+        """
+        if peft_type is not None and peft_type.upper() not in self.supported_peft_types:
+            return f"{peft_type} adapters are not served by this backend"
+        if task_type is not None and task_type.upper() != "CAUSAL_LM":
+            return f"it was trained for {task_type}, and this server generates text with the base model's language-model head"
+        return None
 
     @abc.abstractmethod
     async def start(self) -> None:

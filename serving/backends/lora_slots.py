@@ -62,13 +62,91 @@ _SAFETENSORS_DTYPES = {
 }
 #: PEFT types the gathered-slot engine serves (DoRA is a LoRA config with `use_dora`).
 SERVED_PEFT_TYPES = frozenset({"LORA", "IA3"})
+_SERVED = "it batches LoRA (with or without DoRA) and (IA)³ adapters of a causal language model"
+_KIND_NAMES = {
+    "LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt tuning", "P_TUNING": "p-tuning",
+    "PREFIX_TUNING": "prefix tuning", "FULL": "full model",
+}
 _WHY_NOT_SERVED = {
     "PROMPT_TUNING": "prompt tuning prepends learned virtual tokens to every request",
     "P_TUNING": "p-tuning prepends virtual tokens produced by a prompt encoder",
     "PREFIX_TUNING": "prefix tuning injects a learned key/value prefix into every attention layer",
     "FULL": "it is a full model, not an adapter of the served base (serve it as its own base model)",
 }
+#: PEFT task types whose adapters end in another head than the base's language-model head.
+_TASK_HEADS = {
+    "SEQ_CLS": "sequence classification head",
+    "TOKEN_CLS": "token classification head",
+    "QUESTION_ANS": "question answering head",
+    "FEATURE_EXTRACTION": "feature extraction (no language-model head)",
+    "SEQ_2_SEQ_LM": "sequence-to-sequence model",
+}
+#: PEFT task types the engine generates text for (None: configs that do not say).
+_GENERATIVE_TASKS = frozenset({"CAUSAL_LM"})
+#: A PEFT config is a few KB; parsing more is refused (a huge or deeply nested one costs memory).
+MAX_CONFIG_BYTES = 1 << 20
 AdapterKind = Literal["LORA", "DORA", "IA3"]
+
+
+def _upper(value: Any) -> str:
+    return value.upper() if isinstance(value, str) else ""
+
+
+def describe_kind(peft_type: Any, task_type: Any = None, config: Mapping[str, Any] | None = None) -> str:
+    """How messages name an adapter's kind: "lora", "lora with DoRA", "prompt tuning", with the
+    task's head when it is not a language model's: "lora, sequence classification head"."""
+    peft = _upper(peft_type)
+    kind = _KIND_NAMES.get(peft, "unknown kind" if not peft else f"{peft.lower()[:40]}")
+    if peft == "LORA" and config is not None and config.get("use_dora"):
+        kind = "lora with DoRA"
+    head = _TASK_HEADS.get(_upper(task_type))
+    return f"{kind}, {head}" if head else kind
+
+
+def why_not_served(peft_type: Any, task_type: Any = None, config: Mapping[str, Any] | None = None) -> str | None:
+    """Why the torch engine cannot serve an adapter of this kind, or None when it can.
+
+    Decided from what a registry record or an `adapter_config.json` says, before any weight is
+    read, so `/v1/models` lists only what can be served and a request for anything else is
+    refused by kind instead of by the first tensor that does not fit.
+    """
+    peft = _upper(peft_type)
+    if peft not in SERVED_PEFT_TYPES:
+        return f"{_WHY_NOT_SERVED.get(peft, 'it is not a per-layer weight delta')}; {_SERVED}"
+    task = _upper(task_type)
+    if task and task not in _GENERATIVE_TASKS:
+        head = _TASK_HEADS.get(task, f"{task.lower()[:40]} task")
+        return f"it was trained for a {head}, and this server generates text with the base model's language-model head"
+    if config is None:
+        return None
+    saved = config.get("modules_to_save")
+    problems = []
+    if saved:
+        shown = ", ".join(str(m) for m in saved) if isinstance(saved, (list, tuple)) else str(saved)
+        problems.append(f"it replaces whole modules of the base (modules_to_save: {shown[:200]})")
+    if config.get("lora_bias"):
+        problems.append("LoRA bias terms are not supported")
+    if config.get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out (Conv1D layers) is not supported")
+    return "; ".join(problems) or None
+
+
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """`adapter_config.json` of `adapter_dir` as a dict; `AdapterLoadError` naming the file's
+    problem (missing, over `MAX_CONFIG_BYTES`, not JSON, not an object)."""
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise AdapterLoadError("no adapter_config.json (not a PEFT adapter directory)")
+    size = config_path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise AdapterLoadError(f"adapter_config.json is {size} bytes; a PEFT config is a few KB (at most {MAX_CONFIG_BYTES})")
+    try:
+        config = json.loads(config_path.read_bytes())
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise AdapterLoadError(f"adapter_config.json is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(config, dict):
+        raise AdapterLoadError("adapter_config.json is not a JSON object")
+    return config
 
 
 @dataclass(frozen=True)
@@ -108,12 +186,26 @@ class AdapterWeights:
     source: Any = field(default=None, compare=False, repr=False)
 
 
-def _pattern_value(module_name: str, patterns: Mapping[str, float], default: float) -> float:
-    """PEFT's `rank_pattern`/`alpha_pattern` lookup: a key matches a module-name suffix."""
+def _pattern_value(module_name: str, patterns: Mapping[str, Any], default: float) -> float:
+    """PEFT's `rank_pattern`/`alpha_pattern` lookup: a key matches a module-name suffix.
+
+    Raises `ValueError` naming a key that is not a regular expression or a value that is not a
+    finite number (NaN or 1e309 would make every logit of the adapter's requests NaN).
+    """
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return float(value)
+        try:
+            matched = re.match(rf"(.*\.)?({key})$", module_name)
+        except re.error as exc:
+            raise ValueError(f"pattern key {key!r} is not a regular expression ({exc})") from None
+        if matched:
+            return _finite_number(value, f"pattern {key!r}")
     return default
+
+
+def _finite_number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} is {value!r}, not a finite number")
+    return float(value)
 
 
 def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], mmap.mmap]:
@@ -144,33 +236,27 @@ def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], mmap.mmap]:
     return tensors, mapped
 
 
-def read_adapter_dir(adapter_dir: Path, base_layers: Mapping[str, nn.Linear]) -> AdapterWeights:
+def read_adapter_dir(
+    adapter_dir: Path, base_layers: Mapping[str, nn.Linear], config: Mapping[str, Any] | None = None
+) -> AdapterWeights:
     """Read a PEFT LoRA, DoRA or (IA)³ directory into `AdapterWeights`, checked against the base.
 
     `base_layers` maps module names of the base model to its linear layers (DoRA needs their
-    weights for the norm of W + scale * B A). Raises `AdapterLoadError` listing every problem found.
+    weights for the norm of W + scale * B A); `config` is the directory's parsed
+    `adapter_config.json` when the caller has read it already. Raises `AdapterLoadError` listing
+    every problem found; messages name files by their role, never by the directory they lie in
+    (a registry cache path means nothing to a client): the caller says which adapter it is.
     """
-    config_path = adapter_dir / "adapter_config.json"
+    if config is None:
+        config = read_adapter_config(adapter_dir)
+    peft_type = _upper(config.get("peft_type"))
+    reason = why_not_served(peft_type, config.get("task_type"), config)
+    if reason is not None:
+        raise AdapterLoadError(f"{describe_kind(peft_type, config.get('task_type'), config)} adapters cannot be served by the torch backend: {reason}")
     weights_path = adapter_dir / "adapter_model.safetensors"
-    if not config_path.is_file():
-        raise AdapterLoadError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter directory)")
-    config = json.loads(config_path.read_text())
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type not in SERVED_PEFT_TYPES:
-        why = _WHY_NOT_SERVED.get(peft_type, "it is not a per-layer weight delta")
-        raise AdapterLoadError(
-            f"{adapter_dir.name}: {peft_type or 'unknown'} adapters cannot be served by the torch backend ({why}); "
-            f"it batches {', '.join(sorted(SERVED_PEFT_TYPES))} (LoRA with or without DoRA) adapters"
-        )
-    problems: list[str] = []
-    if config.get("lora_bias"):
-        problems.append("LoRA bias terms are not supported")
-    if config.get("fan_in_fan_out"):
-        problems.append("fan_in_fan_out (Conv1D layers) is not supported")
     if not weights_path.is_file():
-        problems.append("no adapter_model.safetensors (pickled .bin weights are not loaded)")
-    if problems:
-        raise AdapterLoadError(f"{adapter_dir.name}: " + "; ".join(problems))
+        raise AdapterLoadError("no adapter_model.safetensors (pickled .bin weights are not loaded)")
+    problems: list[str] = []
 
     tensors, mapped = map_safetensors(weights_path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -189,7 +275,7 @@ def read_adapter_dir(adapter_dir: Path, base_layers: Mapping[str, nn.Linear]) ->
     if not modules and not problems:
         problems.append("no adapter weights found")
     if problems:
-        raise AdapterLoadError(f"{adapter_dir.name}: " + "; ".join(problems))
+        raise AdapterLoadError("; ".join(problems))
     short_names = sorted({name.rsplit(".", 1)[-1] for name in modules})
     return AdapterWeights(
         kind=kind,
@@ -207,12 +293,17 @@ def _lora_modules(
 ) -> dict[str, ModuleDelta]:
     use_dora = bool(config.get("use_dora"))
     expected_parts = {"lora_A", "lora_B", "lora_magnitude_vector"} if use_dora else {"lora_A", "lora_B"}
-    alpha = float(config.get("lora_alpha", 8))
-    rank_default = int(config.get("r", 8))
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rank_pattern = config.get("rank_pattern") or {}
     use_rslora = bool(config.get("use_rslora"))
     modules: dict[str, ModuleDelta] = {}
+    try:
+        alpha = _finite_number(config.get("lora_alpha", 8), "lora_alpha")
+        rank_default = _finite_number(config.get("r", 8), "r")
+        alpha_pattern, rank_pattern = config.get("alpha_pattern") or {}, config.get("rank_pattern") or {}
+        if not isinstance(alpha_pattern, Mapping) or not isinstance(rank_pattern, Mapping):
+            raise ValueError("alpha_pattern and rank_pattern must be JSON objects")
+    except ValueError as exc:
+        problems.append(str(exc))
+        return modules
     for module, found in sorted(parts.items()):
         if set(found) != expected_parts:
             problems.append(f"{module}: has {sorted(found)} but a {'DoRA' if use_dora else 'LoRA'} module needs {sorted(expected_parts)}")
@@ -223,18 +314,22 @@ def _lora_modules(
             continue
         a, b = found["lora_A"], found["lora_B"]
         out_features, in_features = layer.out_features, layer.in_features
-        rank = a.shape[0]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_features or b.shape != (out_features, rank):
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] < 1 or a.shape[1] != in_features or b.shape != (out_features, a.shape[0]):
             problems.append(
                 f"{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit a "
                 f"{in_features}->{out_features} layer"
             )
             continue
-        expected_rank = int(_pattern_value(module, rank_pattern, rank_default))
-        if expected_rank != rank:
-            problems.append(f"{module}: rank {rank} in the weights but {expected_rank} in the config")
+        rank = a.shape[0]
+        try:
+            expected_rank = _pattern_value(module, rank_pattern, rank_default)
+            module_alpha = _pattern_value(module, alpha_pattern, alpha)
+        except ValueError as exc:
+            problems.append(f"{module}: {exc}")
             continue
-        module_alpha = _pattern_value(module, alpha_pattern, alpha)
+        if expected_rank != rank:
+            problems.append(f"{module}: rank {rank} in the weights but {expected_rank:g} in the config")
+            continue
         scale = module_alpha / (math.sqrt(rank) if use_rslora else rank)
         if not use_dora:
             modules[module] = ModuleDelta(a=a, b=b, b_scale=scale)

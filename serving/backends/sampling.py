@@ -10,6 +10,8 @@ Design decisions:
   on any device and whatever else shares the batch. A draw inverts the CDF (an fp64 cumulative
   sum and one uniform number): the distribution of `torch.multinomial(p, 1)` at about a 17th of
   its CPU time for a 49k vocabulary (1.9 ms -> 0.11 ms per row, measured here).
+- Whatever the work for one row raises (its bias, masking or draw) ends that row's request and
+  nothing else: a request's settings must never be able to stop the engine.
 - Logprobs are taken from the raw logits (log-softmax before penalties and temperature). They
   are gathered on the device; only the chosen tokens' values and the top-k come to the host.
   Prompt logprobs are computed in chunks of positions, so a long prompt never holds an fp32
@@ -58,12 +60,13 @@ class SamplingRow(Protocol):
 class StepTokens:
     """One step's choice for every row: the token and the logprob when asked for. Rows in
     `failed` (index -> the error to end that request with) had no usable distribution: the model
-    overflowed (`GenerationError`) or the request's own settings did (`SamplingSettingsError`);
-    their token is meaningless."""
+    overflowed (`GenerationError`), the request's own settings did (`SamplingSettingsError`), or
+    working on that row raised (any other exception, e.g. a token id beyond the vocabulary
+    given to the engine directly); their token is meaningless."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
-    failed: dict[int, GenerationError | SamplingSettingsError]
+    failed: dict[int, Exception]
 
 
 def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> StepTokens:
@@ -74,12 +77,18 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> StepToke
     copy first. Logprobs are of the raw logits.
     """
     raw = logits
+    # Work done for one row runs under its own `try`: whatever it raises ends that row's request
+    # alone, never the step (and with it the engine thread and every other request).
+    failed: dict[int, Exception] = {}
     adjusted = [index for index, row in enumerate(rows) if row.sampling.adjusts_logits]
     if adjusted:
         logits = logits.to(torch.float32, copy=True)
         for index in adjusted:
             row = rows[index]
-            adjust_logits(logits, index, row.sampling, row.prompt_ids, row.output_ids, row.end_token_ids)
+            try:
+                adjust_logits(logits, index, row.sampling, row.prompt_ids, row.output_ids, row.end_token_ids)
+            except Exception as exc:  # noqa: BLE001 - this row's request fails with it
+                failed[index] = exc
     # One device-to-host transfer for the arg-max and the finiteness checks of every row. A row's
     # fp32 sum is non-finite exactly when the row holds an inf or NaN (overflowing the sum would
     # take logits near 1e34), and costs a 15th of `isfinite(...).all()` on the CPU.
@@ -91,8 +100,9 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> StepToke
         # or mask everything: the row's best logit must be finite.
         checks.append(torch.isfinite(best.values).long())
     greedy_ids, model_finite, *adjusted_finite = torch.stack(checks).tolist()
-    failed: dict[int, GenerationError | SamplingSettingsError] = {}
     for index, row in enumerate(rows):
+        if index in failed:
+            continue
         if not model_finite[index]:
             failed[index] = GenerationError(f"the model produced non-finite logits {_where(row)}")
         elif adjusted_finite and not adjusted_finite[0][index]:
@@ -112,10 +122,12 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> StepToke
                     f"temperature {rows[index].sampling.temperature} made the probabilities non-finite {_where(rows[index])}",
                     param="temperature",
                 )
-    token_ids = [
-        draw(host_probs[index], row.sampling, row.generator) if index in host_probs else int(greedy_ids[index])
-        for index, row in enumerate(rows)
-    ]
+    token_ids = [int(token_id) for token_id in greedy_ids]
+    for index, row_probs in host_probs.items():
+        try:
+            token_ids[index] = draw(row_probs, rows[index].sampling, rows[index].generator)
+        except Exception as exc:  # noqa: BLE001 - this row's request fails with it
+            failed[index] = exc
     logprobs: list[TokenLogprob | None] = [None] * len(rows)
     scored = [index for index, row in enumerate(rows) if row.sampling.logprobs is not None and index not in failed]
     if scored:
@@ -207,9 +219,12 @@ def candidates(probs: torch.Tensor, sampling: SamplingParams) -> tuple[torch.Ten
     else:
         values, ids = torch.topk(probs, survivors)
         mass = float(values.sum())
-    shares = values / mass
-    in_nucleus = torch.cumsum(shares, dim=0) - shares < sampling.top_p  # a prefix; keeps the top token
-    count = int(in_nucleus.sum())
+    # In fp64: compared with an fp32 tensor, a legal `top_p` below fp32's smallest value (1e-46)
+    # would round to 0 and empty the set. The top token stays whatever the rounding, as it does
+    # in transformers (`min_tokens_to_keep`) and vLLM.
+    shares = values.double() / mass
+    in_nucleus = torch.cumsum(shares, dim=0) - shares < sampling.top_p  # a prefix
+    count = max(1, int(in_nucleus.sum()))
     return values[:count], ids[:count]
 
 

@@ -14,7 +14,14 @@ Design decisions:
 - Two adapter tiers. CPU tier: an LRU of parsed adapters (`--max-cpu-adapters`), filled by
   worker threads (`asyncio.to_thread`), so a disk read never stalls the engine. Device tier:
   `--max-resident` numbered slots; putting an adapter into a slot is a memory copy done on the
-  engine thread between two steps. `--preload` adapters are pinned to slots.
+  engine thread between two steps. `--preload` adapters are pinned to slots. The CPU tier never
+  drops an adapter a request holds, a slot owns or a pin keeps, so it may run over its size
+  while those alone fill it (always the case for a moment when `--max-cpu-adapters` equals
+  `--max-resident`) and shrinks back when they fall idle: every pair with
+  `max_cpu_adapters >= max_resident >= 1` is served.
+- A row's failure stays the row's: what one request's work raises fails that request, a
+  prefill that raises is retried row by row to find the row, and a step that fails as a whole
+  fails only the requests it held. The engine thread ends only on shutdown.
 - Fair slot eviction: when the oldest waiting request needs a slot and none is free, the
   least-busy unpinned slot is *drained* (no new rows admitted to it) and swapped as soon as its
   rows finish, so a hot adapter cannot starve a cold one.
@@ -30,11 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,13 +60,22 @@ from adapterhub.serving.backends.base import (
     CapacityError,
     ContextLengthError,
     GenerationChunk,
+    GenerationError,
     HealthStatus,
     ResidentAdapter,
     SamplingParams,
     TokenLogprob,
     UnavailableError,
 )
-from adapterhub.serving.backends.lora_slots import SERVED_PEFT_TYPES, AdapterWeights, SlotTable, read_adapter_dir
+from adapterhub.serving.backends.lora_slots import (
+    SERVED_PEFT_TYPES,
+    AdapterWeights,
+    SlotTable,
+    describe_kind,
+    read_adapter_config,
+    read_adapter_dir,
+    why_not_served,
+)
 from adapterhub.serving.backends.sampling import choose_tokens, token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -184,6 +201,11 @@ class TorchEngine(Backend):
         model_config = self.model.config
         self.max_model_len = int(self.config.max_model_len or getattr(model_config, "max_position_embeddings", 2048))
         self.max_request_rows = self.config.max_waiting
+        output_layer = self.model.get_output_embeddings()
+        self.vocab_size = min(
+            len(self.tokenizer), self.model.get_input_embeddings().num_embeddings,
+            *([output_layer.weight.shape[0]] if output_layer is not None else []),
+        )
         self.eos_token_ids = self._eos_token_ids()
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         self.base_weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -193,7 +215,7 @@ class TorchEngine(Backend):
         self._wakeup = threading.Condition(self._lock)
         self._entries: collections.OrderedDict[str, _AdapterEntry] = collections.OrderedDict()
         self._slot_owner: list[_AdapterEntry | None] = [None] * (self.config.max_resident + 1)
-        self._loading: dict[str, asyncio.Future[_AdapterEntry]] = {}
+        self._loading: dict[str, asyncio.Future[_AdapterEntry | None]] = {}
         self._waiting: collections.deque[_Request] = collections.deque()
         self._commands: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._rows: list[_Row] = []
@@ -255,17 +277,44 @@ class TorchEngine(Backend):
 
     # ----------------------------------------------------------------- adapters
 
+    def unservable_reason(
+        self, peft_type: str | None, task_type: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> str | None:
+        return why_not_served(peft_type, task_type, config) if peft_type is not None else None
+
     def _read_adapter(self, adapter: AdapterSpec) -> AdapterWeights:
+        """Read `adapter` for the CPU tier; every failure is an `AdapterLoadError` that names it
+        as the client knows it (its ref or `lora_name`) and its kind, never a cache path or hash.
+
+        A kind the engine cannot serve is refused from the record before anything is read.
+        """
+        name = adapter.display_name
+        if adapter.peft_type is not None:
+            reason = self.unservable_reason(adapter.peft_type, adapter.task_type, adapter.config)
+            if reason is not None:
+                kind = describe_kind(adapter.peft_type, adapter.task_type, adapter.config)
+                raise AdapterLoadError(f"adapter {name!r} ({kind}) cannot be served by the torch backend: {reason}")
         try:
-            adapter_dir = adapter.locate()
+            adapter_dir = Path(adapter.locate())
         except AdapterhubError as exc:
-            raise AdapterLoadError(f"{adapter.key}: {exc}") from exc
+            raise AdapterLoadError(f"adapter {name!r} cannot be read from the registry: {exc}") from exc
+        kind = "unknown kind"
         try:
-            return read_adapter_dir(Path(adapter_dir), self.slots.base_layers)
-        except AdapterhubError:
-            raise
-        except Exception as exc:  # unreadable files: safetensors, JSON or OS errors
-            raise AdapterLoadError(f"{adapter.key}: cannot read {adapter_dir}: {exc}") from exc
+            config = read_adapter_config(adapter_dir)
+            kind = describe_kind(config.get("peft_type"), config.get("task_type"), config)
+            reason = why_not_served(config.get("peft_type"), config.get("task_type"), config)
+            if reason is None:
+                return read_adapter_dir(adapter_dir, self.slots.base_layers, config)
+        except AdapterLoadError as exc:
+            raise AdapterLoadError(f"adapter {name!r} ({kind}) cannot be served: {exc}") from None
+        except OSError as exc:  # unreadable files: the log gets the path, the client the file's role
+            logger.warning("adapter %r: cannot read %s: %s", name, adapter_dir, exc)
+            what = Path(exc.filename).name if exc.filename else "its files"
+            raise AdapterLoadError(f"adapter {name!r} ({kind}) cannot be read: {what}: {exc.strerror or exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a file that parses into something unexpected
+            logger.warning("adapter %r: cannot read %s", name, adapter_dir, exc_info=exc)
+            raise AdapterLoadError(f"adapter {name!r} ({kind}) cannot be read: {type(exc).__name__}: {exc}") from None
+        raise AdapterLoadError(f"adapter {name!r} ({kind}) cannot be served by the torch backend: {reason}")
 
     async def _acquire(self, adapter: AdapterSpec) -> _AdapterEntry:
         """The CPU-tier entry of `adapter` with one more reference, read from disk if needed."""
@@ -281,29 +330,45 @@ class TorchEngine(Backend):
             if pending is not None:
                 await asyncio.shield(pending)
                 continue  # loaded (or failed: the shielded await raised)
-            future: asyncio.Future[_AdapterEntry] = asyncio.get_running_loop().create_future()
+            # Resolves to the entry, or to None when the reader was cancelled (its client went
+            # away): then the others read it themselves instead of failing with it.
+            future: asyncio.Future[_AdapterEntry | None] = asyncio.get_running_loop().create_future()
             self._loading[adapter.key] = future
             try:
                 started = time.perf_counter()
                 weights = await asyncio.to_thread(self._read_adapter, adapter)
                 seconds = time.perf_counter() - started
-                entry = _AdapterEntry(key=adapter.key, weights=weights)
-                with self._lock:
-                    self._entries[adapter.key] = entry
-                    evicted = self._trim_cpu_tier()
-                self.listener.adapter_loaded(adapter.key, source="disk", seconds=seconds, size_bytes=weights.size_bytes)
-                for key, evict_seconds in evicted:
-                    self.listener.adapter_evicted(key, tier="cpu", seconds=evict_seconds)
-                future.set_result(entry)
+            except asyncio.CancelledError:
+                future.set_result(None)
+                raise
             except BaseException as exc:
                 future.set_exception(exc)
                 future.exception()  # mark retrieved: waiters re-raise it themselves
                 raise
             finally:
                 self._loading.pop(adapter.key, None)
+            # Born with this caller's reference: trimming the tier to make room can only drop
+            # other, idle adapters, never the one just read for a request (which once made an
+            # adapter beyond equal tiers be read from disk forever).
+            entry = _AdapterEntry(key=adapter.key, weights=weights, refs=1)
+            with self._lock:
+                self._entries[adapter.key] = entry
+                evicted = self._trim_cpu_tier()
+            future.set_result(entry)
+            self.listener.adapter_loaded(adapter.key, source="disk", seconds=seconds, size_bytes=weights.size_bytes)
+            self._report_cpu_evictions(evicted)
+            return entry
 
     def _trim_cpu_tier(self) -> list[tuple[str, float]]:
-        """Drop least recently used idle adapters beyond `max_cpu_adapters` (lock held)."""
+        """Drop least recently used idle adapters beyond `max_cpu_adapters` (lock held).
+
+        The tier's invariant: adapters that requests hold (waiting or running), that own a
+        device slot or are pinned are never dropped; idle ones are dropped, oldest first, while
+        the tier holds more than `max_cpu_adapters`. The tier may so exceed its size while the
+        adapters in use alone do (every slot taken and one more adapter being read for a
+        request, which `max_cpu_adapters == max_resident` always gives); it shrinks back as soon
+        as they become idle: this runs whenever an adapter is added, released, or leaves a slot.
+        """
         evicted: list[tuple[str, float]] = []
         for key in list(self._entries):
             if len(self._entries) <= self.config.max_cpu_adapters:
@@ -318,6 +383,12 @@ class TorchEngine(Backend):
     def _release(self, entry: _AdapterEntry) -> None:
         with self._lock:
             entry.refs -= 1
+            evicted = self._trim_cpu_tier()
+        self._report_cpu_evictions(evicted)
+
+    def _report_cpu_evictions(self, evicted: list[tuple[str, float]]) -> None:
+        for key, seconds in evicted:
+            self.listener.adapter_evicted(key, tier="cpu", seconds=seconds)
 
     async def load_adapter(self, adapter: AdapterSpec, *, pin: bool = False) -> ResidentAdapter:
         entry = await self._acquire(adapter)
@@ -423,18 +494,31 @@ class TorchEngine(Backend):
                         f"all {self.config.max_resident} device slots hold pinned adapters; raise --max-resident"
                     )
                 return None
+            evicted: list[tuple[str, float]] = []
             if victim is not None:
                 victim.slot = None
                 victim.draining = False
                 self._slot_owner[free] = None
             entry.slot = free
             self._slot_owner[free] = entry
+            if victim is not None:
+                evicted = self._trim_cpu_tier()  # the victim may be the tier's oldest idle adapter now
         started = time.perf_counter()
         if victim is not None:
             self.listener.adapter_evicted(victim.key, tier="device", seconds=0.0)
-        self.slots.write(free, entry.weights)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            self._report_cpu_evictions(evicted)
+        try:
+            self.slots.write(free, entry.weights)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except BaseException:
+            # Out of memory growing the stacks, say: the slot holds nothing usable, so it is free.
+            with self._lock:
+                entry.slot = None
+                self._slot_owner[free] = None
+            with contextlib.suppress(Exception):
+                self.slots.clear(free)
+            raise
         self.listener.adapter_loaded(
             entry.key, source="cpu", seconds=time.perf_counter() - started, size_bytes=entry.weights.size_bytes
         )
@@ -587,11 +671,41 @@ class TorchEngine(Backend):
                         future.set_result(command())
                     except BaseException as exc:  # reported to the caller, engine goes on
                         future.set_exception(exc)
-                self._step()
+                try:
+                    self._step()
+                except Exception as exc:  # noqa: BLE001 - fails the batch it hit, never the engine
+                    self._recover(exc)
         except BaseException as exc:  # a bug: fail every request rather than hang them
             logger.exception("engine thread failed")
             self._engine_error = exc
         self._fail_all(UnavailableError("the engine stopped" if self._engine_error is None else f"engine failed: {self._engine_error!r}"))
+
+    def _row_error(self, request: _Request, exc: Exception) -> Exception:
+        """What a request that raised `exc` in the engine is failed with.
+
+        An `AdapterhubError` already says what went wrong in the client's terms. Anything else is
+        unexpected: logged here with its traceback, and the client gets a 500 that names no
+        internals, only the request number to find it in the log.
+        """
+        if isinstance(exc, AdapterhubError):
+            return exc
+        logger.error("request %d failed in the engine", request.request_id, exc_info=exc)
+        return GenerationError(f"the engine failed on this request (request {request.request_id}; the server log has the details)")
+
+    def _recover(self, exc: Exception) -> None:
+        """A step raised outside any one row's work (a forward pass of the whole batch, merging
+        caches): fail the rows it involved, drop the batch state, and go on with the next step.
+        Waiting requests and every later request are served as usual."""
+        logger.error("an engine step failed; its %d running request(s) fail", len(self._rows) + len(self._prefilling), exc_info=exc)
+        with self._lock:
+            rows = self._rows + self._prefilling
+            self._rows, self._prefilling, self._cache, self._mask = [], [], None, None
+            for row in rows:
+                if row.request.entry is not None:
+                    row.request.entry.running_rows -= 1
+        for row in rows:
+            if not row.request.cancelled:
+                self._fail(row.request, self._row_error(row.request, exc))
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
@@ -648,10 +762,10 @@ class TorchEngine(Backend):
                         continue  # first come, first served for the next free slot
                     try:
                         placed = self._place(entry, allow_drain=True)
-                    except UnavailableError as exc:
+                    except Exception as exc:  # noqa: BLE001 - every slot pinned, or writing it failed
                         with self._lock:
                             self._waiting.remove(request)
-                        request.loop.call_soon_threadsafe(request.queue.put_nowait, exc)
+                        self._fail(request, self._row_error(request, exc))
                         continue
                     if placed is None:
                         blocked_on_slot = True
@@ -660,9 +774,11 @@ class TorchEngine(Backend):
                 with self._lock:
                     entry.running_rows += 1
                     entry.last_used = time.monotonic()
+            row = _Row(request=request, slot=slot)
             with self._lock:
                 self._waiting.remove(request)
-            admitted.append(_Row(request=request, slot=slot))
+                self._prefilling.append(row)  # failed with the rest if the step fails before it joins
+            admitted.append(row)
             budget -= len(request.prompt_ids)
             room -= 1
         return admitted
@@ -671,10 +787,11 @@ class TorchEngine(Backend):
         """Next token per row, with its logprob if asked for; rows with non-finite logits fail."""
         step = choose_tokens(logits, rows)
         for index, error in step.failed.items():
-            # Overflowed logits (an adapter with huge weights, fp16, a huge penalty): this request
-            # fails on its own and its row leaves the batch at the next step; the others go on.
+            # Overflowed logits (an adapter with huge weights, fp16, a huge penalty), or a row's
+            # own work that raised: this request fails on its own and its row leaves the batch at
+            # the next step; the others go on.
             if not rows[index].request.cancelled:
-                self._fail(rows[index].request, error)
+                self._fail(rows[index].request, self._row_error(rows[index].request, error))
         return list(zip(step.token_ids, step.logprobs, strict=True))
 
     def _forward(
@@ -780,7 +897,7 @@ class TorchEngine(Backend):
         plain = [row for row in admitted if row.request.sampling.prompt_logprobs is None]
         for group in (plain, scoring):  # only scoring rows pay for every position's logits
             if group:
-                self._prefill_into_batch(group)
+                self._prefill_into_batch(group, isolate=len(group) > 1)
         if not self._rows:
             if self._waiting:
                 time.sleep(0.001)  # everything waits on a slot that is draining
@@ -799,17 +916,47 @@ class TorchEngine(Backend):
                 finished.append(index)
         self._retire(finished)
 
-    def _prefill_into_batch(self, rows: list[_Row]) -> None:
-        """Prefill newly admitted rows, add them to the running batch and report their first token."""
-        self._prefilling = rows
-        cache, mask, logprobs = self._prefill(rows)
+    def _prefill_into_batch(self, rows: list[_Row], *, isolate: bool) -> None:
+        """Prefill newly admitted rows (in `_prefilling`), add them to the running batch and report
+        their first token.
+
+        A prefill that raises is the work of these rows only (the running batch is untouched), so
+        with `isolate` each row is prefilled again alone, from the same generator state: a row
+        that fails alone fails its own request, the others go on exactly as they would have.
+        """
+        states = [row.generator.get_state() if row.generator is not None else None for row in rows]
+        try:
+            cache, mask, logprobs = self._prefill(rows)
+        except Exception as exc:  # noqa: BLE001 - one of these rows; find which
+            if not isolate:
+                self._abandon(rows, exc)
+                return
+            for row, state in zip(rows, states):
+                row.output_ids.clear()
+                row.prompt_logprobs = None
+                if state is not None:
+                    row.generator.set_state(state)  # type: ignore[union-attr]
+                self._prefill_into_batch([row], isolate=False)
+            return
         start = len(self._rows)
         with self._lock:
             self._rows.extend(rows)
-            self._prefilling = []
+            for row in rows:
+                self._prefilling.remove(row)
         self._merge(cache, mask)
         finished = [start + offset for offset, (row, logprob) in enumerate(zip(rows, logprobs)) if self._report(row, logprob)]
         self._retire(finished)
+
+    def _abandon(self, rows: list[_Row], exc: Exception) -> None:
+        """Fail admitted rows that never joined the running batch, giving back their slots' rows."""
+        with self._lock:
+            for row in rows:
+                self._prefilling.remove(row)
+                if row.request.entry is not None:
+                    row.request.entry.running_rows -= 1
+        for row in rows:
+            if not row.request.cancelled:
+                self._fail(row.request, self._row_error(row.request, exc))
 
     def _report(self, row: _Row, logprob: TokenLogprob | None) -> bool:
         """Send the row's newest token to its client; True when the row is finished."""

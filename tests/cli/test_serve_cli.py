@@ -104,3 +104,108 @@ def test_serve_unknown_base_is_one_line_error(adapterhub_home: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: no base model 'no-such-model'")
     assert "Traceback" not in result.stderr
+
+
+def _wait_healthy(server: subprocess.Popen, url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None, log_path.read_text()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not become healthy"
+        time.sleep(0.25)
+
+
+def _post_and_stall(port: int, path: str, body: dict, *, key: str = "k3y", withhold: int = 0) -> socket.socket:
+    """Send a request on a socket that then reads nothing, with a tiny receive buffer, so the
+    server's writes to it back up: a client that stalls mid-stream. With `withhold`, the last
+    bytes of the body are never sent: a client that stalls mid-request."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    payload = json.dumps(body).encode()
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload[: len(payload) - withhold]
+    )
+    return sock
+
+
+def test_sigterm_stops_a_busy_server(tiny_base: Path, adapterhub_home: Path, tmp_path: Path) -> None:
+    """SIGTERM once left the server at "Waiting for background tasks" until SIGKILL, with an
+    adapter beyond equal tiers being read for ever. Now it stops whatever is in flight: streams
+    whose clients read nothing, requests for adapters beyond both tiers (`--max-resident 2
+    --max-cpu-adapters 2` with three adapters), a busy engine. 30 s is a hang guard only."""
+    from adapterhub.registry import Registry
+
+    registry = Registry.open(home=adapterhub_home)
+    registry.add_base_model(name="tiny", model_dir=tiny_base)
+    for index in range(3):
+        registry.put_adapter(name=f"a{index}", source_dir=build_lora_adapter(tiny_base, tmp_path / f"a{index}", seed=index), base="tiny")
+    port = _free_port()
+    log_path = tmp_path / "server.log"
+    log = log_path.open("w")
+    server = subprocess.Popen(
+        [*CLI, "serve", "--base", "tiny", "--port", str(port), "--max-resident", "2", "--max-cpu-adapters", "2", "--log-level", "info"],
+        env=_env(adapterhub_home), stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    stalled: list[socket.socket] = []
+    try:
+        _wait_healthy(server, url, log_path)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0, timeout=60)
+        # The adapter beyond both tiers answers (it was read from disk for ever before).
+        for name in ("a0", "a1", "a2", "a0"):
+            assert client.completions.create(model=name, prompt="hello", max_tokens=2, temperature=0).usage.completion_tokens >= 1
+        # Megabytes of stream per client (16 choices with 20 logprobs a token): more than the
+        # socket buffers hold, so the server's writes to them wait for good.
+        long_stream = {"prompt": "hello", "max_tokens": 400, "n": 16, "stream": True, "logprobs": 20, "ignore_eos": True}
+        for name in ("a0", "a1", "a2", "tiny"):
+            stalled.append(_post_and_stall(port, "/v1/completions", {**long_stream, "model": name}))
+        stalled.append(_post_and_stall(port, "/v1/completions", {**long_stream, "model": "a1"}, withhold=5))
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/health", timeout=5).json()["running"] == 0:
+            assert time.monotonic() < deadline, "the streams never started"
+            time.sleep(0.05)
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the server did not stop within 30 s of SIGTERM:\n" + log_path.read_text()[-3000:])
+    finally:
+        for sock in stalled:
+            sock.close()
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def test_serve_warns_when_it_listens_beyond_loopback_without_a_key(adapterhub_home: Path) -> None:
+    from adapterhub.cli.serve import exposure_warnings
+
+    env = {key: value for key, value in _env(adapterhub_home).items() if key != "ADAPTERHUB_API_KEY"}
+    # The base does not exist, so the command stops after its checks: nothing binds or loads.
+    exposed = subprocess.run(
+        [*CLI, "serve", "--base", "no-such-model", "--host", "0.0.0.0", "--allow-lora-path"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert exposed.returncode == 1
+    warnings = [line for line in exposed.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2, exposed.stderr
+    assert "--host 0.0.0.0 is not a loopback address and no --api-key" in warnings[0]
+    assert "--allow-lora-path" in warnings[1] and "anywhere on this machine" in warnings[1]
+    assert exposed.stdout == ""  # human output on stderr only
+    quiet = subprocess.run([*CLI, "serve", "--base", "no-such-model"], env=env, capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 1 and "warning:" not in quiet.stderr, quiet.stderr
+
+    for host in ("127.0.0.1", "127.8.9.1", "::1", "[::1]", "localhost"):
+        assert exposure_warnings(host, api_key=None, allow_lora_path=False, adapter_dir=None) == [], host
+    for host in ("0.0.0.0", "::", "192.168.1.4", "my-host.example"):
+        assert len(exposure_warnings(host, api_key=None, allow_lora_path=False, adapter_dir=None)) == 1, host
+        assert exposure_warnings(host, api_key="k3y", allow_lora_path=False, adapter_dir=None) == [], host
+    below = exposure_warnings("127.0.0.1", api_key=None, allow_lora_path=True, adapter_dir=Path("/srv/adapters"))
+    assert len(below) == 1 and "below /srv/adapters" in below[0]

@@ -193,9 +193,12 @@ def serve_app(app: object, *, startup_timeout: float = 60.0) -> Iterator[str]:
 
 @contextlib.contextmanager
 def start_server(
-    fleet: AdapterFleet, *, api_key: str | None = None, preload: tuple[str, ...] = (), **engine_options: object
+    fleet: AdapterFleet, *, api_key: str | None = None, preload: tuple[str, ...] = (), lora_paths: object = None,
+    app_options: dict[str, object] | None = None, base_dir: Path | None = None, **engine_options: object,
 ) -> Iterator[RunningServer]:
-    """A real server over the fleet's registry with a fresh torch engine."""
+    """A real server over the fleet's registry with a fresh torch engine (`lora_paths`: which
+    directories it may load by path, default none, as `serve`; `app_options` go to `create_app`;
+    `base_dir` serves another copy of the base)."""
     from adapterhub.registry import Registry
     from adapterhub.serving.app import create_app
     from adapterhub.serving.backends.torch_engine import EngineConfig, TorchEngine
@@ -204,14 +207,20 @@ def start_server(
     registry = Registry.open(home=fleet.home)
     # CPU in fp32 unless a test says otherwise: outputs are compared with offline PEFT exactly.
     engine_options = {"device": "cpu", **engine_options}
-    backend = TorchEngine(fleet.base_dir, base_name=BASE_NAME, config=EngineConfig(**engine_options))  # type: ignore[arg-type]
-    app = create_app(backend, RegistryResolver(registry, BASE_NAME), api_key=api_key, preload=preload)
+    backend = TorchEngine(base_dir or fleet.base_dir, base_name=BASE_NAME, config=EngineConfig(**engine_options))  # type: ignore[arg-type]
+    app = create_app(
+        backend, RegistryResolver(registry, BASE_NAME), api_key=api_key, preload=preload, lora_paths=lora_paths,  # type: ignore[arg-type]
+        **(app_options or {}),  # type: ignore[arg-type]
+    )
     with serve_app(app) as base_url:
         yield RunningServer(base_url=base_url, app=app, backend=backend)
 
 
 @pytest.fixture(scope="module")
 def server(adapter_fleet: AdapterFleet) -> Iterator[RunningServer]:
-    """One shared server (max_resident 4) for tests that do not depend on its history."""
-    with start_server(adapter_fleet, max_resident=4, max_cpu_adapters=8) as running:
+    """One shared server (max_resident 4) for tests that do not depend on its history; it loads
+    adapters by any path (`serve --allow-lora-path`), as the tests of that endpoint need."""
+    from adapterhub.serving.app import LoraPathPolicy
+
+    with start_server(adapter_fleet, max_resident=4, max_cpu_adapters=8, lora_paths=LoraPathPolicy(allow_any=True)) as running:
         yield running

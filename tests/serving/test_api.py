@@ -372,7 +372,8 @@ def test_adapter_that_fails_to_load_fails_only_its_request(
     for response in results[3:]:
         assert response.status_code == 400
         assert _error(response)["code"] == "adapter_load_failed"
-    assert "PROMPT_TUNING adapters cannot be served" in _error(results[3])["message"]
+    assert "adapter 'soft-prompt' (prompt tuning) cannot be served by the torch backend" in _error(results[3])["message"]
+    assert _error(results[4])["message"].startswith("adapter 'corrupt' (lora) cannot be served: adapter_model.safetensors ")
     assert httpx.get(f"{server.base_url}/health", timeout=10).json()["status"] == "ok"
 
 

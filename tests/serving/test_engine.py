@@ -111,7 +111,7 @@ def test_read_adapter_dir_reports_every_problem(adapter_fleet: AdapterFleet, tin
         read_adapter_dir(adapter_fleet.dirs["task-0"], no_layers)
     for kind in ("prompt_tuning", "prefix_tuning"):
         adapter = build_lora_adapter(adapter_fleet.base_dir, tmp_path / kind, peft_type=kind)
-        with pytest.raises(AdapterLoadError, match=f"{kind.upper()} adapters cannot be served by the torch backend"):
+        with pytest.raises(AdapterLoadError, match=f"{kind.replace('_', ' ')} adapters cannot be served by the torch backend"):
             read_adapter_dir(adapter, no_layers)
     from transformers import AutoModelForCausalLM
 
