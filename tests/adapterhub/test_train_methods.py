@@ -72,6 +72,40 @@ def test_lora_knobs_reach_the_saved_adapter_and_8bit_qlora_trains(tiny_base: Pat
     assert result.metrics["global_step"] == 2
 
 
+@pytest.mark.parametrize("quant_bits", [4, 8])
+def test_qlora_still_gets_gradients_after_an_evaluation(quant_bits: int, tiny_base: Path) -> None:
+    # bitsandbytes 0.50 on CPUs with AVX-512 BF16 (Intel Xeon/AMX) repacked 4-bit weights for a
+    # backward-less inference kernel at the first no-grad eval forward: every later backward gave
+    # the LoRA weights zero gradients (a run with a validation split trained nothing). Elsewhere
+    # (AMD, CUDA) there is no repack, and this holds trivially.
+    import bitsandbytes as bnb
+
+    from adapterhub.train.methods import build_model
+    from adapterhub.train.runner import load_tokenizer
+
+    config = load_config({"method": "qlora", "quant_bits": quant_bits, "gradient_checkpointing": False})
+    tokenizer = load_tokenizer(tiny_base)
+    model = build_model(config, tiny_base, tokenizer=tokenizer, precision="fp32")
+    batch = tokenizer(["reverse: fox dog sun moon"], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        model(**batch)  # what the before-training evaluation does
+    model.train()
+    for step in range(2):  # LoRA B starts at zero: only its gradient is non-zero at first, A's follows
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.grad is not None:
+                    parameter -= 0.05 * parameter.grad
+        grads = {name: p.grad.abs().sum().item() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        model.zero_grad()
+    assert grads and all(value > 0 for value in grads.values()), {k: v for k, v in grads.items() if v == 0}
+    packed = [m for m in model.modules() if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+    assert not packed
+    assert quant_bits == 8 or any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
 def test_qlora_is_refused_up_front_where_bitsandbytes_cannot_load(
     tiny_base: Path, sft_jsonl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
