@@ -117,6 +117,35 @@ def test_qlora_is_refused_up_front_where_bitsandbytes_cannot_load(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora", "ia3", "prompt_tuning", "full"])
+def test_a_run_that_cannot_learn_is_refused(method: str, tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
+    # One step inside a linear warmup: its learning rate is 0, so the weights end where they began.
+    config = load_config({"data": sft_jsonl, "method": method, "max_steps": 1, "warmup_steps": 5, "batch_size": 4,
+                          "validation_split": 0.2, "logging_steps": 1})
+    with pytest.raises(AdapterhubError, match=r"training changed none of the [\d,]+ trainable parameters: the learning rate was 0 "
+                       r"at every logged step \(warmup_steps 5 outlasts the run\); nothing registered"):
+        train(config, base_dir=tiny_base, output_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+class _ZeroGradients(TrainerCallback):
+    """Cuts every gradient on its way to the weights, as a kernel without a backward does."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.register_hook(torch.zeros_like)
+
+
+def test_a_run_whose_gradients_are_all_zero_is_refused_with_that_cause(tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
+    config = load_config({"data": sft_jsonl, "method": "qlora", "max_steps": 2, "batch_size": 4, "validation_split": 0,
+                          "logging_steps": 1, "learning_rate": 1e-2})
+    with pytest.raises(AdapterhubError, match=r"every gradient was zero \(grad_norm 0 at every logged step\), as when "
+                       "bitsandbytes has repacked the 4-bit weights for CPU inference"):
+        train(config, base_dir=tiny_base, output_dir=tmp_path / "run", progress=False, callbacks=[_ZeroGradients()])
+    assert not (tmp_path / "run" / "final").exists()
+
+
 def test_training_lowers_the_loss(tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
     # A random tiny base learns fastest through its output layer, so full fine-tuning shows the loop
     # really optimises; LoRA's learning is shown on SmolLM2 in test_train_quality.py.
