@@ -62,8 +62,10 @@ def is_causal_lm(base_config: dict[str, Any]) -> bool:
 
 def bitsandbytes_problem() -> str | None:
     """Why bitsandbytes cannot quantize here, or None when it can (CUDA, or its CPU backend)."""
+    from adapterhub.models import import_bitsandbytes
+
     try:
-        import bitsandbytes  # noqa: F401
+        import_bitsandbytes()
     except Exception as exc:  # import errors of compiled libraries come in several types
         return f"qlora needs bitsandbytes, which cannot be imported here ({type(exc).__name__}: {exc})"
     import torch
@@ -186,8 +188,9 @@ def keep_4bit_layers_trainable(model: Any) -> int:
     gradients. Only a layer that has not been repacked yet can be kept out of it, so this runs
     right after loading, before any forward pass.
     """
-    import bitsandbytes as bnb
+    from adapterhub.models import import_bitsandbytes
 
+    bnb = import_bitsandbytes()
     kept = 0
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear4bit):

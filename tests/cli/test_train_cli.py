@@ -126,6 +126,40 @@ def _env(home: Path) -> dict[str, str]:
     return {**os.environ, "ADAPTERHUB_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+# Runs the CLI as its console script does and reports, at exit, whether bitsandbytes was loaded.
+_BITSANDBYTES_PROBE = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print('bitsandbytes loaded:', 'bitsandbytes.nn' in sys.modules, file=sys.stderr))\n"
+    "from adapterhub.cli.main import main\n"
+    "main(sys.argv[1:])\n"
+)
+
+
+def _run_cli_probe(home: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _BITSANDBYTES_PROBE, *args], env=_env(home), capture_output=True, text=True, timeout=300)
+
+
+def test_bitsandbytes_is_imported_only_for_quantization(registry: Registry, sft_data: Path, lora_dir: Path) -> None:
+    # PEFT imports bitsandbytes whenever it is installed (at `import peft`, and for every LoRA layer
+    # it builds); on AVX-512 BF16 CPUs that import logged "Failed to load CPU gemm_4bit_forward
+    # from kernels-community" on every command.
+    registry.put_adapter(name="ad", source_dir=lora_dir, base="tiny")
+    for args in (
+        ["list"],
+        ["eval", "ad", "--data", str(sft_data), "--max-examples", "2", "--no-record"],
+        ["train", "--base", "tiny", "--data", str(sft_data), "--name", "plain", "--max-steps", "1", "--no-progress"],
+    ):
+        completed = _run_cli_probe(registry.home, args)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert "bitsandbytes loaded: False" in completed.stderr, args
+        assert "gemm_4bit_forward" not in completed.stdout + completed.stderr
+    quantized = _run_cli_probe(registry.home, ["train", "--base", "tiny", "--data", str(sft_data), "--name", "quantized",
+                                               "--method", "qlora", "--max-steps", "2", "--no-progress"])
+    assert quantized.returncode == 0, quantized.stderr[-3000:]
+    assert "bitsandbytes loaded: True" in quantized.stderr
+    assert registry.get("quantized").lineage.details["config"]["method"] == "qlora"  # type: ignore[union-attr]
+
+
 def test_sigkill_leaves_no_record_and_resume_finishes(registry: Registry, sft_data: Path) -> None:
     args = ["train", "--base", "tiny", "--data", str(sft_data), "--name", "killed", "--max-steps", "12",
             "--save-steps", "2", "--batch-size", "2", "--validation-split", "0", "--no-progress"]
