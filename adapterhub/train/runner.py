@@ -41,7 +41,7 @@ from adapterhub.train.batching import keeps_packed_rows, packed_rows_collator, p
 from adapterhub.train.config import Method, Task, TrainConfig
 from adapterhub.train.data import PreparedData, prepare_data
 from adapterhub.train.methods import build_model, environment_problems, resolve_precision, trainable_parameters
-from adapterhub.train.progress import CURVE_FILE, RichProgressBar, loss_history, plot_learning_curve, write_metrics
+from adapterhub.train.progress import CURVE_FILE, LogLines, RichProgressBar, loss_history, plot_learning_curve, write_metrics
 
 RUN_CONFIG_FILE = "run_config.json"
 INITIAL_EVAL_FILE = "initial_eval.json"
@@ -449,16 +449,15 @@ def train(
         sft=config.task != Task.CLASSIFICATION,
     )
     trainer_callbacks: list[Any] = list(callbacks)
-    if progress:
-        trainer_callbacks.append(RichProgressBar(f"{config.method.value}/{config.task.value}"))
+    description = f"{config.method.value}/{config.task.value}"
+    trainer_callbacks.append(RichProgressBar(description) if progress else LogLines(description))
     if config.early_stopping_patience is not None:
         trainer_callbacks.append(
             EarlyStoppingCallback(config.early_stopping_patience, config.early_stopping_threshold)
         )
     trainer = _build_trainer(config, model, tokenizer, data, args, trainer_callbacks)
-    if progress:
-        # One display: our bar replaces transformers' printed log dicts.
-        trainer.remove_callback(PrinterCallback)
+    # Ours replace transformers' log dicts printed to stdout (see adapterhub.train.progress).
+    trainer.remove_callback(PrinterCallback)
 
     initial_metrics: dict[str, Any] = {}
     if data.validation:

@@ -22,7 +22,7 @@ from typing import Any
 from adapterhub.errors import AdapterhubError, ValidationError
 from adapterhub.train.config import TrainConfig
 from adapterhub.train.data import prepare_data
-from adapterhub.train.progress import CURVE_FILE, RichProgressBar, loss_history, plot_learning_curve, write_metrics
+from adapterhub.train.progress import CURVE_FILE, LogLines, RichProgressBar, loss_history, plot_learning_curve, write_metrics
 
 HEAD_FILE = "setfit_head.json"
 
@@ -36,7 +36,7 @@ def train_setfit(config: TrainConfig, *, base_dir: Path, output_dir: Path, progr
         raise ValidationError("training data", ["no training examples left after the validation split"])
     assert data.labels is not None
     from setfit import SetFitModel, Trainer, TrainingArguments
-    from transformers import set_seed
+    from transformers import PrinterCallback, set_seed
 
     set_seed(config.seed)
     model = SetFitModel.from_pretrained(str(base_dir), labels=data.labels)
@@ -61,8 +61,9 @@ def train_setfit(config: TrainConfig, *, base_dir: Path, output_dir: Path, progr
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         metric=_accuracy,
-        callbacks=[RichProgressBar("setfit")] if progress else None,
+        callbacks=[RichProgressBar("setfit") if progress else LogLines("setfit")],
     )
+    trainer.remove_callback(PrinterCallback)  # its raw log dicts go to stdout (see adapterhub.train.progress)
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = config.resolved()
     resolved["precision"] = "fp32"

@@ -126,6 +126,35 @@ def _env(home: Path) -> dict[str, str]:
     return {**os.environ, "ADAPTERHUB_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+@pytest.mark.parametrize("progress", ["--progress", "--no-progress"])
+def test_train_json_is_all_that_goes_to_stdout(registry: Registry, sft_data: Path, progress: str) -> None:
+    completed = subprocess.run(
+        [str(ADAPTERHUB), "train", "--base", "tiny", "--data", str(sft_data), "--name", "js", "--max-steps", "2", "--json", progress],
+        env=_env(registry.home), capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads(completed.stdout)  # the progress bar and the step lines go to stderr
+    assert summary["ref"] == "js:1" and summary["steps"] == 2
+    assert "{'loss'" not in completed.stdout + completed.stderr  # no raw trainer log dicts anywhere
+    if progress == "--no-progress":
+        # One short human line per logging step instead (every step of a 2-step run).
+        assert "lora/sft step 1/2: loss " in completed.stderr and "lora/sft step 2/2: loss " in completed.stderr
+
+
+def test_tune_json_is_all_that_goes_to_stdout(registry: Registry, sft_data: Path, tmp_path: Path) -> None:
+    run_file = tmp_path / "tune.yaml"
+    run_file.write_text(
+        f"base: tiny\ndata: {sft_data}\nname: tj\nmax_steps: 1\nbatch_size: 4\n"
+        "search:\n  sampler: grid\n  space:\n    lora_rank: [2, 4]\n"
+    )
+    completed = subprocess.run([str(ADAPTERHUB), "tune", "--config", str(run_file), "--json"], env=_env(registry.home),
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    payload = json.loads(completed.stdout)
+    assert payload["ref"] == "tj:1" and len(payload["trials"]) == 2
+    assert "{'loss'" not in completed.stdout + completed.stderr
+
+
 # Runs the CLI as its console script does and reports, at exit, whether bitsandbytes was loaded.
 _BITSANDBYTES_PROBE = (
     "import atexit, sys\n"
