@@ -34,7 +34,7 @@ def test_every_config_problem_in_one_error() -> None:
     with pytest.raises(ValidationError) as caught:
         load_config({"method": "lorra", "lora_rank": 0, "batch_size": -1, "lernrate": 1})
     message = str(caught.value)
-    for fragment in ("method", "lora_rank", "batch_size", "lernrate"):
+    for fragment in ("method", "lora_rank", "batch_size", "lernrate: not a training setting (did you mean 'learning_rate'?)"):
         assert fragment in message
     assert len(caught.value.problems) == 4
 
@@ -161,7 +161,7 @@ def test_search_spec_parsing() -> None:
     with pytest.raises(ValidationError) as caught:
         SearchSpec.from_mapping({"sampler": "grid", "space": {"lr": [1], "learning_rate": {"low": 1, "high": 0.1}, "seed": {"low": 1, "high": 3}}})
     problems = " | ".join(caught.value.problems)
-    assert "space.lr: not a training option" in problems
+    assert "space.lr: not a training setting (did you mean 'learning_rate'?)" in problems
     assert "space.learning_rate: needs numbers low < high" in problems
     assert "grid search needs lists of values" in problems
 

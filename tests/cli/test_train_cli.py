@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -38,9 +39,9 @@ def sft_data(tmp_path: Path) -> Path:
 def test_train_with_yaml_and_flags_registers_with_lineage(registry: Registry, sft_data: Path, tmp_path: Path) -> None:
     run_file = tmp_path / "run.yaml"
     run_file.write_text(f"base: tiny\ndata: {sft_data.name}\nmethod: lora\nlora_rank: 4\nmax_steps: 3\nbatch_size: 4\n")
-    result = runner.invoke(app, ["train", "--config", str(run_file), "--name", "rev", "--rank", "2", "--tag", "demo", "--json", "--no-progress"])
+    result = runner.invoke(app, ["train", "--config", str(run_file), "--name", "rev", "--lora-rank", "2", "--tag", "demo", "--json", "--no-progress"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout[result.stdout.index("{\n"):])
+    summary = json.loads(result.stdout)
     assert summary["ref"] == "rev:1" and summary["kind"] == "lora" and summary["steps"] == 3
     # Validation loss before and after training (the default 10% split holds validation rows).
     assert summary["eval_loss_before"] > 0 and summary["eval_loss"] > 0 and summary["eval_loss_before"] != summary["eval_loss"]
@@ -69,7 +70,9 @@ def test_train_with_yaml_and_flags_registers_with_lineage(registry: Registry, sf
         (["--base", "nope"], NotFoundError, "tiny"),
         (["--method", "qlora", "--task", "setfit"], ValidationError, "setfit trains the whole sentence encoder"),
         (["--task", "setfit", "--base", "tiny"], ValidationError, "setfit needs a sentence encoder"),
-        (["--lr", "-1", "--batch-size", "0"], ValidationError, "learning_rate"),
+        (["--learning-rate", "-1", "--batch-size", "0"], ValidationError, "learning_rate"),
+        # One step inside a warmup learns nothing: refused, and the run directory it made goes too.
+        (["--max-steps", "1", "--warmup-steps", "5"], AdapterhubError, "training changed none of the"),
         (["--bad-rows"], ValidationError, "line 2"),
     ],
 )
@@ -90,9 +93,67 @@ def test_bad_input_is_one_error_and_registers_nothing(
     assert not (registry.home / "runs" / "x").exists()
 
 
+def _own_options(command_name: str) -> dict[str, Any]:
+    from adapterhub.cli.main import module_commands
+
+    command = module_commands("train")[command_name]
+    return {opt: param for param in command.params for opt in param.opts}
+
+
+@pytest.mark.parametrize("command_name", ["train", "tune"])
+def test_every_setting_is_one_flag_named_after_it(command_name: str) -> None:
+    from adapterhub.train import TrainConfig
+
+    options = _own_options(command_name)
+    for field in TrainConfig.model_fields:
+        flag = "--" + field.replace("_", "-")
+        assert flag in options, f"{field} has no {flag}"
+        assert options[flag].name == field and options[flag].help, field
+    former = {"--lr", "--rank", "--alpha", "--dropout", "--rslora", "--scheduler", "--early-stopping", "--top-k"}
+    assert not former & set(options)
+
+
+def test_help_shows_the_real_defaults() -> None:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    from adapterhub.train import DEFAULT_LEARNING_RATES, Method
+
+    options = _own_options("train")
+    rate_help = options["--learning-rate"].help
+    assert "default per method" not in rate_help
+    for method, rate in DEFAULT_LEARNING_RATES.items():
+        assert method.value in rate_help
+    assert "2e-4 for lora, qlora and dora" in rate_help and "2e-5 for full" in rate_help
+    assert DEFAULT_LEARNING_RATES[Method.FULL] == 2e-5
+    # What "not given" means is PEFT's table for the architecture; the help names it for Llama.
+    modules_help = options["--target-modules"].help
+    assert ",".join(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["llama"]) + " on Llama" in modules_help
+    assert "ia3: " + ",".join(TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING["llama"]) in modules_help
+    assert "(default: 8)" in options["--lora-rank"].help and "(default: linear)" in options["--lr-scheduler"].help
+    shown = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "--learning-rate" in shown.output and "lora|qlora|dora" in shown.output
+
+
+@pytest.mark.parametrize(("yaml_key", "meant"), [("lr", "learning_rate"), ("learning-rate", "learning_rate"), ("rank", "lora_rank"),
+                                                 ("top_k", "layerwise_top_k"), ("lerning_rate", "learning_rate")])
+def test_a_run_file_key_that_is_no_setting_says_which_it_means(
+    registry: Registry, sft_data: Path, tmp_path: Path, yaml_key: str, meant: str
+) -> None:
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(f"base: tiny\ndata: {sft_data}\nname: x\n{yaml_key}: 2\n")
+    result = runner.invoke(app, ["train", "--config", str(run_file)])
+    assert isinstance(result.exception, ValidationError), result.output
+    assert f"{yaml_key}: not a training setting (did you mean '{meant}'?)" in str(result.exception)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("zzz: 1\n")
+    result = runner.invoke(app, ["train", "--config", str(unknown)])
+    assert "zzz: not a training setting (the settings are base, name, data," in str(result.exception)
+    assert registry.list() == []
+
+
 def test_full_model_and_classification_register(registry: Registry, sft_data: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", "--base", "tiny", "--data", str(sft_data), "--name", "fullft", "--method", "layerwise",
-                                 "--top-k", "1", "--max-steps", "2", "--no-progress"])
+                                 "--layerwise-top-k", "1", "--max-steps", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
     record = registry.get("fullft")
     assert record.is_full_model and {"config.json", "model.safetensors", "tokenizer.json"} <= set(record.files)
@@ -110,7 +171,7 @@ def test_full_model_and_classification_register(registry: Registry, sft_data: Pa
     # Layer-wise classification: the top block and the new head train; the result is a full
     # XForSequenceClassification model kept on the base, which `eval` scores as a classifier.
     result = runner.invoke(app, ["train", "--base", "tiny", "--data", str(data), "--name", "sentiment-top", "--task", "classification",
-                                 "--method", "layerwise", "--top-k", "1", "--labels", "neg,pos", "--max-steps", "2",
+                                 "--method", "layerwise", "--layerwise-top-k", "1", "--labels", "neg,pos", "--max-steps", "2",
                                  "--validation-split", "0", "--no-progress"])
     assert result.exit_code == 0, result.output
     record = registry.get("sentiment-top")
@@ -222,7 +283,7 @@ def test_tune_grid_registers_the_best_trial(registry: Registry, sft_data: Path, 
     )
     result = runner.invoke(app, ["tune", "--config", str(run_file), "--trials", "3", "--json"])
     assert result.exit_code == 0, result.output
-    payload = json.loads(result.stdout[result.stdout.index('{\n  "objective"'):])
+    payload = json.loads(result.stdout)
     trials = payload["trials"]
     assert len(trials) == 3 and all(t["state"] == "complete" for t in trials)
     assert len({(t["params"]["lora_rank"], t["params"]["learning_rate"]) for t in trials}) == 3  # grid points, no repeats
