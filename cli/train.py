@@ -201,6 +201,8 @@ def _print_summary(result: Any, put: Any, *, json_output: bool) -> None:
         "tokens_per_second": metrics.get("tokens_per_second"),
         "peak_memory_bytes": result.peak_memory_bytes,
         "truncated_examples": metrics.get("truncated_examples"),
+        "supervision": result.supervision,
+        "early_stopping": result.early_stopping,
         "notes": result.notes,
     }
     if json_output:
@@ -212,7 +214,11 @@ def _print_summary(result: Any, put: Any, *, json_output: bool) -> None:
     for key, value in summary.items():
         if key == "notes" or value is None:
             continue
-        if key == "peak_memory_bytes":
+        if key == "supervision":
+            key, value = "loss on", _supervision_text(value)
+        elif key == "early_stopping":
+            value = _early_stopping_text(value)
+        elif key == "peak_memory_bytes":
             key, value = "peak_memory", human_bytes(value)
         elif isinstance(value, float):
             value = f"{value:.4g}"
@@ -220,6 +226,22 @@ def _print_summary(result: Any, put: Any, *, json_output: bool) -> None:
     console.print(table)
     verb = "registered" if put.created else "identical content already registered as"
     console.print(f"{verb} [bold]{put.record.ref}[/] (learning curve and training_metrics.json stored with it)")
+
+
+def _supervision_text(supervision: dict[str, Any]) -> str:
+    template = "chat template applied" if supervision["chat_template"] else "no chat template"
+    packed = ", packed" if supervision["packing"] else ""
+    return f"{supervision['loss_on']} ({supervision['supervised_tokens']:,} of {supervision['tokens']:,} tokens), {template}{packed}"
+
+
+def _early_stopping_text(early: dict[str, Any]) -> str:
+    if early["stopped_early"]:
+        outcome = f"stopped early at step {early['stopped_at_step']} of {early['max_steps']}"
+    else:
+        outcome = f"not triggered ({early['max_steps']} steps)"
+    if early["best_step"] is not None and early["best_eval_loss"] is not None:
+        outcome += f"; best eval_loss {early['best_eval_loss']:.4g} at step {early['best_step']}, the weights registered"
+    return outcome
 
 
 @with_training_settings

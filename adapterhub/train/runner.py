@@ -66,6 +66,10 @@ class TrainResult:
     peak_memory_bytes: int
     is_main_process: bool = True
     notes: list[str] = field(default_factory=list)
+    # What the loss was computed on (sft/causal_lm): see `supervision`.
+    supervision: dict[str, Any] | None = None
+    # Whether and where early stopping ended the run (runs with early_stopping_patience).
+    early_stopping: dict[str, Any] | None = None
 
     def lineage_details(self, *, base_fingerprint: str | None = None) -> dict[str, Any]:
         details: dict[str, Any] = {
@@ -75,6 +79,10 @@ class TrainResult:
             "peak_memory_bytes": self.peak_memory_bytes,
             "metrics": {k: v for k, v in self.metrics.items() if not k.endswith("_history")},
         }
+        if self.supervision is not None:
+            details["supervision"] = self.supervision
+        if self.early_stopping is not None:
+            details["early_stopping"] = self.early_stopping
         if base_fingerprint is not None:
             details["base_fingerprint"] = base_fingerprint
         return details
@@ -149,6 +157,29 @@ def refuse_untrained(config: TrainConfig, log_history: Sequence[dict[str, Any]],
     else:
         cause = "no step changed them (a learning rate of 0, gradients that are all zero, or an optimizer that skipped every step)"
     raise AdapterhubError(f"training changed none of the {parameters:,} trainable parameters: {cause}; nothing registered")
+
+
+def supervision(config: TrainConfig, train_dataset: Any, *, chat: bool) -> dict[str, Any]:
+    """What an sft/causal_lm run's loss was computed on, read from the trainer's prepared rows.
+
+    TRL builds each row's `labels` (-100 where a token is not supervised) while preparing the
+    dataset; counting them says what the run actually did, whatever the config meant: loss on
+    the completions only (prompt tokens masked) or on every token.
+    """
+    columns = set(train_dataset.column_names)
+    tokens = sum(len(ids) for ids in train_dataset["input_ids"])
+    if "labels" in columns:
+        supervised = sum(1 for labels in train_dataset["labels"] for label in labels if label != -100)
+    else:
+        supervised = tokens  # TRL's collator then takes every (non-pad) token as a label
+    return {
+        "chat_template": chat,
+        "loss_on": "every token" if supervised == tokens else "completion only",
+        "supervised_tokens": supervised,
+        "tokens": tokens,
+        "packing": config.packing,
+        "padding_free": uses_padding_free_batches(config),
+    }
 
 
 def _check_resume_config(output_dir: Path, resolved: dict[str, Any], resume: bool) -> None:
@@ -451,10 +482,10 @@ def train(
     trainer_callbacks: list[Any] = list(callbacks)
     description = f"{config.method.value}/{config.task.value}"
     trainer_callbacks.append(RichProgressBar(description) if progress else LogLines(description))
+    early_stopping = None
     if config.early_stopping_patience is not None:
-        trainer_callbacks.append(
-            EarlyStoppingCallback(config.early_stopping_patience, config.early_stopping_threshold)
-        )
+        early_stopping = EarlyStoppingCallback(config.early_stopping_patience, config.early_stopping_threshold)
+        trainer_callbacks.append(early_stopping)
     trainer = _build_trainer(config, model, tokenizer, data, args, trainer_callbacks)
     # Ours replace transformers' log dicts printed to stdout (see adapterhub.train.progress).
     trainer.remove_callback(PrinterCallback)
@@ -474,6 +505,20 @@ def train(
     if data.validation:
         final_metrics = trainer.evaluate()
 
+    # The callback counts validations without improvement; reaching the patience is what stopped the run.
+    stopped_early = early_stopping is not None and early_stopping.early_stopping_patience_counter >= early_stopping.early_stopping_patience
+    early_stopping_record = None
+    if early_stopping is not None:
+        early_stopping_record = {
+            "patience": config.early_stopping_patience,
+            "threshold": config.early_stopping_threshold,
+            "stopped_early": stopped_early,
+            "stopped_at_step": trainer.state.global_step if stopped_early else None,
+            "max_steps": trainer.state.max_steps,
+            # load_best_model_at_end: the weights saved (and registered) are the best validation's.
+            "best_step": trainer.state.best_global_step,
+            "best_eval_loss": trainer.state.best_metric,
+        }
     history = loss_history(trainer.state.log_history)
     if "eval_loss" in initial_metrics:
         history["eval_loss"].insert(0, [0, initial_metrics["eval_loss"]])
@@ -500,7 +545,8 @@ def train(
         "precision": precision,
         "world_size": state.num_processes,
         "resumed_from": Path(checkpoint).name if checkpoint else None,
-        "stopped_early": bool(config.early_stopping_patience and trainer.state.global_step < trainer.state.max_steps),
+        "stopped_early": stopped_early,
+        "best_step": trainer.state.best_global_step if early_stopping is not None else None,
         "labels": data.labels,
         "train_loss_history": history["train_loss"],
         "eval_loss_history": history["eval_loss"],
@@ -529,6 +575,8 @@ def train(
         peak_memory_bytes=peak_memory_bytes(),
         is_main_process=state.is_main_process,
         notes=notes,
+        supervision=None if config.task == Task.CLASSIFICATION else supervision(config, trainer.train_dataset, chat=chat),
+        early_stopping=early_stopping_record,
     )
 
 

@@ -36,8 +36,11 @@ def train_setfit(config: TrainConfig, *, base_dir: Path, output_dir: Path, progr
         raise ValidationError("training data", ["no training examples left after the validation split"])
     assert data.labels is not None
     from setfit import SetFitModel, Trainer, TrainingArguments
-    from transformers import PrinterCallback, set_seed
+    from transformers import PrinterCallback, ProgressCallback, set_seed
 
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # loading/saving bars; ours is the one bar (see adapterhub.train.progress)
     set_seed(config.seed)
     model = SetFitModel.from_pretrained(str(base_dir), labels=data.labels)
     args = TrainingArguments(
@@ -63,7 +66,9 @@ def train_setfit(config: TrainConfig, *, base_dir: Path, output_dir: Path, progr
         metric=_accuracy,
         callbacks=[RichProgressBar("setfit") if progress else LogLines("setfit")],
     )
-    trainer.remove_callback(PrinterCallback)  # its raw log dicts go to stdout (see adapterhub.train.progress)
+    # Both print raw log dicts to stdout (ProgressCallback also draws a tqdm bar): ours replace them.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = config.resolved()
     resolved["precision"] = "fp32"
@@ -97,6 +102,7 @@ def train_setfit(config: TrainConfig, *, base_dir: Path, output_dir: Path, progr
         "labels": data.labels,
         "train_runtime_s": wall_time,
         "global_step": int(body_state.global_step),
+        "train_loss": next((entry["train_loss"] for entry in reversed(body_state.log_history) if "train_loss" in entry), None),
         "train_loss_history": history["train_loss"],
         "eval_loss_history": [],
         "peak_memory_bytes": peak_memory_bytes(),

@@ -189,12 +189,15 @@ def test_truncation_is_counted_and_packing_reduces_steps(tiny_base: Path, tmp_pa
     common = {"data": path, "task": "causal_lm", "max_length": 32, "epochs": 1, "batch_size": 2, "validation_split": 0}
     plain = train(load_config(common), base_dir=tiny_base, output_dir=tmp_path / "plain", progress=False)
     assert plain.metrics["truncated_examples"] == 3
+    assert plain.supervision is not None and plain.supervision["loss_on"] == "every token"  # causal LM: every token is a label
+    assert plain.supervision["chat_template"] is False and plain.supervision["packing"] is False
     assert any("3 of 16 training examples exceed max_length 32" in note for note in plain.notes)
     collators = _CollatorSpy()
     packed = train(load_config({**common, "packing": True}), base_dir=tiny_base, output_dir=tmp_path / "packed", progress=False,
                    callbacks=[collators])
     assert plain.metrics["global_step"] == 8
     assert packed.metrics["global_step"] < plain.metrics["global_step"]
+    assert packed.supervision is not None and packed.supervision["packing"] is True and packed.supervision["loss_on"] == "every token"
     assert collators.seen == ["PackedRowsCollator"]  # SDPA: packed rows stay rows
 
 
@@ -267,7 +270,18 @@ def test_early_stopping_stops_before_max_steps(tiny_base: Path, sft_jsonl: Path,
     result = train(config, base_dir=tiny_base, output_dir=tmp_path / "run", progress=False)
     assert result.metrics["stopped_early"] is True
     assert result.metrics["global_step"] == 6  # validations at 2 (best), 4 and 6 (two without improvement)
-    assert result.metrics["best_eval_loss"] is not None
+    # The lineage says so: where it stopped, and which validation's weights were kept (the lowest loss).
+    best_step, best_loss = min(result.metrics["eval_loss_history"][1:], key=lambda point: point[1])
+    assert result.metrics["best_eval_loss"] == best_loss and result.metrics["best_step"] == best_step
+    assert result.lineage_details()["early_stopping"] == {
+        "patience": 2, "threshold": 100.0, "stopped_early": True, "stopped_at_step": 6, "max_steps": 40,
+        "best_step": best_step, "best_eval_loss": best_loss,
+    }
+    # Patience never reached: the record says early stopping was on and did not end the run.
+    config = load_config({"data": sft_jsonl, "max_steps": 4, "batch_size": 4, "eval_steps": 2, "early_stopping_patience": 5})
+    ran = train(config, base_dir=tiny_base, output_dir=tmp_path / "full-run", progress=False)
+    assert ran.metrics["stopped_early"] is False and ran.early_stopping is not None
+    assert ran.early_stopping["stopped_at_step"] is None and ran.metrics["global_step"] == 4
 
 
 @pytest.mark.parametrize("method", ["prefix_tuning", "full"])

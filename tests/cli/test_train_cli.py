@@ -55,6 +55,11 @@ def test_train_with_yaml_and_flags_registers_with_lineage(registry: Registry, sf
     assert details["config"]["lora_rank"] == 2 and details["config"]["max_steps"] == 3
     assert details["config"]["data"] == str(sft_data.resolve()) and details["config"]["precision"] == "fp32"
     assert details["peak_memory_bytes"] > 0 and details["wall_time_s"] > 0
+    # What the loss was computed on: the base's chat template applied, prompt tokens masked out.
+    supervision = details["supervision"]
+    assert supervision["chat_template"] is True and supervision["loss_on"] == "completion only"
+    assert 0 < supervision["supervised_tokens"] < supervision["tokens"] and supervision["padding_free"] is True
+    assert summary["supervision"] == supervision
     assert {"learning_curve.png", "training_metrics.json", "adapter_model.safetensors"} <= set(record.files)
     materialized = registry.materialize(record)
     assert json.loads((materialized / "training_metrics.json").read_text())["global_step"] == 3
@@ -62,6 +67,7 @@ def test_train_with_yaml_and_flags_registers_with_lineage(registry: Registry, sf
 
     shown = runner.invoke(app, ["show", "rev"])
     assert "trained" in shown.output and "dataset_fingerprint" in shown.output
+    assert "supervision: {'chat_template': True, 'loss_on': 'completion only'" in shown.output
 
 
 @pytest.mark.parametrize(
@@ -91,6 +97,17 @@ def test_bad_input_is_one_error_and_registers_nothing(
         assert "line 3" in str(result.exception)  # every bad row in the one error
     assert registry.list() == []
     assert not (registry.home / "runs" / "x").exists()
+
+
+def test_an_early_stopped_run_says_so(registry: Registry, sft_data: Path) -> None:
+    # A threshold no improvement can meet: validations at 2, 4, 6, then patience 2 is used up.
+    result = runner.invoke(app, ["train", "--base", "tiny", "--data", str(sft_data), "--name", "early", "--max-steps", "40",
+                                 "--batch-size", "4", "--eval-steps", "2", "--early-stopping-patience", "2",
+                                 "--early-stopping-threshold", "100", "--validation-split", "0.25", "--no-progress"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "stopped early at step 6 of 40; best eval_loss" in result.stdout
+    early = registry.get("early").lineage.details["early_stopping"]  # type: ignore[union-attr]
+    assert early["stopped_early"] is True and early["stopped_at_step"] == 6 and early["best_step"] in (2, 4, 6)
 
 
 def _own_options(command_name: str) -> dict[str, Any]:
@@ -304,8 +321,9 @@ def test_setfit_on_the_embedded_minilm(adapterhub_home: Path, tmp_path: Path) ->
     rows += [{"text": f"I hated the {w}, terrible", "label": "negative"} for w in ("film", "meal", "trip", "book")]
     data = write_jsonl(tmp_path / "few.jsonl", rows)
     result = runner.invoke(app, ["train", "--task", "setfit", "--data", str(data), "--name", "fewshot", "--max-steps", "2",
-                                 "--batch-size", "4", "--setfit-iterations", "1", "--validation-split", "0", "--no-progress"])
+                                 "--batch-size", "4", "--setfit-iterations", "1", "--validation-split", "0", "--no-progress", "--json"])
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 2  # the encoder's steps (SetFit's own Trainer keeps none)
     registry = Registry.open(home=adapterhub_home)
     record = registry.get("fewshot")
     assert record.base_name == "all-minilm-l6-v2" and record.is_full_model
