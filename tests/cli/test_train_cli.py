@@ -88,13 +88,16 @@ def test_bad_input_is_one_error_and_registers_nothing(
     data = sft_data
     if args == ["--bad-rows"]:
         data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a"}, {"completion": "c"}])
+        data.write_text(data.read_text() + '{"prompt": "a", \n{"prompt": 1, "completion": "d"}\n')
         args = []
     result = runner.invoke(app, ["train", "--base", "tiny", "--data", str(data), "--name", "x", "--max-steps", "2", *args])
     assert result.exit_code != 0
     assert isinstance(result.exception, error), result.output
     assert fragment in str(result.exception)
     if fragment == "line 2":
-        assert "line 3" in str(result.exception)  # every bad row in the one error
+        # Every bad row in the one error, a line that is not JSON among them.
+        assert "line 3" in str(result.exception) and "line 4: not valid JSON" in str(result.exception)
+        assert "line 5: needs non-empty 'prompt' and 'completion' strings (or 'messages'); prompt is a number 1" in str(result.exception)
     assert registry.list() == []
     assert not (registry.home / "runs" / "x").exists()
 
