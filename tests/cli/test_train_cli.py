@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,11 +114,21 @@ def test_an_early_stopped_run_says_so(registry: Registry, sft_data: Path) -> Non
     assert early["stopped_early"] is True and early["stopped_at_step"] == 6 and early["best_step"] in (2, 4, 6)
 
 
-def _own_options(command_name: str) -> dict[str, Any]:
+def _own_options(command_name: str, module: str = "train") -> dict[str, Any]:
     from adapterhub.cli.main import module_commands
 
-    command = module_commands("train")[command_name]
-    return {opt: param for param in command.params for opt in param.opts}
+    command = module_commands(module)[command_name]
+    return {opt: param for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+
+
+def test_the_training_docs_name_only_flags_that_exist() -> None:
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "docs" / "training.md").read_text() + "".join(
+        line for line in (root / "README.md").read_text().splitlines(keepends=True) if "adapterhub train" in line or "adapterhub tune" in line
+    )
+    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z](?![\w-])", text))
+    known = {"--help"} | set(_own_options("train")) | set(_own_options("tune")) | set(_own_options("eval", "evaluate"))
+    assert mentioned and mentioned <= known, sorted(mentioned - known)
 
 
 @pytest.mark.parametrize("command_name", ["train", "tune"])
