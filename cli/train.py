@@ -35,7 +35,16 @@ from rich.table import Table
 from adapterhub.cli.common import console, err_console, human_bytes, open_registry, print_json
 from adapterhub.errors import AdapterhubError, NotFoundError
 from adapterhub.names import validate_name
-from adapterhub.train.config import Method, Task, TrainConfig, load_config, merge_overrides, read_yaml_config, short_number
+from adapterhub.train.config import (
+    FORMER_FLAG_NAMES,
+    Method,
+    Task,
+    TrainConfig,
+    load_config,
+    merge_overrides,
+    read_yaml_config,
+    short_number,
+)
 
 MINILM_BASE_NAME = "all-minilm-l6-v2"
 SETTINGS_PANEL = "Training settings (each also a YAML key: --learning-rate is learning_rate)"
@@ -111,6 +120,30 @@ def training_setting_options() -> list[inspect.Parameter]:
     return [_option_for_field(name, field) for name, field in TrainConfig.model_fields.items()]
 
 
+def _renamed(old: str, new: str) -> Callable[[Any], None]:
+    def refuse(value: Any) -> None:
+        if value is not None:
+            raise typer.BadParameter(f"the flag is now {setting_flag(new)} (each setting's flag is its name: {new})", param_hint=old)
+
+    return refuse
+
+
+def former_flag_options() -> list[inspect.Parameter]:
+    """Hidden options for the flags' former names, each refused with the name it has now.
+
+    Click would suggest the closest option by spelling (`--lr` → `--help`), not the setting.
+    """
+    parameters = []
+    for old, new in FORMER_FLAG_NAMES.items():
+        flag = setting_flag(old)
+        is_flag = TrainConfig.model_fields[new].annotation is bool
+        decls = (f"{flag}/--no-{old.replace('_', '-')}",) if is_flag else (flag,)
+        option = typer.Option(*decls, hidden=True, expose_value=False, callback=_renamed(flag, new))
+        annotation = Annotated[Optional[bool] if is_flag else Optional[str], option]
+        parameters.append(inspect.Parameter(f"former_{old}", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+    return parameters
+
+
 def with_training_settings(command: Callable[..., None]) -> Callable[..., None]:
     """`command(settings, **its own options)` as a Typer command that also takes every training setting.
 
@@ -129,7 +162,7 @@ def with_training_settings(command: Callable[..., None]) -> Callable[..., None]:
         }
         command(settings, **{key: value for key, value in options.items() if key not in setting_names})
 
-    run.__signature__ = inspect.Signature(own + training_setting_options())  # type: ignore[attr-defined]
+    run.__signature__ = inspect.Signature(own + training_setting_options() + former_flag_options())  # type: ignore[attr-defined]
     del run.__wrapped__  # Typer must read the signature above, not the wrapped function's
     return run
 

@@ -273,9 +273,9 @@ def combination_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
-# Names the `train` flags had before each flag became its setting's name: a run file written
-# with them is told the setting's name.
-_FORMER_FLAG_NAMES = {
+# Names the `train` flags had before each flag became its setting's name: a run file (or a
+# command line) written with them is told the setting's name.
+FORMER_FLAG_NAMES = {
     "lr": "learning_rate", "rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora",
     "scheduler": "lr_scheduler", "early_stopping": "early_stopping_patience", "top_k": "layerwise_top_k",
 }
@@ -287,8 +287,8 @@ def suggest_setting(key: object) -> str | None:
     normal = str(key).strip().lstrip("-").replace("-", "_").lower()
     if normal in fields:
         return normal
-    if normal in _FORMER_FLAG_NAMES:
-        return _FORMER_FLAG_NAMES[normal]
+    if normal in FORMER_FLAG_NAMES:
+        return FORMER_FLAG_NAMES[normal]
     close = difflib.get_close_matches(normal, fields, n=1, cutoff=0.6)
     return close[0] if close else None
 

@@ -140,8 +140,15 @@ def test_every_setting_is_one_flag_named_after_it(command_name: str) -> None:
         flag = "--" + field.replace("_", "-")
         assert flag in options, f"{field} has no {flag}"
         assert options[flag].name == field and options[flag].help, field
-    former = {"--lr", "--rank", "--alpha", "--dropout", "--rslora", "--scheduler", "--early-stopping", "--top-k"}
-    assert not former & set(options)
+    # The former names are no settings' flags: hidden, and refused with the name the setting has now.
+    former = {"--lr": "--learning-rate", "--rank": "--lora-rank", "--alpha": "--lora-alpha", "--dropout": "--lora-dropout",
+              "--rslora": "--use-rslora", "--scheduler": "--lr-scheduler", "--early-stopping": "--early-stopping-patience",
+              "--top-k": "--layerwise-top-k"}
+    assert all(options[flag].hidden and not options[flag].expose_value for flag in former)
+    for flag, now in former.items():
+        args = [command_name, flag] if flag == "--rslora" else [command_name, flag, "2"]
+        refused = runner.invoke(app, args, env={"COLUMNS": "200"})
+        assert refused.exit_code == 2 and f"the flag is now {now}" in refused.output, refused.output
 
 
 def test_help_shows_the_real_defaults() -> None:
