@@ -106,6 +106,35 @@ def test_qlora_still_gets_gradients_after_an_evaluation(quant_bits: int, tiny_ba
     assert quant_bits == 8 or any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
+def test_qlora_builds_in_a_process_that_deferred_bitsandbytes_and_used_peft(tiny_base: Path) -> None:
+    # The CLI defers bitsandbytes; `tune` may build LoRA models (PEFT then caches "bitsandbytes
+    # absent") before a qlora trial: that trial must still get real 4-bit layers.
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from pathlib import Path
+from adapterhub.models import defer_bitsandbytes
+defer_bitsandbytes()
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+base = Path({str(tiny_base)!r})
+get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"]))
+assert "bitsandbytes.nn" not in sys.modules
+from adapterhub.train import load_config
+from adapterhub.train.methods import bitsandbytes_problem, build_model
+from adapterhub.train.runner import load_tokenizer
+assert bitsandbytes_problem() is None
+model = build_model(load_config({{"method": "qlora"}}), base, tokenizer=load_tokenizer(base), precision="fp32")
+from peft.tuners.lora.bnb import Linear4bit
+print("4-bit LoRA layers:", sum(isinstance(m, Linear4bit) for m in model.modules()))
+"""
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "4-bit LoRA layers: 4" in completed.stdout  # q_proj and v_proj of both blocks
+
+
 def test_qlora_is_refused_up_front_where_bitsandbytes_cannot_load(
     tiny_base: Path, sft_jsonl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
