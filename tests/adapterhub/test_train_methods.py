@@ -157,6 +157,19 @@ def test_a_run_that_cannot_learn_is_refused(method: str, tiny_base: Path, sft_js
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_a_setfit_run_that_cannot_learn_is_refused(tmp_path: Path) -> None:
+    from adapterhub.models import minilm_model_dir
+
+    rows = [{"text": f"I loved the {w}", "label": "positive"} for w in ("film", "meal")]
+    rows += [{"text": f"I hated the {w}", "label": "negative"} for w in ("film", "meal")]
+    data = write_jsonl(tmp_path / "few.jsonl", rows)
+    # SetFit warms up over its first 10% of steps: a one-step run's only step has learning rate 0.
+    config = load_config({"data": data, "task": "setfit", "max_steps": 1, "batch_size": 4, "setfit_iterations": 1, "validation_split": 0})
+    with pytest.raises(AdapterhubError, match=r"training changed none of the [\d,]+ trainable parameters: the learning rate was 0"):
+        train(config, base_dir=minilm_model_dir(tmp_path / "encoders"), output_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "final").exists()
+
+
 class _ZeroGradients(TrainerCallback):
     """Cuts every gradient on its way to the weights, as a kernel without a backward does."""
 
