@@ -153,6 +153,8 @@ def with_training_settings(command: Callable[..., None]) -> Callable[..., None]:
     hints = typing.get_type_hints(command, include_extras=True)
     own = [p.replace(annotation=hints.get(p.name, p.annotation), kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
     setting_names = set(TrainConfig.model_fields)
+    former = former_flag_options()
+    former_names = {p.name for p in former}
 
     @functools.wraps(command)
     def run(**options: Any) -> None:
@@ -160,9 +162,10 @@ def with_training_settings(command: Callable[..., None]) -> Callable[..., None]:
             key: (value.value if isinstance(value, Enum) else value)
             for key, value in options.items() if key in setting_names and value is not None
         }
-        command(settings, **{key: value for key, value in options.items() if key not in setting_names})
+        own_options = {key: value for key, value in options.items() if key not in setting_names and key not in former_names}
+        command(settings, **own_options)
 
-    run.__signature__ = inspect.Signature(own + training_setting_options() + former_flag_options())  # type: ignore[attr-defined]
+    run.__signature__ = inspect.Signature(own + training_setting_options() + former)  # type: ignore[attr-defined]
     del run.__wrapped__  # Typer must read the signature above, not the wrapped function's
     return run
 
