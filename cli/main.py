@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     Click's standalone mode handles usage errors (exit 2) and Ctrl-C itself and lets every
     other exception through, so only our user errors are caught here; bugs keep their traceback.
     """
+    from adapterhub.models import defer_bitsandbytes
+
+    defer_bitsandbytes()  # imported only for quantization (a QLoRA run), not by every command through PEFT
     try:
         app(args=argv)
     except AdapterhubError as exc:

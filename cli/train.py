@@ -1,21 +1,33 @@
 """`adapterhub train` and `adapterhub tune`: run the core trainer, then register the result.
 
 Design decisions:
-- Every flag defaults to None ("not given") so that `--config run.yaml` supplies values and a
-  flag given on the command line overrides the file; the merged mapping is validated once by
-  `TrainConfig` (all problems in one error).
+- One name per setting: every `TrainConfig` field is a flag named after it (`learning_rate` is
+  `--learning-rate`, also the YAML key), generated from the field's type, default and
+  description (`training_setting_options`), so a hyperparameter is declared once, in
+  `adapterhub.train.config`. Enums and literals become choices; booleans `--x/--no-x`.
+- Every generated flag defaults to None ("not given") so that `--config run.yaml` supplies
+  values and a flag given on the command line overrides the file; the merged mapping is
+  validated once by `TrainConfig` (all problems in one error).
 - The run trains into a run directory (`$ADAPTERHUB_HOME/runs/<name>` unless `--output-dir`),
   and registration is the very last step: a run stopped by Ctrl-C or SIGKILL leaves its
   checkpoints for `--resume` and no registry record. After a successful registration the
-  default run directory is removed (the registry holds the result and its metrics).
+  default run directory is removed (the registry holds the result and its metrics), and so is
+  a default run directory a refused run leaves with nothing in it to resume.
 - Under `accelerate launch` every process trains; only the main process registers.
+- `--json` output is the only thing on stdout; progress and notes go to stderr.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import shutil
+import types
+import typing
+from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 from rich.table import Table
@@ -23,20 +35,139 @@ from rich.table import Table
 from adapterhub.cli.common import console, err_console, human_bytes, open_registry, print_json
 from adapterhub.errors import AdapterhubError, NotFoundError
 from adapterhub.names import validate_name
-from adapterhub.train.config import Method, Task, TrainConfig, load_config, merge_overrides, read_yaml_config
+from adapterhub.train.config import (
+    FORMER_FLAG_NAMES,
+    Method,
+    Task,
+    TrainConfig,
+    load_config,
+    merge_overrides,
+    read_yaml_config,
+    short_number,
+)
 
 MINILM_BASE_NAME = "all-minilm-l6-v2"
+SETTINGS_PANEL = "Training settings (each also a YAML key: --learning-rate is learning_rate)"
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="YAML run file; flags given on the command line override it.")]
-BaseOption = Annotated[Optional[str], typer.Option("--base", help="Registered base model (setfit: defaults to the embedded MiniLM).")]
-DataOption = Annotated[Optional[Path], typer.Option("--data", help="Training data: .jsonl, .csv or .parquet.")]
-NameOption = Annotated[Optional[str], typer.Option("--name", help="Name to register the result under.")]
 OutputOption = Annotated[Optional[Path], typer.Option("--output-dir", help="Run directory (checkpoints, final result); default $ADAPTERHUB_HOME/runs/NAME.")]
-TagOption = Annotated[Optional[list[str]], typer.Option("--tag", help="Tag for the registered record (repeatable).")]
+TagOption = Annotated[Optional[list[str]], typer.Option("--tag", help="Tag for the registered record (repeatable).", metavar="TAG")]
 
 
-def _flag_values(**flags: Any) -> dict[str, Any]:
-    return {key: (value.value if hasattr(value, "value") else value) for key, value in flags.items() if value is not None}
+def setting_flag(name: str) -> str:
+    """The CLI flag of a `TrainConfig` field: its name with dashes."""
+    return "--" + name.replace("_", "-")
+
+
+def _without_none(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return members[0] if len(members) == 1 else typing.Union[tuple(members)]
+    return annotation
+
+
+def _default_text(value: Any) -> str | None:
+    if value is None:
+        return None  # the description says what "not given" means
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, float):
+        return short_number(value)
+    return str(value)
+
+
+_SCOPES = {m.value for m in Method} | {t.value for t in Task}
+
+
+def _help_text(description: str, default: str | None) -> str:
+    # Sentence case, except a description scoped to methods or tasks ("qlora: ...", "sft/causal_lm ...").
+    first = description.split(" ", 1)[0].rstrip(":")
+    if not set(first.split("/")) <= _SCOPES:
+        description = description[:1].upper() + description[1:]
+    # Parentheses, not brackets: Typer's rich help reads "[...]" as markup.
+    return description.rstrip(".") + (f" (default: {default})" if default is not None else "")
+
+
+def _option_for_field(name: str, field: Any) -> inspect.Parameter:
+    """A keyword parameter carrying the Typer option of one `TrainConfig` field."""
+    annotation = _without_none(field.annotation)
+    help_text = _help_text(field.description or "", _default_text(field.default))
+    decls: tuple[str, ...] = (setting_flag(name),)
+    metavar: str | None = None
+    if annotation is bool:
+        decls = (f"{setting_flag(name)}/--no-{name.replace('_', '-')}",)
+        metavar = ""  # a flag takes no value
+        option_type: Any = bool
+    elif isinstance(annotation, type) and issubclass(annotation, Enum):
+        option_type = annotation
+    elif typing.get_origin(annotation) is Literal:
+        option_type = annotation
+    elif annotation in (int, float, str, Path):
+        option_type = annotation
+    elif typing.get_origin(annotation) is list or any(typing.get_origin(a) is list for a in typing.get_args(annotation)):
+        # Lists (target_modules, labels) are given comma-separated; TrainConfig splits them.
+        option_type, metavar = str, "A,B,..."
+    else:
+        raise TypeError(f"TrainConfig.{name}: no CLI option type for {field.annotation!r}; add one in {__name__}")
+    option = typer.Option(*decls, help=help_text, metavar=metavar, rich_help_panel=SETTINGS_PANEL, show_default=False)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[option_type], option])
+
+
+def training_setting_options() -> list[inspect.Parameter]:
+    """One option per `TrainConfig` field, in the fields' order."""
+    return [_option_for_field(name, field) for name, field in TrainConfig.model_fields.items()]
+
+
+def _renamed(old: str, new: str) -> Callable[[Any], None]:
+    def refuse(value: Any) -> None:
+        if value is not None:
+            raise typer.BadParameter(f"the flag is now {setting_flag(new)} (each setting's flag is its name: {new})", param_hint=old)
+
+    return refuse
+
+
+def former_flag_options() -> list[inspect.Parameter]:
+    """Hidden options for the flags' former names, each refused with the name it has now.
+
+    Click would suggest the closest option by spelling (`--lr` → `--help`), not the setting.
+    """
+    parameters = []
+    for old, new in FORMER_FLAG_NAMES.items():
+        flag = setting_flag(old)
+        is_flag = TrainConfig.model_fields[new].annotation is bool
+        decls = (f"{flag}/--no-{old.replace('_', '-')}",) if is_flag else (flag,)
+        option = typer.Option(*decls, hidden=True, expose_value=False, callback=_renamed(flag, new))
+        annotation = Annotated[Optional[bool] if is_flag else Optional[str], option]
+        parameters.append(inspect.Parameter(f"former_{old}", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+    return parameters
+
+
+def with_training_settings(command: Callable[..., None]) -> Callable[..., None]:
+    """`command(settings, **its own options)` as a Typer command that also takes every training setting.
+
+    `settings` holds the settings given on the command line (enum members as their values).
+    """
+    own = [p for name, p in inspect.signature(command).parameters.items() if name != "settings"]
+    hints = typing.get_type_hints(command, include_extras=True)
+    own = [p.replace(annotation=hints.get(p.name, p.annotation), kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+    setting_names = set(TrainConfig.model_fields)
+    former = former_flag_options()
+    former_names = {p.name for p in former}
+
+    @functools.wraps(command)
+    def run(**options: Any) -> None:
+        settings = {
+            key: (value.value if isinstance(value, Enum) else value)
+            for key, value in options.items() if key in setting_names and value is not None
+        }
+        own_options = {key: value for key, value in options.items() if key not in setting_names and key not in former_names}
+        command(settings, **own_options)
+
+    run.__signature__ = inspect.Signature(own + training_setting_options() + former)  # type: ignore[attr-defined]
+    del run.__wrapped__  # Typer must read the signature above, not the wrapped function's
+    return run
 
 
 def build_config(config_file: Path | None, flags: dict[str, Any]) -> TrainConfig:
@@ -61,11 +192,14 @@ def _resolve_base(registry: Any, config: TrainConfig) -> Any:
     return registry.get_base_model(config.base)
 
 
+def _has_checkpoints(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+
+
 def _run_dir(registry: Any, name: str, output_dir: Path | None, *, resume: bool, overwrite: bool) -> tuple[Path, bool]:
     """The run directory and whether it is ours to delete after registering."""
     run_dir = output_dir or registry.home / "runs" / name
-    has_checkpoints = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-    if has_checkpoints and not resume:
+    if _has_checkpoints(run_dir) and not resume:
         if not overwrite:
             raise AdapterhubError(
                 f"{run_dir} holds checkpoints of an unfinished run: continue it with --resume, or start over with --overwrite"
@@ -103,6 +237,8 @@ def _print_summary(result: Any, put: Any, *, json_output: bool) -> None:
         "tokens_per_second": metrics.get("tokens_per_second"),
         "peak_memory_bytes": result.peak_memory_bytes,
         "truncated_examples": metrics.get("truncated_examples"),
+        "supervision": result.supervision,
+        "early_stopping": result.early_stopping,
         "notes": result.notes,
     }
     if json_output:
@@ -114,7 +250,11 @@ def _print_summary(result: Any, put: Any, *, json_output: bool) -> None:
     for key, value in summary.items():
         if key == "notes" or value is None:
             continue
-        if key == "peak_memory_bytes":
+        if key == "supervision":
+            key, value = "loss on", _supervision_text(value)
+        elif key == "early_stopping":
+            value = _early_stopping_text(value)
+        elif key == "peak_memory_bytes":
             key, value = "peak_memory", human_bytes(value)
         elif isinstance(value, float):
             value = f"{value:.4g}"
@@ -124,70 +264,37 @@ def _print_summary(result: Any, put: Any, *, json_output: bool) -> None:
     console.print(f"{verb} [bold]{put.record.ref}[/] (learning curve and training_metrics.json stored with it)")
 
 
+def _supervision_text(supervision: dict[str, Any]) -> str:
+    template = "chat template applied" if supervision["chat_template"] else "no chat template"
+    packed = ", packed" if supervision["packing"] else ""
+    return f"{supervision['loss_on']} ({supervision['supervised_tokens']:,} of {supervision['tokens']:,} tokens), {template}{packed}"
+
+
+def _early_stopping_text(early: dict[str, Any]) -> str:
+    if early["stopped_early"]:
+        outcome = f"stopped early at step {early['stopped_at_step']} of {early['max_steps']}"
+    else:
+        outcome = f"not triggered ({early['max_steps']} steps)"
+    if early["best_step"] is not None and early["best_eval_loss"] is not None:
+        outcome += f"; best eval_loss {early['best_eval_loss']:.4g} at step {early['best_step']}, the weights registered"
+    return outcome
+
+
+@with_training_settings
 def train_command(
-    base: BaseOption = None,
-    data: DataOption = None,
-    name: NameOption = None,
-    method: Annotated[Optional[Method], typer.Option(help="Fine-tuning method.")] = None,
-    task: Annotated[Optional[Task], typer.Option(help="Training objective.")] = None,
+    settings: dict[str, Any],
     config_file: ConfigOption = None,
-    validation_data: Annotated[Optional[Path], typer.Option(help="Separate validation file.")] = None,
-    validation_split: Annotated[Optional[float], typer.Option(help="Share of --data held out for validation (default 0.1).")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Tokens per example; longer ones are truncated and counted.")] = None,
-    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Pack examples into full sequences.")] = None,
-    padding_free: Annotated[Optional[bool], typer.Option(
-        "--padding-free/--no-padding-free", help="Batch sft/causal_lm examples end to end without pad tokens (default on).")] = None,
-    lora_rank: Annotated[Optional[int], typer.Option("--rank", help="LoRA rank.")] = None,
-    lora_alpha: Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha.")] = None,
-    lora_dropout: Annotated[Optional[float], typer.Option("--dropout", help="LoRA dropout.")] = None,
-    target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated module names, or all-linear.")] = None,
-    use_rslora: Annotated[Optional[bool], typer.Option("--rslora/--no-rslora", help="Rank-stabilised LoRA scaling.")] = None,
-    quant_bits: Annotated[Optional[int], typer.Option(help="qlora: 4 (NF4) or 8 bits.")] = None,
-    num_virtual_tokens: Annotated[Optional[int], typer.Option(help="prompt/prefix tuning: virtual tokens.")] = None,
-    prompt_init_text: Annotated[Optional[str], typer.Option(help="prompt_tuning: initialise from this text.")] = None,
-    layerwise_top_k: Annotated[Optional[int], typer.Option("--top-k", help="layerwise: train the top K blocks.")] = None,
-    labels: Annotated[Optional[str], typer.Option(help="classification: comma-separated label set (else inferred).")] = None,
-    setfit_iterations: Annotated[Optional[int], typer.Option(help="setfit: contrastive pairs per example.")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default per method).")] = None,
-    lr_scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="constant, linear or cosine.")] = None,
-    warmup_ratio: Annotated[Optional[float], typer.Option(help="Warmup as a share of the steps.")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Warmup steps.")] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Epochs (default 3).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps; overrides --epochs.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Examples per device per step.")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.")] = None,
-    max_grad_norm: Annotated[Optional[float], typer.Option(help="Gradient clipping norm (0: off).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay.")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adamw, adafactor or sgd.")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward (default on; off is faster, uses more memory).")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    eval_steps: Annotated[Optional[int], typer.Option(help="Validate every N steps.")] = None,
-    early_stopping_patience: Annotated[Optional[int], typer.Option("--early-stopping", help="Stop after N validations without improvement.")] = None,
-    save_steps: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (needed for --resume).")] = None,
     output_dir: OutputOption = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint of the run directory.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard an unfinished run's checkpoints.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint of the run directory.", metavar="")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard an unfinished run's checkpoints.", metavar="")] = False,
     tags: TagOption = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar (else one line per logging step), on stderr.", metavar="")] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (the only output on stdout).", metavar="")] = False,
 ) -> None:
     """Train an adapter (or a full model) and register it with its lineage and metrics."""
     from adapterhub.train import train
 
-    flags = _flag_values(
-        base=base, data=data, name=name, method=method, task=task, validation_data=validation_data,
-        validation_split=validation_split, max_length=max_length, packing=packing, padding_free=padding_free, lora_rank=lora_rank,
-        lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules, use_rslora=use_rslora,
-        quant_bits=quant_bits, num_virtual_tokens=num_virtual_tokens, prompt_init_text=prompt_init_text,
-        layerwise_top_k=layerwise_top_k, labels=labels, setfit_iterations=setfit_iterations,
-        learning_rate=learning_rate, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps,
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
-        weight_decay=weight_decay, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
-        precision=precision, seed=seed, eval_steps=eval_steps, early_stopping_patience=early_stopping_patience,
-        save_steps=save_steps,
-    )
-    config = build_config(config_file, flags)
+    config = build_config(config_file, settings)
     if config.name is None:
         raise AdapterhubError("no name given: --name NAME (the registry name of the result)")
     validate_name(config.name, what="adapter name")
@@ -203,6 +310,10 @@ def train_command(
     except KeyboardInterrupt:
         err_console.print(f"interrupted: nothing registered; continue with `adapterhub train ... --resume` (run dir {run_dir})")
         raise typer.Exit(130) from None
+    except AdapterhubError:
+        if owned and not _has_checkpoints(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: a refused run leaves nothing behind
+        raise
     if not result.is_main_process:
         return
     put = _register(registry, config, base_record, result, list(tags or []))
@@ -211,23 +322,22 @@ def train_command(
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+@with_training_settings
 def tune_command(
-    config_file: Annotated[Path, typer.Option("--config", help="YAML run file with a `search:` section.")],
-    base: BaseOption = None,
-    data: DataOption = None,
-    name: NameOption = None,
+    settings: dict[str, Any],
+    config_file: Annotated[Path, typer.Option("--config", help="YAML run file with a `search:` section; flags given override its settings.")],
     trials: Annotated[Optional[int], typer.Option(help="Number of trials (grid: at most the grid size).")] = None,
-    sampler: Annotated[Optional[str], typer.Option(help="grid, random or tpe (Bayesian).")] = None,
+    sampler: Annotated[Optional[Literal["grid", "random", "tpe"]], typer.Option(help="grid, random or tpe (Bayesian).")] = None,
     output_dir: OutputOption = None,
     tags: TagOption = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the trials as JSON.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the trials as JSON (the only output on stdout).", metavar="")] = False,
 ) -> None:
     """Search hyperparameters with Optuna (each trial a training run); register the best."""
     from adapterhub.train.tune import SearchSpec, tune
 
     file_values = read_yaml_config(config_file)
     search = SearchSpec.from_mapping(file_values.pop("search", None), trials=trials, sampler=sampler)
-    config = load_config(merge_overrides(file_values, _flag_values(base=base, data=data, name=name)), source=f"config {config_file}")
+    config = load_config(merge_overrides(file_values, settings), source=f"config {config_file}")
     if config.name is None:
         raise AdapterhubError("no name given: --name NAME or `name:` in the config")
     validate_name(config.name, what="adapter name")

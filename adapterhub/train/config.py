@@ -5,7 +5,11 @@ Design decisions:
   lineage is enough to repeat the run exactly. The CLI builds it from `--config run.yaml`
   first and then overlays the flags that were given (`merge_overrides`): flags win.
 - Unknown keys are refused (`extra="forbid"`): a misspelt YAML key silently ignored would make
-  a run differ from what its author believes it is.
+  a run differ from what its author believes it is. The error says which setting the key most
+  likely means (a flag spelling such as `learning-rate`, a former flag name such as `lr`, a typo)
+  or, when none is close, lists them all.
+- One name per setting: a field's name is its YAML key, and its `train`/`tune` flag is the same
+  name with dashes; the CLI generates those options from the fields (type, default, description).
 - Every problem in a config is reported at once (`load_config` turns pydantic's error list
   into one `ValidationError`), and checks that need no model or data (method/task
   combinations, ranges) run here, before anything is loaded.
@@ -13,6 +17,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
@@ -71,20 +76,56 @@ Scheduler = Literal["constant", "linear", "cosine"]
 Optimizer = Literal["adamw", "adafactor", "sgd"]
 
 
+def short_number(value: float) -> str:
+    """A float as people write learning rates: 2e-4, 0.1, 3."""
+    if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{float(mantissa):g}e{int(exponent)}"
+    return f"{value:g}"
+
+
+def _default_rates_text() -> str:
+    # Methods sharing a rate are named together: "2e-4 for lora, qlora and dora; 3e-3 for ia3; ...".
+    by_rate: dict[float, list[str]] = {}
+    for method, rate in DEFAULT_LEARNING_RATES.items():
+        by_rate.setdefault(rate, []).append(method.value)
+    parts = []
+    for rate, methods in by_rate.items():
+        names = methods[0] if len(methods) == 1 else ", ".join(methods[:-1]) + " and " + methods[-1]
+        parts.append(f"{short_number(rate)} for {names}")
+    return "; ".join(parts)
+
+
+# What `target_modules: null` (the default) means. PEFT's own default, as `LoraConfig()` without
+# target_modules has it: what PEFT users expect an adapter to cover when they name no modules,
+# and the smallest adapter (the quickest to train and serve on CPU). `all-linear` (the QLoRA
+# paper's choice, every linear layer but the output) is one word away; tests keep the modules
+# named here equal to PEFT's table for Llama.
+DEFAULT_TARGET_MODULES_TEXT = (
+    "PEFT's default for the base's architecture: q_proj,v_proj on Llama-family bases such as SmolLM2 "
+    "(ia3: k_proj,v_proj,down_proj)"
+)
+
+
 class TrainConfig(BaseModel):
-    """Everything that defines one training run (data, method, task and every hyperparameter)."""
+    """Everything that defines one training run (data, method, task and every hyperparameter).
+
+    Each field is one setting with one name: the YAML key, and the `adapterhub train` / `tune`
+    flag with dashes (`learning_rate` is `--learning-rate`). The CLI generates its options from
+    these fields (type, default, description), so a setting is declared here only.
+    """
 
     model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_assignment=True)
 
     # What to train on and what to call it. `base` and `name` are resolved by the CLI against
     # the registry; the core trainer takes the base directory directly.
-    base: str | None = Field(None, description="registered base model name (CLI)")
-    name: str | None = Field(None, description="name to register the result under (CLI)")
+    base: str | None = Field(None, description="registered base model (setfit: the embedded all-MiniLM-L6-v2 when not given)")
+    name: str | None = Field(None, description="name to register the result under")
     data: Path | None = Field(None, description="training data: .jsonl, .json, .csv or .parquet")
-    validation_data: Path | None = Field(None, description="separate validation file (same format)")
-    validation_split: float = Field(0.1, ge=0.0, lt=1.0, description="share of `data` held out when no validation_data")
-    method: Method = Method.LORA
-    task: Task = Task.SFT
+    validation_data: Path | None = Field(None, description="separate validation file (same format); else validation_split of data")
+    validation_split: float = Field(0.1, ge=0.0, lt=1.0, description="share of data held out for validation when no validation_data")
+    method: Method = Field(Method.LORA, description="how the base is adapted (task setfit: full)")
+    task: Task = Field(Task.SFT, description="what the data teaches")
 
     # Sequence handling.
     max_length: int = Field(512, ge=8, description="tokens per example; longer ones are truncated (and counted)")
@@ -96,54 +137,54 @@ class TrainConfig(BaseModel):
     )
 
     # LoRA family.
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_rank: int = Field(8, ge=1, description="lora/qlora/dora: rank r of the update B·A")
+    lora_alpha: float = Field(16.0, gt=0, description="lora/qlora/dora: scaling alpha (the update is scaled by alpha/r)")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="lora/qlora/dora: dropout on the adapter's input")
     target_modules: list[str] | Literal["all-linear"] | None = Field(
-        None, description="module names, 'all-linear', or None for PEFT's default for the architecture"
+        None, description=f"comma-separated module names, or all-linear; when not given, {DEFAULT_TARGET_MODULES_TEXT}"
     )
-    use_rslora: bool = False
+    use_rslora: bool = Field(False, description="lora/qlora/dora: rank-stabilised scaling alpha/sqrt(r)")
     quant_bits: Literal[4, 8] = Field(4, description="qlora: 4 (NF4, double quantization) or 8 bits")
 
     # Soft prompts.
-    num_virtual_tokens: int = Field(8, ge=1)
+    num_virtual_tokens: int = Field(8, ge=1, description="prompt_tuning/prefix_tuning: virtual tokens")
     prompt_init_text: str | None = Field(None, description="prompt_tuning: initialise the soft prompt from this text")
 
     # Layer-wise fine-tuning: train only the top-k transformer blocks.
-    layerwise_top_k: int = Field(2, ge=1)
+    layerwise_top_k: int = Field(2, ge=1, description="layerwise: train the top K transformer blocks")
 
     # Classification.
-    labels: list[str] | None = Field(None, description="label set (else inferred from the data, sorted)")
+    labels: list[str] | None = Field(None, description="classification/setfit: comma-separated label set (else inferred from the data, sorted)")
 
     # SetFit.
-    setfit_iterations: int = Field(20, ge=1, description="contrastive pairs generated per example")
-    setfit_body_epochs: int = Field(1, ge=1)
+    setfit_iterations: int = Field(20, ge=1, description="setfit: contrastive pairs generated per example")
+    setfit_body_epochs: int = Field(1, ge=1, description="setfit: epochs of contrastive encoder training")
 
     # Optimisation.
-    learning_rate: float | None = Field(None, gt=0, description="None: a per-method default")
-    lr_scheduler: Scheduler = "linear"
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    warmup_steps: int = Field(0, ge=0)
-    epochs: float = Field(3.0, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    learning_rate: float | None = Field(None, gt=0, description=f"peak learning rate; when not given, {_default_rates_text()}")
+    lr_scheduler: Scheduler = Field("linear", description="learning-rate schedule after the warmup")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="warmup as a share of the steps (or warmup_steps)")
+    warmup_steps: int = Field(0, ge=0, description="warmup steps (or warmup_ratio)")
+    epochs: float = Field(3.0, gt=0, description="passes over the training data")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
+    batch_size: int = Field(8, ge=1, description="examples per device per step")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
     max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping; 0 disables it")
-    weight_decay: float = Field(0.0, ge=0.0)
-    optimizer: Optimizer = "adamw"
+    weight_decay: float = Field(0.0, ge=0.0, description="weight decay")
+    optimizer: Optimizer = Field("adamw", description="optimizer")
     gradient_checkpointing: bool = Field(
         True, description="recompute activations in the backward pass (TRL's default): about 20% less memory for about 10% "
         "more time on small models, the difference between fitting and not on large ones")
-    precision: Precision = Field("auto", description="auto: bf16 on CUDA GPUs that have it, fp16 on older ones, fp32 on CPU")
-    seed: int = 42
+    precision: Precision = Field("auto", description="compute precision; auto is bf16 on CUDA GPUs that have it, fp16 on older ones, fp32 on CPU")
+    seed: int = Field(42, description="random seed (initialisation, data order, validation split)")
 
     # Evaluation, early stopping, checkpoints.
     eval_steps: int | None = Field(None, ge=1, description="validate every N steps (default: ~10 times per run)")
-    early_stopping_patience: int | None = Field(None, ge=1, description="stop after N validations without improvement")
-    early_stopping_threshold: float = Field(0.0, ge=0.0)
-    save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (needed for --resume)")
-    save_total_limit: int = Field(2, ge=1)
-    logging_steps: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after N validations without improvement (default: no early stopping)")
+    early_stopping_threshold: float = Field(0.0, ge=0.0, description="how much the validation loss must fall to count as an improvement")
+    save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (needed for resuming; default: no checkpoints)")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
+    logging_steps: int | None = Field(None, ge=1, description="log losses every N steps (default: ~100 times per run)")
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -232,12 +273,41 @@ def combination_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
+# Names the `train` flags had before each flag became its setting's name: a run file (or a
+# command line) written with them is told the setting's name.
+FORMER_FLAG_NAMES = {
+    "lr": "learning_rate", "rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora",
+    "scheduler": "lr_scheduler", "early_stopping": "early_stopping_patience", "top_k": "layerwise_top_k",
+}
+
+
+def suggest_setting(key: object) -> str | None:
+    """The setting an unknown key most likely means (a flag spelling, a former flag name, a typo), or None."""
+    fields = list(TrainConfig.model_fields)
+    normal = str(key).strip().lstrip("-").replace("-", "_").lower()
+    if normal in fields:
+        return normal
+    if normal in FORMER_FLAG_NAMES:
+        return FORMER_FLAG_NAMES[normal]
+    close = difflib.get_close_matches(normal, fields, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def unknown_setting_problem(key: object, where: str | None = None) -> str:
+    """'<where>: unknown setting ...' with a did-you-mean, or the valid names when nothing is close."""
+    suggestion = suggest_setting(key)
+    hint = f"did you mean {suggestion!r}?" if suggestion else f"the settings are {', '.join(TrainConfig.model_fields)}"
+    return f"{where or key}: not a training setting ({hint})"
+
+
 def _format_pydantic_errors(exc: pydantic.ValidationError) -> list[str]:
     problems = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
-        if where:
+        if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
+            problems.append(unknown_setting_problem(error["loc"][0]))
+        elif where:
             problems.append(f"{where}: {message} (got {error.get('input')!r})")
         else:
             problems.extend(message.split("; "))

@@ -2,8 +2,11 @@
 
 Design decisions:
 - Every row is checked before any model is loaded, and every bad row is reported at once with
-  its location (`line 7` of a JSONL or CSV file, `row 7` of a Parquet file), so a user fixes a
-  file in one pass instead of one crash per bad row after minutes of model loading.
+  its location (`line 7` of a JSONL or CSV file, `row 7` of a Parquet file, `item 7` of a JSON
+  array), so a user fixes a file in one pass instead of one crash per bad row after minutes of
+  model loading. A line that is not JSON (or not an object) is one bad row among the others: it
+  is read as a `Row` carrying its problem, and reported in line order with the rows whose
+  fields are missing or of the wrong type, rather than hiding them.
 - JSONL is parsed line by line here (the only way to name the line of a broken JSON object;
   `datasets`' JSON loader reports an Arrow error without one). CSV and Parquet go through
   `datasets.load_dataset`, whose row order matches the file, so row i is CSV line i + 2.
@@ -40,10 +43,15 @@ _MAX_REPORTED = 20
 
 @dataclass(frozen=True)
 class Row:
-    """One raw example and where it came from (for error messages)."""
+    """One raw example and where it came from (for error messages).
+
+    `problem` is set for a row that could not be read at all (not JSON, not an object); its
+    `values` are then empty.
+    """
 
     where: str
     values: dict[str, Any]
+    problem: str | None = None
 
 
 @dataclass
@@ -75,7 +83,11 @@ def file_fingerprint(paths: Sequence[Path]) -> str:
 
 
 def read_rows(path: Path) -> list[Row]:
-    """Rows of a data file with their locations; raises `ValidationError` for unreadable files."""
+    """Rows of a data file with their locations; raises `ValidationError` for unreadable files.
+
+    Rows that cannot be parsed are returned with their `problem` (see `Row`), for
+    `normalise_rows` to report with every other bad row.
+    """
     subject = f"data {path}"
     if not path.exists():
         raise ValidationError(subject, ["file not found"])
@@ -94,7 +106,10 @@ def read_rows(path: Path) -> list[Row]:
 
 
 def _read_jsonl(path: Path) -> list[Row]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:  # replacing the bytes would train on text the file does not hold
+        raise ValidationError(f"data {path}", [f"not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
         # A JSON array of objects: locations are item numbers.
@@ -102,24 +117,38 @@ def _read_jsonl(path: Path) -> list[Row]:
             items = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValidationError(f"data {path}", [f"not valid JSON: {exc}"]) from None
-        return [Row(f"item {i}", item if isinstance(item, dict) else {"__not_object__": item}) for i, item in enumerate(items, 1)]
+        except RecursionError:
+            raise ValidationError(f"data {path}", ["not valid JSON: nested too deeply"]) from None
+        return [_object_row(f"item {i}", item) for i, item in enumerate(items, 1)]
     rows: list[Row] = []
-    problems: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        where = f"line {number}"
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            problems.append(f"line {number}: not valid JSON ({exc.msg})")
+            rows.append(Row(where, {}, f"not valid JSON ({exc.msg})"))
             continue
-        if not isinstance(value, dict):
-            problems.append(f"line {number}: expected a JSON object, got {type(value).__name__}")
+        except RecursionError:
+            rows.append(Row(where, {}, "not valid JSON (nested too deeply)"))
             continue
-        rows.append(Row(f"line {number}", value))
-    if problems:
-        raise ValidationError(f"data {path}", _capped(problems))
+        rows.append(_object_row(where, value))
     return rows
+
+
+def _object_row(where: str, value: Any) -> Row:
+    if isinstance(value, dict):
+        return Row(where, value)
+    return Row(where, {}, f"expected a JSON object, got {_describe(value)}")
+
+
+def _describe(value: Any) -> str:
+    """A value's JSON type and a short excerpt, for messages about wrongly typed fields."""
+    kinds = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}
+    kind = "null" if value is None else kinds.get(type(value), type(value).__name__)
+    excerpt = json.dumps(value, default=str)
+    return kind if value is None else f"{kind} {excerpt if len(excerpt) <= 40 else excerpt[:37] + '...'}"
 
 
 def _read_with_datasets(path: Path, kind: str) -> list[Row]:
@@ -142,6 +171,19 @@ def _capped(problems: list[str]) -> list[str]:
 
 def _is_text(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
+
+
+def _text_fields_problem(values: Mapping[str, Any], keys: Sequence[str]) -> str | None:
+    """'prompt missing, completion a number 5' for the keys that are not non-empty strings, or None."""
+    bad = []
+    for key in keys:
+        if key not in values or values[key] is None:
+            bad.append(f"{key} missing")
+        elif not isinstance(values[key], str):
+            bad.append(f"{key} is a {_describe(values[key])}")
+        elif not values[key].strip():
+            bad.append(f"{key} empty")
+    return ", ".join(bad) or None
 
 
 def _normalise_sft(row: Row, problems: list[str], *, chat: bool) -> dict[str, Any] | None:
@@ -172,12 +214,9 @@ def _normalise_sft(row: Row, problems: list[str], *, chat: bool) -> dict[str, An
             return {"prompt": turns[:-1], "completion": turns[-1:]}
         prompt = "\n".join(m["content"] for m in turns[:-1]) + "\n"
         return {"prompt": prompt, "completion": turns[-1]["content"]}
-    missing = [key for key in ("prompt", "completion") if not _is_text(values.get(key))]
-    if missing:
-        problems.append(
-            f"{row.where}: needs non-empty 'prompt' and 'completion' strings (or 'messages'); "
-            f"missing or empty: {', '.join(missing)}"
-        )
+    bad = _text_fields_problem(values, ("prompt", "completion"))
+    if bad:
+        problems.append(f"{row.where}: needs non-empty 'prompt' and 'completion' strings (or 'messages'); {bad}")
         return None
     if chat:
         return {
@@ -198,43 +237,69 @@ def _label_text(value: Any) -> str | None:
 
 
 def normalise_rows(rows: list[Row], config: TrainConfig, *, chat: bool, labels: list[str] | None) -> tuple[list[dict[str, Any]], list[str] | None]:
-    """Check and reshape rows for the task; raises one `ValidationError` naming every bad row."""
-    problems: list[str] = []
-    examples: list[dict[str, Any]] = []
-    task = config.task
-    if task == Task.SFT:
-        for row in rows:
-            example = _normalise_sft(row, problems, chat=chat)
-            if example is not None:
-                examples.append(example)
-    elif task == Task.CAUSAL_LM:
-        for row in rows:
-            if not _is_text(row.values.get("text")):
-                problems.append(f"{row.where}: needs a non-empty 'text' string")
-            else:
-                examples.append({"text": row.values["text"]})
-    else:
-        raw: list[tuple[Row, str]] = []
-        for row in rows:
-            label = _label_text(row.values.get("label"))
-            text_ok = _is_text(row.values.get("text"))
-            if not text_ok or label is None:
-                missing = [k for k, ok in (("text", text_ok), ("label", label is not None)) if not ok]
-                problems.append(f"{row.where}: needs a non-empty 'text' and a 'label' (string or integer); bad: {', '.join(missing)}")
-                continue
-            raw.append((row, label))
-        if labels is None:
-            found = {label for _, label in raw}
-            labels = sorted(found, key=lambda v: (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v))
-        index = {label: i for i, label in enumerate(labels)}
-        for row, label in raw:
-            if label not in index:
-                problems.append(f"{row.where}: label {label!r} is not one of {labels}")
-            else:
-                examples.append({"text": row.values["text"], "label": index[label]})
+    """Check and reshape rows for the task; raises one `ValidationError` naming every bad row, in file order."""
+    examples, labels, problems = _check_rows(rows, config, chat=chat, labels=labels)
     if problems:
         raise ValidationError("training data", _capped(problems))
     return examples, labels
+
+
+def _check_rows(
+    rows: list[Row], config: TrainConfig, *, chat: bool, labels: list[str] | None
+) -> tuple[list[dict[str, Any]], list[str] | None, list[str]]:
+    """The task's examples, the label set, and one problem per bad row in file order."""
+    # (position in the file, message): rows are checked in more than one pass for classification.
+    found: list[tuple[int, str]] = []
+    examples: list[dict[str, Any]] = []
+    task = config.task
+    readable: list[tuple[int, Row]] = []
+    for position, row in enumerate(rows):
+        if row.problem is not None:  # not JSON, not an object: a bad row like the others
+            found.append((position, f"{row.where}: {row.problem}"))
+        else:
+            readable.append((position, row))
+    if task == Task.SFT:
+        for position, row in readable:
+            problems: list[str] = []
+            example = _normalise_sft(row, problems, chat=chat)
+            found.extend((position, problem) for problem in problems)
+            if example is not None:
+                examples.append(example)
+    elif task == Task.CAUSAL_LM:
+        for position, row in readable:
+            bad = _text_fields_problem(row.values, ("text",))
+            if bad:
+                found.append((position, f"{row.where}: needs a non-empty 'text' string; {bad}"))
+            else:
+                examples.append({"text": row.values["text"]})
+    else:
+        raw: list[tuple[int, Row, str]] = []
+        for position, row in readable:
+            label = _label_text(row.values.get("label"))
+            bad_text = _text_fields_problem(row.values, ("text",))
+            if bad_text or label is None:
+                bad = [bad_text] if bad_text else []
+                if label is None:
+                    value = row.values.get("label")
+                    bad.append("label missing" if value is None else f"label is a {_describe(value)}")
+                found.append((position, f"{row.where}: needs a non-empty 'text' and a 'label' (string or integer); {', '.join(bad)}"))
+                continue
+            raw.append((position, row, label))
+        if labels is None:
+            labels = _labels_in([row for _, row, _ in raw])
+        index = {label: i for i, label in enumerate(labels)}
+        for position, row, label in raw:
+            if label not in index:
+                found.append((position, f"{row.where}: label {label!r} is not one of {labels}"))
+            else:
+                examples.append({"text": row.values["text"], "label": index[label]})
+    return examples, labels, [problem for _, problem in sorted(found, key=lambda item: item[0])]
+
+
+def _labels_in(rows: Sequence[Row]) -> list[str]:
+    """The label set of readable rows, sorted (integers numerically), as a run infers it."""
+    seen = {label for row in rows if row.problem is None and (label := _label_text(row.values.get("label"))) is not None}
+    return sorted(seen, key=lambda v: (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v))
 
 
 def prepare_data(config: TrainConfig, *, chat: bool) -> PreparedData:
@@ -243,16 +308,21 @@ def prepare_data(config: TrainConfig, *, chat: bool) -> PreparedData:
         raise ValidationError("training config", ["no training data given (--data or `data:` in the config)"])
     files = [config.data] + ([config.validation_data] if config.validation_data else [])
     train_rows = read_rows(config.data)
+    validation_rows = read_rows(config.validation_data) if config.validation_data else None
     labels = list(config.labels) if config.labels else None
-    if config.task in (Task.CLASSIFICATION, Task.SETFIT) and labels is None and config.validation_data:
+    if config.task in (Task.CLASSIFICATION, Task.SETFIT) and labels is None and validation_rows is not None:
         # Infer the label set from both files, so a label seen only in validation is not an error.
-        all_rows = train_rows + read_rows(config.validation_data)
-        _, labels = normalise_rows(all_rows, config, chat=chat, labels=None)
-    train, labels = normalise_rows(train_rows, config, chat=chat, labels=labels)
+        labels = _labels_in(train_rows + validation_rows)
+    train, labels, problems = _check_rows(train_rows, config, chat=chat, labels=labels)
     notes: list[str] = []
-    if config.validation_data:
-        validation, _ = normalise_rows(read_rows(config.validation_data), config, chat=chat, labels=labels)
-    else:
+    if validation_rows is not None:
+        validation, _, validation_problems = _check_rows(validation_rows, config, chat=chat, labels=labels)
+        if problems or validation_problems:
+            # Both files' bad rows in one error; each location then says which file it is in.
+            problems = [f"{files[0].name} {p}" for p in problems] + [f"{files[1].name} {p}" for p in validation_problems]
+    if problems:
+        raise ValidationError("training data", _capped(problems))
+    if validation_rows is None:
         if config.validation_split > 0 and math.floor(len(train) * config.validation_split) == 0:
             notes.append(
                 f"validation_split {config.validation_split} of {len(train)} examples is less than one example: no validation"

@@ -13,6 +13,16 @@ Design decisions:
 - `environment_problems` collects everything that would make a run fail after minutes of
   loading (base of the wrong kind for the task, bitsandbytes missing, fp16 asked on a CPU)
   and reports it before any weight is read.
+- A QLoRA model's 4-bit layers are kept out of bitsandbytes' CPU inference repack
+  (`keep_4bit_layers_trainable`). On CPUs with AVX-512 BF16 (Intel Xeon with AMX),
+  bitsandbytes 0.50's `Linear4bit.forward` rewrites its weight, in place and for good, into a
+  layout for a fast inference kernel the first time it runs in eval mode on an input that needs
+  no gradient, which is what every evaluation (and `generate`) does. That kernel has no
+  backward, so from then on no gradient reaches any LoRA weight below a 4-bit layer: the
+  evaluation before the first step would silently freeze the whole run. The layer's own switch
+  for the repack (`support_avx512bf16_for_cpu`, set at construction from the CPU's features) is
+  turned off on the trainable model only; evaluation then takes the dequantizing path that
+  training takes. Other machines (AMD CPUs, CUDA) never repack, so nothing changes there.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from adapterhub.errors import AdapterhubError
 from adapterhub.train.config import FULL_MODEL_METHODS, Method, Task, TrainConfig
 
 # PEFT's default IA3 feed-forward module names, for user-given target lists.
@@ -51,8 +62,10 @@ def is_causal_lm(base_config: dict[str, Any]) -> bool:
 
 def bitsandbytes_problem() -> str | None:
     """Why bitsandbytes cannot quantize here, or None when it can (CUDA, or its CPU backend)."""
+    from adapterhub.models import import_bitsandbytes
+
     try:
-        import bitsandbytes  # noqa: F401
+        import_bitsandbytes()
     except Exception as exc:  # import errors of compiled libraries come in several types
         return f"qlora needs bitsandbytes, which cannot be imported here ({type(exc).__name__}: {exc})"
     import torch
@@ -166,6 +179,31 @@ def _peft_config(config: TrainConfig, task_type: str, tokenizer: Any, base_dir: 
     raise ValueError(f"no PEFT config for method {method.value}")
 
 
+def keep_4bit_layers_trainable(model: Any) -> int:
+    """Keep every 4-bit layer of `model` out of bitsandbytes' CPU inference repack; returns how many.
+
+    See the module docstring: the repack happens on the first eval-mode forward without
+    gradients and leaves a layout whose kernel has no backward, so LoRA weights of a model that
+    is evaluated and then trained (before/after validation, resume, `generate`) would get zero
+    gradients. Only a layer that has not been repacked yet can be kept out of it, so this runs
+    right after loading, before any forward pass.
+    """
+    from adapterhub.models import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
+    kept = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+            # Not reachable from a fresh `from_pretrained`; a model that ran inference first cannot be trained.
+            raise AdapterhubError("qlora: a 4-bit layer was already repacked for CPU inference; load a fresh model to train")
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            kept += 1
+    return kept
+
+
 def transformer_blocks(model: Any) -> Any:
     """The ModuleList of a model's transformer blocks (the longest ModuleList of modules)."""
     import torch
@@ -216,6 +254,7 @@ def build_model(
         model = AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs)
         task_type = "CAUSAL_LM"
     if config.method == Method.QLORA:
+        keep_4bit_layers_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     if config.method in FULL_MODEL_METHODS:
         if config.method == Method.LAYERWISE:

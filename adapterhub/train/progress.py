@@ -4,6 +4,10 @@ Design decisions:
 - The bar is a `transformers.TrainerCallback`, so it works with every trainer we build on
   (SFTTrainer, Trainer, SetFit's) and under `accelerate launch` (only the main process draws).
   transformers' own tqdm bars are switched off (`disable_tqdm=True`) so there is one bar.
+- Human feedback goes to stderr, always: the bar, and without it (`--no-progress`, tuning
+  trials, CI logs) one short line per logging step (`LogLines`) instead of transformers'
+  `PrinterCallback`, which prints the raw log dict of every step to stdout. stdout is left to
+  what a command outputs (`--json` must parse).
 - The learning curve and `training_metrics.json` are derived from `TrainerState.log_history`
   after training, rather than recorded by a second callback, so a resumed run (whose state is
   restored from the checkpoint) plots its whole history, not just the part after the resume.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,7 @@ class RichProgressBar(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self._progress = Progress(
@@ -47,6 +53,7 @@ class RichProgressBar(TrainerCallback):
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             transient=False,
+            console=Console(stderr=True),
         )
         self._progress.start()
         self._task = self._progress.add_task(self.description, total=state.max_steps, completed=state.global_step, losses="")
@@ -75,6 +82,26 @@ class RichProgressBar(TrainerCallback):
             self._refresh(state)
             self._progress.stop()
             self._progress = None
+
+
+class LogLines(TrainerCallback):
+    """One short human line per logging step on stderr (where no bar is drawn)."""
+
+    # (log key, how the line names it), in the order shown.
+    _SHOWN = (
+        ("loss", "loss"), ("embedding_loss", "loss"), ("eval_loss", "eval_loss"), ("eval_accuracy", "eval_accuracy"),
+        ("learning_rate", "lr"), ("grad_norm", "grad_norm"),
+    )
+
+    def __init__(self, description: str = "training") -> None:
+        self.description = description
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        parts = [f"{label} {logs[key]:.4g}" for key, label in self._SHOWN if isinstance(logs.get(key), (int, float))]
+        if parts:  # the end-of-run summary dict (runtime, samples/s) has none of these: the CLI reports it
+            print(f"{self.description} step {state.global_step}/{state.max_steps}: {', '.join(parts)}", file=sys.stderr, flush=True)
 
 
 def loss_history(log_history: list[dict[str, Any]]) -> dict[str, list[list[float]]]:

@@ -13,10 +13,17 @@ Design decisions:
   checkpoints to `--resume` from, and no half-made registry record.
 - The resolved config is written to `output_dir/run_config.json` on the first start; a resume
   with a different config is refused (it could not end at the adapter the config describes).
+- A run whose trainable weights end bit-identical to where they started is refused, for every
+  method (`refuse_untrained`): a fingerprint of the trainable parameters is taken before the
+  first step and compared after the last. Such a run has learned nothing whatever its losses
+  say (a learning rate that is 0 at every step, gradients that never reach the weights, as
+  with bitsandbytes' CPU repack), and registering it would put an untrained adapter in the
+  registry, silently. The error names the likely cause from the run's own log.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,7 +41,7 @@ from adapterhub.train.batching import keeps_packed_rows, packed_rows_collator, p
 from adapterhub.train.config import Method, Task, TrainConfig
 from adapterhub.train.data import PreparedData, prepare_data
 from adapterhub.train.methods import build_model, environment_problems, resolve_precision, trainable_parameters
-from adapterhub.train.progress import CURVE_FILE, RichProgressBar, loss_history, plot_learning_curve, write_metrics
+from adapterhub.train.progress import CURVE_FILE, LogLines, RichProgressBar, loss_history, plot_learning_curve, write_metrics
 
 RUN_CONFIG_FILE = "run_config.json"
 INITIAL_EVAL_FILE = "initial_eval.json"
@@ -59,6 +66,10 @@ class TrainResult:
     peak_memory_bytes: int
     is_main_process: bool = True
     notes: list[str] = field(default_factory=list)
+    # What the loss was computed on (sft/causal_lm): see `supervision`.
+    supervision: dict[str, Any] | None = None
+    # Whether and where early stopping ended the run (runs with early_stopping_patience).
+    early_stopping: dict[str, Any] | None = None
 
     def lineage_details(self, *, base_fingerprint: str | None = None) -> dict[str, Any]:
         details: dict[str, Any] = {
@@ -68,6 +79,10 @@ class TrainResult:
             "peak_memory_bytes": self.peak_memory_bytes,
             "metrics": {k: v for k, v in self.metrics.items() if not k.endswith("_history")},
         }
+        if self.supervision is not None:
+            details["supervision"] = self.supervision
+        if self.early_stopping is not None:
+            details["early_stopping"] = self.early_stopping
         if base_fingerprint is not None:
             details["base_fingerprint"] = base_fingerprint
         return details
@@ -108,6 +123,63 @@ def count_truncated(examples: Sequence[dict[str, Any]], tokenizer: Any, config: 
     add_special = config.task == Task.CLASSIFICATION or "text" in examples[0]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=add_special)["input_ids"]]
     return sum(1 for length in lengths if length > config.max_length)
+
+
+def trainable_fingerprint(model: Any, names: Sequence[str] | None = None) -> tuple[str, tuple[str, ...]]:
+    """A digest of the trainable parameters' bytes (or of the parameters `names`), and their names.
+
+    Hashing every byte is exact (any change of any element shows) and cheap next to training:
+    about a second for the 540 MB of a full SmolLM2, nothing for an adapter.
+    """
+    import torch
+
+    parameters = dict(model.named_parameters())
+    chosen = tuple(names) if names is not None else tuple(name for name, p in parameters.items() if p.requires_grad)
+    digest = hashlib.blake2b(digest_size=20)
+    for name in chosen:
+        tensor = parameters[name].detach().reshape(-1).contiguous().cpu()
+        digest.update(name.encode())
+        digest.update(tensor.view(torch.uint8).numpy().data)
+    return digest.hexdigest(), chosen
+
+
+def refuse_untrained(config: TrainConfig, log_history: Sequence[dict[str, Any]], *, parameters: int) -> None:
+    """Raise the error for a run whose trainable weights never changed, naming the likely cause."""
+    rates = [entry["learning_rate"] for entry in log_history if isinstance(entry.get("learning_rate"), (int, float))]
+    norms = [entry["grad_norm"] for entry in log_history if isinstance(entry.get("grad_norm"), (int, float))]
+    if rates and all(rate == 0 for rate in rates):
+        warmup = f" (warmup_steps {config.warmup_steps} outlasts the run)" if config.warmup_steps else ""
+        cause = f"the learning rate was 0 at every logged step{warmup}"
+    elif norms and all(norm == 0 for norm in norms):
+        cause = "every gradient was zero (grad_norm 0 at every logged step)"
+        if config.method == Method.QLORA:
+            cause += ", as when bitsandbytes has repacked the 4-bit weights for CPU inference (that kernel has no backward)"
+    else:
+        cause = "no step changed them (a learning rate of 0, gradients that are all zero, or an optimizer that skipped every step)"
+    raise AdapterhubError(f"training changed none of the {parameters:,} trainable parameters: {cause}; nothing registered")
+
+
+def supervision(config: TrainConfig, train_dataset: Any, *, chat: bool) -> dict[str, Any]:
+    """What an sft/causal_lm run's loss was computed on, read from the trainer's prepared rows.
+
+    TRL builds each row's `labels` (-100 where a token is not supervised) while preparing the
+    dataset; counting them says what the run actually did, whatever the config meant: loss on
+    the completions only (prompt tokens masked) or on every token.
+    """
+    columns = set(train_dataset.column_names)
+    tokens = sum(len(ids) for ids in train_dataset["input_ids"])
+    if "labels" in columns:
+        supervised = sum(1 for labels in train_dataset["labels"] for label in labels if label != -100)
+    else:
+        supervised = tokens  # TRL's collator then takes every (non-pad) token as a label
+    return {
+        "chat_template": chat,
+        "loss_on": "every token" if supervised == tokens else "completion only",
+        "supervised_tokens": supervised,
+        "tokens": tokens,
+        "packing": config.packing,
+        "padding_free": uses_padding_free_batches(config),
+    }
 
 
 def _check_resume_config(output_dir: Path, resolved: dict[str, Any], resume: bool) -> None:
@@ -408,27 +480,45 @@ def train(
         sft=config.task != Task.CLASSIFICATION,
     )
     trainer_callbacks: list[Any] = list(callbacks)
-    if progress:
-        trainer_callbacks.append(RichProgressBar(f"{config.method.value}/{config.task.value}"))
+    description = f"{config.method.value}/{config.task.value}"
+    trainer_callbacks.append(RichProgressBar(description) if progress else LogLines(description))
+    early_stopping = None
     if config.early_stopping_patience is not None:
-        trainer_callbacks.append(
-            EarlyStoppingCallback(config.early_stopping_patience, config.early_stopping_threshold)
-        )
+        early_stopping = EarlyStoppingCallback(config.early_stopping_patience, config.early_stopping_threshold)
+        trainer_callbacks.append(early_stopping)
     trainer = _build_trainer(config, model, tokenizer, data, args, trainer_callbacks)
-    if progress:
-        # One display: our bar replaces transformers' printed log dicts.
-        trainer.remove_callback(PrinterCallback)
+    # Ours replace transformers' log dicts printed to stdout (see adapterhub.train.progress).
+    trainer.remove_callback(PrinterCallback)
 
     initial_metrics: dict[str, Any] = {}
     if data.validation:
         initial_metrics = _evaluate_before_training(trainer, output_dir, resuming=checkpoint is not None, is_main=state.is_main_process)
+    # Taken from the trainer's model, after the trainer was built: TRL casts QLoRA adapter weights to bf16 then.
+    fingerprint_before, trainable_names = trainable_fingerprint(trainer.accelerator.unwrap_model(trainer.model))
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=checkpoint)
     wall_time = time.perf_counter() - started
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    if trainable_fingerprint(trained, trainable_names)[0] == fingerprint_before:
+        refuse_untrained(config, trainer.state.log_history, parameters=trainable)
     final_metrics: dict[str, Any] = {}
     if data.validation:
         final_metrics = trainer.evaluate()
 
+    # The callback counts validations without improvement; reaching the patience is what stopped the run.
+    stopped_early = early_stopping is not None and early_stopping.early_stopping_patience_counter >= early_stopping.early_stopping_patience
+    early_stopping_record = None
+    if early_stopping is not None:
+        early_stopping_record = {
+            "patience": config.early_stopping_patience,
+            "threshold": config.early_stopping_threshold,
+            "stopped_early": stopped_early,
+            "stopped_at_step": trainer.state.global_step if stopped_early else None,
+            "max_steps": trainer.state.max_steps,
+            # load_best_model_at_end: the weights saved (and registered) are the best validation's.
+            "best_step": trainer.state.best_global_step,
+            "best_eval_loss": trainer.state.best_metric,
+        }
     history = loss_history(trainer.state.log_history)
     if "eval_loss" in initial_metrics:
         history["eval_loss"].insert(0, [0, initial_metrics["eval_loss"]])
@@ -455,7 +545,8 @@ def train(
         "precision": precision,
         "world_size": state.num_processes,
         "resumed_from": Path(checkpoint).name if checkpoint else None,
-        "stopped_early": bool(config.early_stopping_patience and trainer.state.global_step < trainer.state.max_steps),
+        "stopped_early": stopped_early,
+        "best_step": trainer.state.best_global_step if early_stopping is not None else None,
         "labels": data.labels,
         "train_loss_history": history["train_loss"],
         "eval_loss_history": history["eval_loss"],
@@ -484,6 +575,8 @@ def train(
         peak_memory_bytes=peak_memory_bytes(),
         is_main_process=state.is_main_process,
         notes=notes,
+        supervision=None if config.task == Task.CLASSIFICATION else supervision(config, trainer.train_dataset, chat=chat),
+        early_stopping=early_stopping_record,
     )
 
 

@@ -22,22 +22,25 @@ from typing import Any
 from adapterhub.errors import AdapterhubError, ValidationError
 from adapterhub.train.config import TrainConfig
 from adapterhub.train.data import prepare_data
-from adapterhub.train.progress import CURVE_FILE, RichProgressBar, loss_history, plot_learning_curve, write_metrics
+from adapterhub.train.progress import CURVE_FILE, LogLines, RichProgressBar, loss_history, plot_learning_curve, write_metrics
 
 HEAD_FILE = "setfit_head.json"
 
 
 def train_setfit(config: TrainConfig, *, base_dir: Path, output_dir: Path, progress: bool = True) -> Any:
     """Train a SetFit classifier on the encoder in `base_dir`; the result lands in `output_dir/final`."""
-    from adapterhub.train.runner import FINAL_DIR, RUN_CONFIG_FILE, TrainResult, peak_memory_bytes
+    from adapterhub.train.runner import FINAL_DIR, RUN_CONFIG_FILE, TrainResult, peak_memory_bytes, refuse_untrained, trainable_fingerprint
 
     data = prepare_data(config, chat=False)
     if not data.train:
         raise ValidationError("training data", ["no training examples left after the validation split"])
     assert data.labels is not None
     from setfit import SetFitModel, Trainer, TrainingArguments
-    from transformers import set_seed
+    from transformers import PrinterCallback, ProgressCallback, set_seed
 
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # loading/saving bars; ours is the one bar (see adapterhub.train.progress)
     set_seed(config.seed)
     model = SetFitModel.from_pretrained(str(base_dir), labels=data.labels)
     args = TrainingArguments(
@@ -61,22 +64,31 @@ def train_setfit(config: TrainConfig, *, base_dir: Path, output_dir: Path, progr
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         metric=_accuracy,
-        callbacks=[RichProgressBar("setfit")] if progress else None,
+        callbacks=[RichProgressBar("setfit") if progress else LogLines("setfit")],
     )
+    # Both print raw log dicts to stdout (ProgressCallback also draws a tqdm bar): ours replace them.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = config.resolved()
     resolved["precision"] = "fp32"
     (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    fingerprint_before, body_names = trainable_fingerprint(model.model_body)
     started = time.perf_counter()
     trainer.train()
     wall_time = time.perf_counter() - started
+    # The encoder is trained by sentence-transformers' trainer inside SetFit's: its state holds
+    # the steps and the log (SetFit's own `Trainer` has no `state`).
+    body_state = trainer.st_trainer.state
+    if trainable_fingerprint(model.model_body, body_names)[0] == fingerprint_before:
+        body_parameters = sum(p.numel() for p in model.model_body.parameters() if p.requires_grad)
+        refuse_untrained(config, body_state.log_history, parameters=body_parameters)
     evaluation = trainer.evaluate() if eval_dataset is not None else {}
 
-    history = loss_history(trainer.state.log_history if getattr(trainer, "state", None) else [])
+    history = loss_history(body_state.log_history)
     if not history["train_loss"]:
         history["train_loss"] = [
-            [entry["step"], entry["embedding_loss"]] for entry in (trainer.state.log_history if getattr(trainer, "state", None) else [])
-            if "embedding_loss" in entry and "step" in entry
+            [entry["step"], entry["embedding_loss"]] for entry in body_state.log_history if "embedding_loss" in entry and "step" in entry
         ]
     final_dir = output_dir / FINAL_DIR
     if final_dir.exists():
@@ -89,7 +101,8 @@ def train_setfit(config: TrainConfig, *, base_dir: Path, output_dir: Path, progr
         "num_validation_examples": len(data.validation),
         "labels": data.labels,
         "train_runtime_s": wall_time,
-        "global_step": int(getattr(getattr(trainer, "state", None), "global_step", 0) or 0),
+        "global_step": int(body_state.global_step),
+        "train_loss": next((entry["train_loss"] for entry in reversed(body_state.log_history) if "train_loss" in entry), None),
         "train_loss_history": history["train_loss"],
         "eval_loss_history": [],
         "peak_memory_bytes": peak_memory_bytes(),

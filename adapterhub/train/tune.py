@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from adapterhub.errors import AdapterhubError, ValidationError
-from adapterhub.train.config import TrainConfig, load_config
+from adapterhub.train.config import TrainConfig, load_config, unknown_setting_problem
 from adapterhub.train.runner import TrainResult, train
 
 Sampler = Literal["grid", "random", "tpe"]
@@ -71,7 +71,7 @@ class SearchSpec:
         fields = set(TrainConfig.model_fields)
         for key, spec in raw_space.items():
             if key not in fields:
-                problems.append(f"space.{key}: not a training option")
+                problems.append(unknown_setting_problem(key, f"space.{key}"))
             elif isinstance(spec, list):
                 if not spec:
                     problems.append(f"space.{key}: empty list of values")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def test_every_config_problem_in_one_error() -> None:
     with pytest.raises(ValidationError) as caught:
         load_config({"method": "lorra", "lora_rank": 0, "batch_size": -1, "lernrate": 1})
     message = str(caught.value)
-    for fragment in ("method", "lora_rank", "batch_size", "lernrate"):
+    for fragment in ("method", "lora_rank", "batch_size", "lernrate: not a training setting (did you mean 'learning_rate'?)"):
         assert fragment in message
     assert len(caught.value.problems) == 4
 
@@ -72,18 +73,45 @@ def test_data_errors_name_every_bad_line(tmp_path: Path) -> None:
         "\n"
         "{not json\n"
         '{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}\n'
+        '{"prompt": 5, "completion": ""}\n'
+        "[1, 2]\n"
+        '{"prompt": "ok", "completion": "fine"}\n'
+        + "[" * 100_000 + "\n"
     )
     with pytest.raises(ValidationError) as caught:
         prepare_data(load_config({"data": path}), chat=True)
-    # The broken JSON line is reported first (nothing else can be checked in an unparseable file).
-    assert caught.value.problems == ["line 4: not valid JSON (Expecting property name enclosed in double quotes)"]
-    path.write_text(path.read_text().replace("{not json\n", ""))
+    # A line that is not JSON no longer hides the other bad rows: every one, in line order.
+    assert caught.value.problems == [
+        "line 2: needs non-empty 'prompt' and 'completion' strings (or 'messages'); completion missing",
+        "line 4: not valid JSON (Expecting property name enclosed in double quotes)",
+        "line 5: the last message must be the assistant's (it is what the loss is computed on)",
+        "line 6: needs non-empty 'prompt' and 'completion' strings (or 'messages'); prompt is a number 5, completion empty",
+        "line 7: expected a JSON object, got array [1, 2]",
+        "line 9: not valid JSON (nested too deeply)",
+    ]
+
+
+def test_every_bad_row_of_both_files_in_one_error(tmp_path: Path) -> None:
+    train_file = write_jsonl(tmp_path / "train.jsonl", [{"text": "good", "label": "a"}, {"text": "", "label": "b"}, {"text": "x", "label": True}])
+    validation_file = tmp_path / "val.jsonl"
+    validation_file.write_text('{"text": "fine", "label": "a"}\n{oops\n{"text": "y"}\n')
+    config = load_config({"data": train_file, "validation_data": validation_file, "task": "classification"})
     with pytest.raises(ValidationError) as caught:
-        prepare_data(load_config({"data": path}), chat=True)
-    problems = caught.value.problems
-    assert len(problems) == 2
-    assert problems[0].startswith("line 2:") and "completion" in problems[0]
-    assert problems[1].startswith("line 4:") and "assistant" in problems[1]
+        prepare_data(config, chat=False)
+    assert caught.value.problems == [
+        "train.jsonl line 2: needs a non-empty 'text' and a 'label' (string or integer); text empty",
+        "train.jsonl line 3: needs a non-empty 'text' and a 'label' (string or integer); label is a boolean true",
+        "val.jsonl line 2: not valid JSON (Expecting property name enclosed in double quotes)",
+        "val.jsonl line 3: needs a non-empty 'text' and a 'label' (string or integer); label missing",
+    ]
+    array = tmp_path / "rows.json"
+    array.write_text('[{"text": "a b"}, 7, {"text": 3}]')
+    with pytest.raises(ValidationError) as caught:
+        prepare_data(load_config({"data": array, "task": "causal_lm"}), chat=False)
+    assert caught.value.problems == [
+        "item 2: expected a JSON object, got number 7",
+        "item 3: needs a non-empty 'text' string; text is a number 3",
+    ]
 
 
 def test_label_outside_the_listed_set_names_its_line(tmp_path: Path) -> None:
@@ -106,12 +134,17 @@ def test_csv_and_parquet_locations(tmp_path: Path) -> None:
         prepare_data(load_config({"data": parquet_path, "task": "causal_lm"}), chat=False)
 
 
-@pytest.mark.parametrize(("name", "content", "fragment"), [("missing.jsonl", None, "file not found"), ("empty.jsonl", "\n\n", "empty"), ("d.txt", "x", "unsupported format")])
-def test_unreadable_files(tmp_path: Path, name: str, content: str | None, fragment: str) -> None:
+@pytest.mark.parametrize(("name", "content", "fragment"), [
+    ("missing.jsonl", None, "file not found"), ("empty.jsonl", "\n\n", "empty"), ("d.txt", "x", "unsupported format"),
+    ("latin1.jsonl", '{"text": "caf\xe9"}\n'.encode("latin-1"), "not UTF-8 text (invalid continuation byte at byte 13)"),
+])
+def test_unreadable_files(tmp_path: Path, name: str, content: str | bytes | None, fragment: str) -> None:
     path = tmp_path / name
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
-    with pytest.raises(ValidationError, match=fragment):
+    with pytest.raises(ValidationError, match=re.escape(fragment)):
         read_rows(path)
 
 
@@ -161,7 +194,7 @@ def test_search_spec_parsing() -> None:
     with pytest.raises(ValidationError) as caught:
         SearchSpec.from_mapping({"sampler": "grid", "space": {"lr": [1], "learning_rate": {"low": 1, "high": 0.1}, "seed": {"low": 1, "high": 3}}})
     problems = " | ".join(caught.value.problems)
-    assert "space.lr: not a training option" in problems
+    assert "space.lr: not a training setting (did you mean 'learning_rate'?)" in problems
     assert "space.learning_rate: needs numbers low < high" in problems
     assert "grid search needs lists of values" in problems
 

@@ -72,6 +72,69 @@ def test_lora_knobs_reach_the_saved_adapter_and_8bit_qlora_trains(tiny_base: Pat
     assert result.metrics["global_step"] == 2
 
 
+@pytest.mark.parametrize("quant_bits", [4, 8])
+def test_qlora_still_gets_gradients_after_an_evaluation(quant_bits: int, tiny_base: Path) -> None:
+    # bitsandbytes 0.50 on CPUs with AVX-512 BF16 (Intel Xeon/AMX) repacked 4-bit weights for a
+    # backward-less inference kernel at the first no-grad eval forward: every later backward gave
+    # the LoRA weights zero gradients (a run with a validation split trained nothing). Elsewhere
+    # (AMD, CUDA) there is no repack, and this holds trivially.
+    import bitsandbytes as bnb
+
+    from adapterhub.train.methods import build_model
+    from adapterhub.train.runner import load_tokenizer
+
+    config = load_config({"method": "qlora", "quant_bits": quant_bits, "gradient_checkpointing": False})
+    tokenizer = load_tokenizer(tiny_base)
+    model = build_model(config, tiny_base, tokenizer=tokenizer, precision="fp32")
+    batch = tokenizer(["reverse: fox dog sun moon"], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        model(**batch)  # what the before-training evaluation does
+    model.train()
+    for step in range(2):  # LoRA B starts at zero: only its gradient is non-zero at first, A's follows
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.grad is not None:
+                    parameter -= 0.05 * parameter.grad
+        grads = {name: p.grad.abs().sum().item() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        model.zero_grad()
+    assert grads and all(value > 0 for value in grads.values()), {k: v for k, v in grads.items() if v == 0}
+    packed = [m for m in model.modules() if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+    assert not packed
+    assert quant_bits == 8 or any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_qlora_builds_in_a_process_that_deferred_bitsandbytes_and_used_peft(tiny_base: Path) -> None:
+    # The CLI defers bitsandbytes; `tune` may build LoRA models (PEFT then caches "bitsandbytes
+    # absent") before a qlora trial: that trial must still get real 4-bit layers.
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from pathlib import Path
+from adapterhub.models import defer_bitsandbytes
+defer_bitsandbytes()
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+base = Path({str(tiny_base)!r})
+get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"]))
+assert "bitsandbytes.nn" not in sys.modules
+from adapterhub.train import load_config
+from adapterhub.train.methods import bitsandbytes_problem, build_model
+from adapterhub.train.runner import load_tokenizer
+assert bitsandbytes_problem() is None
+model = build_model(load_config({{"method": "qlora"}}), base, tokenizer=load_tokenizer(base), precision="fp32")
+from peft.tuners.lora.bnb import Linear4bit
+print("4-bit LoRA layers:", sum(isinstance(m, Linear4bit) for m in model.modules()))
+"""
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "4-bit LoRA layers: 4" in completed.stdout  # q_proj and v_proj of both blocks
+
+
 def test_qlora_is_refused_up_front_where_bitsandbytes_cannot_load(
     tiny_base: Path, sft_jsonl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -81,6 +144,48 @@ def test_qlora_is_refused_up_front_where_bitsandbytes_cannot_load(
     with pytest.raises(ValidationError, match="qlora needs bitsandbytes, which cannot be imported here"):
         train(load_config({"data": sft_jsonl, "method": "qlora"}), base_dir=tiny_base, output_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "ia3", "prompt_tuning", "full"])
+def test_a_run_that_cannot_learn_is_refused(method: str, tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
+    # One step inside a linear warmup: its learning rate is 0, so the weights end where they began.
+    config = load_config({"data": sft_jsonl, "method": method, "max_steps": 1, "warmup_steps": 5, "batch_size": 4,
+                          "validation_split": 0.2, "logging_steps": 1})
+    with pytest.raises(AdapterhubError, match=r"training changed none of the [\d,]+ trainable parameters: the learning rate was 0 "
+                       r"at every logged step \(warmup_steps 5 outlasts the run\); nothing registered"):
+        train(config, base_dir=tiny_base, output_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_setfit_run_that_cannot_learn_is_refused(tmp_path: Path) -> None:
+    from adapterhub.models import minilm_model_dir
+
+    rows = [{"text": f"I loved the {w}", "label": "positive"} for w in ("film", "meal")]
+    rows += [{"text": f"I hated the {w}", "label": "negative"} for w in ("film", "meal")]
+    data = write_jsonl(tmp_path / "few.jsonl", rows)
+    # SetFit warms up over its first 10% of steps: a one-step run's only step has learning rate 0.
+    config = load_config({"data": data, "task": "setfit", "max_steps": 1, "batch_size": 4, "setfit_iterations": 1, "validation_split": 0})
+    with pytest.raises(AdapterhubError, match=r"training changed none of the [\d,]+ trainable parameters: the learning rate was 0"):
+        train(config, base_dir=minilm_model_dir(tmp_path / "encoders"), output_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+class _ZeroGradients(TrainerCallback):
+    """Cuts every gradient on its way to the weights, as a kernel without a backward does."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.register_hook(torch.zeros_like)
+
+
+def test_a_run_whose_gradients_are_all_zero_is_refused_with_that_cause(tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
+    config = load_config({"data": sft_jsonl, "method": "qlora", "max_steps": 2, "batch_size": 4, "validation_split": 0,
+                          "logging_steps": 1, "learning_rate": 1e-2})
+    with pytest.raises(AdapterhubError, match=r"every gradient was zero \(grad_norm 0 at every logged step\), as when "
+                       "bitsandbytes has repacked the 4-bit weights for CPU inference"):
+        train(config, base_dir=tiny_base, output_dir=tmp_path / "run", progress=False, callbacks=[_ZeroGradients()])
+    assert not (tmp_path / "run" / "final").exists()
 
 
 def test_training_lowers_the_loss(tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
@@ -126,12 +231,15 @@ def test_truncation_is_counted_and_packing_reduces_steps(tiny_base: Path, tmp_pa
     common = {"data": path, "task": "causal_lm", "max_length": 32, "epochs": 1, "batch_size": 2, "validation_split": 0}
     plain = train(load_config(common), base_dir=tiny_base, output_dir=tmp_path / "plain", progress=False)
     assert plain.metrics["truncated_examples"] == 3
+    assert plain.supervision is not None and plain.supervision["loss_on"] == "every token"  # causal LM: every token is a label
+    assert plain.supervision["chat_template"] is False and plain.supervision["packing"] is False
     assert any("3 of 16 training examples exceed max_length 32" in note for note in plain.notes)
     collators = _CollatorSpy()
     packed = train(load_config({**common, "packing": True}), base_dir=tiny_base, output_dir=tmp_path / "packed", progress=False,
                    callbacks=[collators])
     assert plain.metrics["global_step"] == 8
     assert packed.metrics["global_step"] < plain.metrics["global_step"]
+    assert packed.supervision is not None and packed.supervision["packing"] is True and packed.supervision["loss_on"] == "every token"
     assert collators.seen == ["PackedRowsCollator"]  # SDPA: packed rows stay rows
 
 
@@ -204,7 +312,18 @@ def test_early_stopping_stops_before_max_steps(tiny_base: Path, sft_jsonl: Path,
     result = train(config, base_dir=tiny_base, output_dir=tmp_path / "run", progress=False)
     assert result.metrics["stopped_early"] is True
     assert result.metrics["global_step"] == 6  # validations at 2 (best), 4 and 6 (two without improvement)
-    assert result.metrics["best_eval_loss"] is not None
+    # The lineage says so: where it stopped, and which validation's weights were kept (the lowest loss).
+    best_step, best_loss = min(result.metrics["eval_loss_history"][1:], key=lambda point: point[1])
+    assert result.metrics["best_eval_loss"] == best_loss and result.metrics["best_step"] == best_step
+    assert result.lineage_details()["early_stopping"] == {
+        "patience": 2, "threshold": 100.0, "stopped_early": True, "stopped_at_step": 6, "max_steps": 40,
+        "best_step": best_step, "best_eval_loss": best_loss,
+    }
+    # Patience never reached: the record says early stopping was on and did not end the run.
+    config = load_config({"data": sft_jsonl, "max_steps": 4, "batch_size": 4, "eval_steps": 2, "early_stopping_patience": 5})
+    ran = train(config, base_dir=tiny_base, output_dir=tmp_path / "full-run", progress=False)
+    assert ran.metrics["stopped_early"] is False and ran.early_stopping is not None
+    assert ran.early_stopping["stopped_at_step"] is None and ran.metrics["global_step"] == 4
 
 
 @pytest.mark.parametrize("method", ["prefix_tuning", "full"])

@@ -59,7 +59,7 @@ def test_lora_through_the_cli_raises_exact_match_by_50_points(adapterhub_home: P
     assert added.exit_code == 0, added.output
     trained = runner.invoke(app, [
         "train", "--base", "smollm2", "--data", str(train_file), "--name", "reverse3", "--method", "lora",
-        "--rank", "16", "--alpha", "32", "--target-modules", "all-linear", "--lr", "2e-3", "--max-steps", "24",
+        "--lora-rank", "16", "--lora-alpha", "32", "--target-modules", "all-linear", "--learning-rate", "2e-3", "--max-steps", "24",
         "--batch-size", "8", "--max-length", "96", "--validation-split", "0", "--no-progress", "--json",
     ])
     assert trained.exit_code == 0, trained.output

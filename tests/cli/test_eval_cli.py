@@ -139,7 +139,7 @@ def test_trained_model_is_asked_in_its_training_format(adapterhub_home: Path, ti
     eval_data = write_jsonl(tmp_path / "eval.jsonl", rows)
     trained = runner.invoke(app, [
         "train", "--base", "tiny", "--data", str(train_data), "--name", "rev", "--method", "full",
-        "--max-steps", "40", "--lr", "5e-3", "--batch-size", "8", "--validation-split", "0", "--no-progress",
+        "--max-steps", "40", "--learning-rate", "5e-3", "--batch-size", "8", "--validation-split", "0", "--no-progress",
         "--output-dir", str(tmp_path / "run"),
     ])
     assert trained.exit_code == 0, trained.output

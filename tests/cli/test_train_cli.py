@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -38,9 +40,9 @@ def sft_data(tmp_path: Path) -> Path:
 def test_train_with_yaml_and_flags_registers_with_lineage(registry: Registry, sft_data: Path, tmp_path: Path) -> None:
     run_file = tmp_path / "run.yaml"
     run_file.write_text(f"base: tiny\ndata: {sft_data.name}\nmethod: lora\nlora_rank: 4\nmax_steps: 3\nbatch_size: 4\n")
-    result = runner.invoke(app, ["train", "--config", str(run_file), "--name", "rev", "--rank", "2", "--tag", "demo", "--json", "--no-progress"])
+    result = runner.invoke(app, ["train", "--config", str(run_file), "--name", "rev", "--lora-rank", "2", "--tag", "demo", "--json", "--no-progress"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout[result.stdout.index("{\n"):])
+    summary = json.loads(result.stdout)
     assert summary["ref"] == "rev:1" and summary["kind"] == "lora" and summary["steps"] == 3
     # Validation loss before and after training (the default 10% split holds validation rows).
     assert summary["eval_loss_before"] > 0 and summary["eval_loss"] > 0 and summary["eval_loss_before"] != summary["eval_loss"]
@@ -54,6 +56,11 @@ def test_train_with_yaml_and_flags_registers_with_lineage(registry: Registry, sf
     assert details["config"]["lora_rank"] == 2 and details["config"]["max_steps"] == 3
     assert details["config"]["data"] == str(sft_data.resolve()) and details["config"]["precision"] == "fp32"
     assert details["peak_memory_bytes"] > 0 and details["wall_time_s"] > 0
+    # What the loss was computed on: the base's chat template applied, prompt tokens masked out.
+    supervision = details["supervision"]
+    assert supervision["chat_template"] is True and supervision["loss_on"] == "completion only"
+    assert 0 < supervision["supervised_tokens"] < supervision["tokens"] and supervision["padding_free"] is True
+    assert summary["supervision"] == supervision
     assert {"learning_curve.png", "training_metrics.json", "adapter_model.safetensors"} <= set(record.files)
     materialized = registry.materialize(record)
     assert json.loads((materialized / "training_metrics.json").read_text())["global_step"] == 3
@@ -61,6 +68,7 @@ def test_train_with_yaml_and_flags_registers_with_lineage(registry: Registry, sf
 
     shown = runner.invoke(app, ["show", "rev"])
     assert "trained" in shown.output and "dataset_fingerprint" in shown.output
+    assert "supervision: {'chat_template': True, 'loss_on': 'completion only'" in shown.output
 
 
 @pytest.mark.parametrize(
@@ -69,7 +77,9 @@ def test_train_with_yaml_and_flags_registers_with_lineage(registry: Registry, sf
         (["--base", "nope"], NotFoundError, "tiny"),
         (["--method", "qlora", "--task", "setfit"], ValidationError, "setfit trains the whole sentence encoder"),
         (["--task", "setfit", "--base", "tiny"], ValidationError, "setfit needs a sentence encoder"),
-        (["--lr", "-1", "--batch-size", "0"], ValidationError, "learning_rate"),
+        (["--learning-rate", "-1", "--batch-size", "0"], ValidationError, "learning_rate"),
+        # One step inside a warmup learns nothing: refused, and the run directory it made goes too.
+        (["--max-steps", "1", "--warmup-steps", "5"], AdapterhubError, "training changed none of the"),
         (["--bad-rows"], ValidationError, "line 2"),
     ],
 )
@@ -79,20 +89,109 @@ def test_bad_input_is_one_error_and_registers_nothing(
     data = sft_data
     if args == ["--bad-rows"]:
         data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a"}, {"completion": "c"}])
+        data.write_text(data.read_text() + '{"prompt": "a", \n{"prompt": 1, "completion": "d"}\n')
         args = []
     result = runner.invoke(app, ["train", "--base", "tiny", "--data", str(data), "--name", "x", "--max-steps", "2", *args])
     assert result.exit_code != 0
     assert isinstance(result.exception, error), result.output
     assert fragment in str(result.exception)
     if fragment == "line 2":
-        assert "line 3" in str(result.exception)  # every bad row in the one error
+        # Every bad row in the one error, a line that is not JSON among them.
+        assert "line 3" in str(result.exception) and "line 4: not valid JSON" in str(result.exception)
+        assert "line 5: needs non-empty 'prompt' and 'completion' strings (or 'messages'); prompt is a number 1" in str(result.exception)
     assert registry.list() == []
     assert not (registry.home / "runs" / "x").exists()
 
 
+def test_an_early_stopped_run_says_so(registry: Registry, sft_data: Path) -> None:
+    # A threshold no improvement can meet: validations at 2, 4, 6, then patience 2 is used up.
+    result = runner.invoke(app, ["train", "--base", "tiny", "--data", str(sft_data), "--name", "early", "--max-steps", "40",
+                                 "--batch-size", "4", "--eval-steps", "2", "--early-stopping-patience", "2",
+                                 "--early-stopping-threshold", "100", "--validation-split", "0.25", "--no-progress"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "stopped early at step 6 of 40; best eval_loss" in result.stdout
+    early = registry.get("early").lineage.details["early_stopping"]  # type: ignore[union-attr]
+    assert early["stopped_early"] is True and early["stopped_at_step"] == 6 and early["best_step"] in (2, 4, 6)
+
+
+def _own_options(command_name: str, module: str = "train") -> dict[str, Any]:
+    from adapterhub.cli.main import module_commands
+
+    command = module_commands(module)[command_name]
+    return {opt: param for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+
+
+def test_the_training_docs_name_only_flags_that_exist() -> None:
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "docs" / "training.md").read_text() + "".join(
+        line for line in (root / "README.md").read_text().splitlines(keepends=True) if "adapterhub train" in line or "adapterhub tune" in line
+    )
+    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z](?![\w-])", text))
+    known = {"--help"} | set(_own_options("train")) | set(_own_options("tune")) | set(_own_options("eval", "evaluate"))
+    assert mentioned and mentioned <= known, sorted(mentioned - known)
+
+
+@pytest.mark.parametrize("command_name", ["train", "tune"])
+def test_every_setting_is_one_flag_named_after_it(command_name: str) -> None:
+    from adapterhub.train import TrainConfig
+
+    options = _own_options(command_name)
+    for field in TrainConfig.model_fields:
+        flag = "--" + field.replace("_", "-")
+        assert flag in options, f"{field} has no {flag}"
+        assert options[flag].name == field and options[flag].help, field
+    # The former names are no settings' flags: hidden, and refused with the name the setting has now.
+    former = {"--lr": "--learning-rate", "--rank": "--lora-rank", "--alpha": "--lora-alpha", "--dropout": "--lora-dropout",
+              "--rslora": "--use-rslora", "--scheduler": "--lr-scheduler", "--early-stopping": "--early-stopping-patience",
+              "--top-k": "--layerwise-top-k"}
+    assert all(options[flag].hidden and not options[flag].expose_value for flag in former)
+    for flag, now in former.items():
+        args = [command_name, flag] if flag == "--rslora" else [command_name, flag, "2"]
+        refused = runner.invoke(app, args, env={"COLUMNS": "200"})
+        assert refused.exit_code == 2 and f"the flag is now {now}" in refused.output, refused.output
+
+
+def test_help_shows_the_real_defaults() -> None:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    from adapterhub.train import DEFAULT_LEARNING_RATES, Method
+
+    options = _own_options("train")
+    rate_help = options["--learning-rate"].help
+    assert "default per method" not in rate_help
+    for method, rate in DEFAULT_LEARNING_RATES.items():
+        assert method.value in rate_help
+    assert "2e-4 for lora, qlora and dora" in rate_help and "2e-5 for full" in rate_help
+    assert DEFAULT_LEARNING_RATES[Method.FULL] == 2e-5
+    # What "not given" means is PEFT's table for the architecture; the help names it for Llama.
+    modules_help = options["--target-modules"].help
+    assert ",".join(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["llama"]) + " on Llama" in modules_help
+    assert "ia3: " + ",".join(TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING["llama"]) in modules_help
+    assert "(default: 8)" in options["--lora-rank"].help and "(default: linear)" in options["--lr-scheduler"].help
+    shown = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "--learning-rate" in shown.output and "lora|qlora|dora" in shown.output
+
+
+@pytest.mark.parametrize(("yaml_key", "meant"), [("lr", "learning_rate"), ("learning-rate", "learning_rate"), ("rank", "lora_rank"),
+                                                 ("top_k", "layerwise_top_k"), ("lerning_rate", "learning_rate")])
+def test_a_run_file_key_that_is_no_setting_says_which_it_means(
+    registry: Registry, sft_data: Path, tmp_path: Path, yaml_key: str, meant: str
+) -> None:
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(f"base: tiny\ndata: {sft_data}\nname: x\n{yaml_key}: 2\n")
+    result = runner.invoke(app, ["train", "--config", str(run_file)])
+    assert isinstance(result.exception, ValidationError), result.output
+    assert f"{yaml_key}: not a training setting (did you mean '{meant}'?)" in str(result.exception)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("zzz: 1\n")
+    result = runner.invoke(app, ["train", "--config", str(unknown)])
+    assert "zzz: not a training setting (the settings are base, name, data," in str(result.exception)
+    assert registry.list() == []
+
+
 def test_full_model_and_classification_register(registry: Registry, sft_data: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", "--base", "tiny", "--data", str(sft_data), "--name", "fullft", "--method", "layerwise",
-                                 "--top-k", "1", "--max-steps", "2", "--no-progress"])
+                                 "--layerwise-top-k", "1", "--max-steps", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
     record = registry.get("fullft")
     assert record.is_full_model and {"config.json", "model.safetensors", "tokenizer.json"} <= set(record.files)
@@ -110,7 +209,7 @@ def test_full_model_and_classification_register(registry: Registry, sft_data: Pa
     # Layer-wise classification: the top block and the new head train; the result is a full
     # XForSequenceClassification model kept on the base, which `eval` scores as a classifier.
     result = runner.invoke(app, ["train", "--base", "tiny", "--data", str(data), "--name", "sentiment-top", "--task", "classification",
-                                 "--method", "layerwise", "--top-k", "1", "--labels", "neg,pos", "--max-steps", "2",
+                                 "--method", "layerwise", "--layerwise-top-k", "1", "--labels", "neg,pos", "--max-steps", "2",
                                  "--validation-split", "0", "--no-progress"])
     assert result.exit_code == 0, result.output
     record = registry.get("sentiment-top")
@@ -124,6 +223,69 @@ def test_full_model_and_classification_register(registry: Registry, sft_data: Pa
 
 def _env(home: Path) -> dict[str, str]:
     return {**os.environ, "ADAPTERHUB_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.mark.parametrize("progress", ["--progress", "--no-progress"])
+def test_train_json_is_all_that_goes_to_stdout(registry: Registry, sft_data: Path, progress: str) -> None:
+    completed = subprocess.run(
+        [str(ADAPTERHUB), "train", "--base", "tiny", "--data", str(sft_data), "--name", "js", "--max-steps", "2", "--json", progress],
+        env=_env(registry.home), capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads(completed.stdout)  # the progress bar and the step lines go to stderr
+    assert summary["ref"] == "js:1" and summary["steps"] == 2
+    assert "{'loss'" not in completed.stdout + completed.stderr  # no raw trainer log dicts anywhere
+    if progress == "--no-progress":
+        # One short human line per logging step instead (every step of a 2-step run).
+        assert "lora/sft step 1/2: loss " in completed.stderr and "lora/sft step 2/2: loss " in completed.stderr
+
+
+def test_tune_json_is_all_that_goes_to_stdout(registry: Registry, sft_data: Path, tmp_path: Path) -> None:
+    run_file = tmp_path / "tune.yaml"
+    run_file.write_text(
+        f"base: tiny\ndata: {sft_data}\nname: tj\nmax_steps: 1\nbatch_size: 4\n"
+        "search:\n  sampler: grid\n  space:\n    lora_rank: [2, 4]\n"
+    )
+    completed = subprocess.run([str(ADAPTERHUB), "tune", "--config", str(run_file), "--json"], env=_env(registry.home),
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    payload = json.loads(completed.stdout)
+    assert payload["ref"] == "tj:1" and len(payload["trials"]) == 2
+    assert "{'loss'" not in completed.stdout + completed.stderr
+
+
+# Runs the CLI as its console script does and reports, at exit, whether bitsandbytes was loaded.
+_BITSANDBYTES_PROBE = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print('bitsandbytes loaded:', 'bitsandbytes.nn' in sys.modules, file=sys.stderr))\n"
+    "from adapterhub.cli.main import main\n"
+    "main(sys.argv[1:])\n"
+)
+
+
+def _run_cli_probe(home: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _BITSANDBYTES_PROBE, *args], env=_env(home), capture_output=True, text=True, timeout=300)
+
+
+def test_bitsandbytes_is_imported_only_for_quantization(registry: Registry, sft_data: Path, lora_dir: Path) -> None:
+    # PEFT imports bitsandbytes whenever it is installed (at `import peft`, and for every LoRA layer
+    # it builds); on AVX-512 BF16 CPUs that import logged "Failed to load CPU gemm_4bit_forward
+    # from kernels-community" on every command.
+    registry.put_adapter(name="ad", source_dir=lora_dir, base="tiny")
+    for args in (
+        ["list"],
+        ["eval", "ad", "--data", str(sft_data), "--max-examples", "2", "--no-record"],
+        ["train", "--base", "tiny", "--data", str(sft_data), "--name", "plain", "--max-steps", "1", "--no-progress"],
+    ):
+        completed = _run_cli_probe(registry.home, args)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert "bitsandbytes loaded: False" in completed.stderr, args
+        assert "gemm_4bit_forward" not in completed.stdout + completed.stderr
+    quantized = _run_cli_probe(registry.home, ["train", "--base", "tiny", "--data", str(sft_data), "--name", "quantized",
+                                               "--method", "qlora", "--max-steps", "2", "--no-progress"])
+    assert quantized.returncode == 0, quantized.stderr[-3000:]
+    assert "bitsandbytes loaded: True" in quantized.stderr
+    assert registry.get("quantized").lineage.details["config"]["method"] == "qlora"  # type: ignore[union-attr]
 
 
 def test_sigkill_leaves_no_record_and_resume_finishes(registry: Registry, sft_data: Path) -> None:
@@ -159,7 +321,7 @@ def test_tune_grid_registers_the_best_trial(registry: Registry, sft_data: Path, 
     )
     result = runner.invoke(app, ["tune", "--config", str(run_file), "--trials", "3", "--json"])
     assert result.exit_code == 0, result.output
-    payload = json.loads(result.stdout[result.stdout.index('{\n  "objective"'):])
+    payload = json.loads(result.stdout)
     trials = payload["trials"]
     assert len(trials) == 3 and all(t["state"] == "complete" for t in trials)
     assert len({(t["params"]["lora_rank"], t["params"]["learning_rate"]) for t in trials}) == 3  # grid points, no repeats
@@ -180,8 +342,9 @@ def test_setfit_on_the_embedded_minilm(adapterhub_home: Path, tmp_path: Path) ->
     rows += [{"text": f"I hated the {w}, terrible", "label": "negative"} for w in ("film", "meal", "trip", "book")]
     data = write_jsonl(tmp_path / "few.jsonl", rows)
     result = runner.invoke(app, ["train", "--task", "setfit", "--data", str(data), "--name", "fewshot", "--max-steps", "2",
-                                 "--batch-size", "4", "--setfit-iterations", "1", "--validation-split", "0", "--no-progress"])
+                                 "--batch-size", "4", "--setfit-iterations", "1", "--validation-split", "0", "--no-progress", "--json"])
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 2  # the encoder's steps (SetFit's own Trainer keeps none)
     registry = Registry.open(home=adapterhub_home)
     record = registry.get("fewshot")
     assert record.base_name == "all-minilm-l6-v2" and record.is_full_model
