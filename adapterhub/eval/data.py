@@ -9,12 +9,10 @@ The shape of a file decides what can be measured on it (`EvalKind`):
 
 Design decisions:
 
-- JSONL (and `.json`: one object per line, or one array of objects) is parsed with the
-  standard library, line by line, so a malformed line, a missing field or a bad label is
-  reported by its line number in the file (blank lines are skipped but still counted; an
-  array's rows are numbered from 1). CSV and Parquet go through `datasets` (pandas/pyarrow underneath);
-  their rows are numbered as the user sees them: CSV by file line (the header is line 1),
-  Parquet by row (1-based).
+- Files are read by `adapterhub.datafiles`, the reader training shares, so a malformed line,
+  a missing field or a bad label is reported by its location in the file (`line 7` of a JSONL
+  or CSV file, `row 7` of a Parquet file, `item 7` of a JSON array), and a line that is not
+  JSON is reported together with every other bad row.
 - A whole file is validated before any model is loaded, and every bad row is named in one
   `ValidationError`, so a user fixes the file in one pass and no compute is wasted.
 - The fingerprint is the sha256 of the file's bytes: two scores are comparable exactly when
@@ -29,16 +27,14 @@ Design decisions:
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapterhub.datafiles import file_fingerprint, read_data_file
 from adapterhub.errors import NotFoundError, ValidationError
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _ROLES = ("system", "user", "assistant", "tool")
 # Shown when a file's columns fit no shape, so the user sees every accepted layout at once.
 _SHAPES_HELP = (
@@ -90,7 +86,7 @@ class EvalDataset:
     num_rows: int  # valid rows in the file (or in the subset), before max_examples
     # Classification: the label set (sorted, as strings). Generation: empty.
     labels: tuple[str, ...] = ()
-    location: str = "line"  # how `EvalRow.line` numbers rows: "line" (JSONL, CSV) or "row"
+    location: str = "line"  # how `EvalRow.line` numbers rows: "line" (JSONL, CSV), "row" (Parquet), "item" (JSON array)
     split: str | None = None  # the `RowSubset`'s name; None for the whole file
 
     @property
@@ -107,15 +103,6 @@ def label_sort_key(label: str) -> tuple[int, int, str]:
     return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in chunks (eval files can be large)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_eval_dataset(path: Path, *, max_examples: int | None = None, subset: RowSubset | None = None) -> EvalDataset:
     """Read, shape-detect and validate an eval file; raise one error naming every bad row.
 
@@ -127,15 +114,20 @@ def load_eval_dataset(path: Path, *, max_examples: int | None = None, subset: Ro
         raise NotFoundError(f"data file {path} not found")
     if max_examples is not None and max_examples < 1:
         raise ValidationError("--max-examples", [f"must be at least 1, got {max_examples}"])
-    records, location = _read_records(path)
-    if not records:
+    read = read_data_file(path)
+    if not read:
         raise ValidationError(f"data file {path.name}", ["it holds no rows"])
-    kind = detect_kind([record for _, record in records], path.name)
+    location = read[0].unit
+    records = [(row, _drop_missing(row.values)) for row in read]
+    kind = detect_kind([record for row, record in records if row.problem is None], path.name)
     rows: list[EvalRow] = []
     problems: list[str] = []
-    for number, record in records:
-        row, row_problems = _parse_row(kind, number, record)
-        problems.extend(f"{location} {number}: {p}" for p in row_problems)
+    for read_row, record in records:  # in file order: unreadable lines among the other bad rows
+        if read_row.problem is not None:
+            problems.append(f"{read_row.where}: {read_row.problem}")
+            continue
+        row, row_problems = _parse_row(kind, read_row.number, record)
+        problems.extend(f"{read_row.where}: {p}" for p in row_problems)
         if row is not None:
             rows.append(row)
     if problems:
@@ -147,7 +139,7 @@ def load_eval_dataset(path: Path, *, max_examples: int | None = None, subset: Ro
         rows = _subset_rows(path, rows, subset)
     selected = rows[:max_examples] if max_examples is not None else rows
     return EvalDataset(
-        path=path, sha256=file_sha256(path), kind=kind, rows=tuple(selected), num_rows=len(rows), labels=labels,
+        path=path, sha256=file_fingerprint([path]), kind=kind, rows=tuple(selected), num_rows=len(rows), labels=labels,
         location=location, split=subset.name if subset is not None else None,
     )
 
@@ -180,75 +172,6 @@ def detect_kind(records: Sequence[Mapping[str, Any]], subject: str) -> EvalKind:
     if "text" in fields:
         return EvalKind.TEXT
     raise ValidationError(f"data file {subject}", [f"{_SHAPES_HELP}; found fields {sorted(fields)}"])
-
-
-def _read_records(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], str]:
-    """(number, record) pairs and the word that numbers them ("line" or "row")."""
-    suffix = path.suffix.lower()
-    if suffix == ".json" and _starts_with_array(path):
-        return _read_json_array(path), "row"
-    if suffix in (".jsonl", ".json"):
-        return _read_jsonl(path), "line"
-    if suffix == ".csv":
-        return _read_with_datasets(path, "csv", first_number=2), "line"
-    if suffix == ".parquet":
-        return _read_with_datasets(path, "parquet", first_number=1), "row"
-    raise ValidationError(
-        f"data file {path.name}", [f"unsupported format {suffix or '(no suffix)'}; use one of {', '.join(SUPPORTED_SUFFIXES)}"]
-    )
-
-
-def _starts_with_array(path: Path) -> bool:
-    with path.open("rb") as handle:
-        return handle.read(4096).lstrip().startswith(b"[")
-
-
-def _read_json_array(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """A `.json` file holding one array of row objects; rows are numbered from 1."""
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValidationError(f"data file {path.name}", [f"not valid JSON ({exc})"]) from None
-    problems = [f"row {n}: expected a JSON object, got {type(r).__name__}" for n, r in enumerate(rows, 1) if not isinstance(r, dict)]
-    if problems:
-        raise ValidationError(f"data file {path.name}", problems)
-    return list(enumerate(rows, start=1))
-
-
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    records: list[tuple[int, dict[str, Any]]] = []
-    problems: list[str] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise ValidationError(f"data file {path.name}", [f"not UTF-8 text ({exc})"]) from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        if not isinstance(record, dict):
-            problems.append(f"line {number}: expected a JSON object, got {type(record).__name__}")
-            continue
-        records.append((number, record))
-    if problems:
-        raise ValidationError(f"data file {path.name}", problems)
-    return records
-
-
-def _read_with_datasets(path: Path, builder: str, *, first_number: int) -> list[tuple[int, dict[str, Any]]]:
-    import datasets
-
-    if path.stat().st_size == 0:
-        return []
-    try:
-        table = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
-    except Exception as exc:  # pandas/pyarrow raise many types; the message is what matters
-        raise ValidationError(f"data file {path.name}", [f"cannot be read as {builder}: {exc}"]) from None
-    return [(first_number + index, _drop_missing(record)) for index, record in enumerate(table)]
 
 
 def _drop_missing(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,9 +7,7 @@ Design decisions:
   model loading. A line that is not JSON (or not an object) is one bad row among the others: it
   is read as a `Row` carrying its problem, and reported in line order with the rows whose
   fields are missing or of the wrong type, rather than hiding them.
-- JSONL is parsed line by line here (the only way to name the line of a broken JSON object;
-  `datasets`' JSON loader reports an Arrow error without one). CSV and Parquet go through
-  `datasets.load_dataset`, whose row order matches the file, so row i is CSV line i + 2.
+- Files are read by `adapterhub.datafiles`, the one reader evaluation shares.
 - Rows are normalised into the shapes TRL and transformers consume natively:
   * sft: conversational prompt/completion (`prompt=[user turns]`, `completion=[assistant]`), so
     SFTTrainer applies the base's chat template and masks the prompt out of the loss
@@ -25,7 +23,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -34,24 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterhub.datafiles import Row, describe_value, file_fingerprint, read_data_file
 from adapterhub.errors import NotFoundError, ValidationError
 from adapterhub.train.config import Task, TrainConfig
 
-SUPPORTED_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _MAX_REPORTED = 20
-
-
-@dataclass(frozen=True)
-class Row:
-    """One raw example and where it came from (for error messages).
-
-    `problem` is set for a row that could not be read at all (not JSON, not an object); its
-    `values` are then empty.
-    """
-
-    where: str
-    values: dict[str, Any]
-    problem: str | None = None
 
 
 @dataclass
@@ -72,95 +56,16 @@ class PreparedData:
         return train, validation
 
 
-def file_fingerprint(paths: Sequence[Path]) -> str:
-    """sha256 over the bytes of the data files, in order (the dataset's identity)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_rows(path: Path) -> list[Row]:
-    """Rows of a data file with their locations; raises `ValidationError` for unreadable files.
+    """Rows of a data file with their locations (`adapterhub.datafiles`); an empty file is refused.
 
-    Rows that cannot be parsed are returned with their `problem` (see `Row`), for
-    `normalise_rows` to report with every other bad row.
+    Rows that cannot be parsed are returned with their `problem`, for `normalise_rows` to
+    report with every other bad row.
     """
-    subject = f"data {path}"
-    if not path.exists():
-        raise ValidationError(subject, ["file not found"])
-    if not path.is_file():
-        raise ValidationError(subject, ["not a file"])
-    kind = SUPPORTED_SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        raise ValidationError(subject, [f"unsupported format {path.suffix!r}: use .jsonl, .json, .csv or .parquet"])
-    if kind == "json":
-        rows = _read_jsonl(path)
-    else:
-        rows = _read_with_datasets(path, kind)
+    rows = read_data_file(path)
     if not rows:
-        raise ValidationError(subject, ["the dataset is empty"])
+        raise ValidationError(f"data {path}", ["the dataset is empty"])
     return rows
-
-
-def _read_jsonl(path: Path) -> list[Row]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:  # replacing the bytes would train on text the file does not hold
-        raise ValidationError(f"data {path}", [f"not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
-    stripped = text.lstrip()
-    if path.suffix.lower() == ".json" and stripped.startswith("["):
-        # A JSON array of objects: locations are item numbers.
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValidationError(f"data {path}", [f"not valid JSON: {exc}"]) from None
-        except RecursionError:
-            raise ValidationError(f"data {path}", ["not valid JSON: nested too deeply"]) from None
-        return [_object_row(f"item {i}", item) for i, item in enumerate(items, 1)]
-    rows: list[Row] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"line {number}"
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            rows.append(Row(where, {}, f"not valid JSON ({exc.msg})"))
-            continue
-        except RecursionError:
-            rows.append(Row(where, {}, "not valid JSON (nested too deeply)"))
-            continue
-        rows.append(_object_row(where, value))
-    return rows
-
-
-def _object_row(where: str, value: Any) -> Row:
-    if isinstance(value, dict):
-        return Row(where, value)
-    return Row(where, {}, f"expected a JSON object, got {_describe(value)}")
-
-
-def _describe(value: Any) -> str:
-    """A value's JSON type and a short excerpt, for messages about wrongly typed fields."""
-    kinds = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}
-    kind = "null" if value is None else kinds.get(type(value), type(value).__name__)
-    excerpt = json.dumps(value, default=str)
-    return kind if value is None else f"{kind} {excerpt if len(excerpt) <= 40 else excerpt[:37] + '...'}"
-
-
-def _read_with_datasets(path: Path, kind: str) -> list[Row]:
-    from datasets import load_dataset
-
-    try:
-        dataset = load_dataset(kind, data_files=str(path), split="train")
-    except Exception as exc:  # datasets raises many types for unreadable files
-        raise ValidationError(f"data {path}", [f"cannot read as {kind}: {type(exc).__name__}: {exc}"]) from None
-    if kind == "csv":
-        return [Row(f"line {i + 2}", dict(row)) for i, row in enumerate(dataset)]
-    return [Row(f"row {i + 1}", dict(row)) for i, row in enumerate(dataset)]
 
 
 def _capped(problems: list[str]) -> list[str]:
@@ -180,7 +85,7 @@ def _text_fields_problem(values: Mapping[str, Any], keys: Sequence[str]) -> str 
         if key not in values or values[key] is None:
             bad.append(f"{key} missing")
         elif not isinstance(values[key], str):
-            bad.append(f"{key} is a {_describe(values[key])}")
+            bad.append(f"{key} is a {describe_value(values[key])}")
         elif not values[key].strip():
             bad.append(f"{key} empty")
     return ", ".join(bad) or None
@@ -281,7 +186,7 @@ def _check_rows(
                 bad = [bad_text] if bad_text else []
                 if label is None:
                     value = row.values.get("label")
-                    bad.append("label missing" if value is None else f"label is a {_describe(value)}")
+                    bad.append("label missing" if value is None else f"label is a {describe_value(value)}")
                 found.append((position, f"{row.where}: needs a non-empty 'text' and a 'label' (string or integer); {', '.join(bad)}"))
                 continue
             raw.append((position, row, label))

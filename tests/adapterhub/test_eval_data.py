@@ -87,7 +87,7 @@ def test_json_array_file_numbers_rows(tmp_path: Path) -> None:
     path.write_text(json.dumps([{"text": "a", "label": "x"}, {"text": "b"}, {"text": "c", "label": "y"}]), encoding="utf-8")
     with pytest.raises(ValidationError) as info:
         load_eval_dataset(path)
-    assert info.value.problems == ["row 2: missing field 'label'"]
+    assert info.value.problems == ["item 2: missing field 'label'"]
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -125,13 +125,29 @@ def test_every_bad_row_named_by_line_in_one_error(tmp_path: Path) -> None:
     ]
 
 
-def test_malformed_json_line(tmp_path: Path) -> None:
+def test_malformed_json_lines_are_reported_with_every_other_bad_row(tmp_path: Path) -> None:
     path = tmp_path / "broken.jsonl"
-    path.write_text('{"text": "a"}\n{"text": \n["list"]\n', encoding="utf-8")
+    path.write_text(
+        '{"prompt": "p", "completion": "c"}\n{"prompt": \n["list"]\n{"prompt": "only"}\n{"prompt": "p", "completion": 5}\n',
+        encoding="utf-8",
+    )
     with pytest.raises(ValidationError) as info:
         load_eval_dataset(path)
-    assert info.value.problems[0].startswith("line 2: not valid JSON")
-    assert info.value.problems[1] == "line 3: expected a JSON object, got list"
+    problems = info.value.problems
+    assert [p.split(":")[0] for p in problems] == ["line 2", "line 3", "line 4", "line 5"]
+    assert problems[0].startswith("line 2: not valid JSON")
+    assert problems[1] == 'line 3: expected a JSON object, got array ["list"]'
+    assert problems[2] == "line 4: missing field 'completion'"
+
+
+def test_training_and_evaluation_read_a_file_alike(tmp_path: Path) -> None:
+    """One reader: the rows evaluation scores are the rows training reads, at the same locations."""
+    from adapterhub.train.data import read_rows
+
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n\n{"text": "b", "label": "y"}\n', encoding="utf-8")
+    dataset = load_eval_dataset(path)
+    assert [row.line for row in dataset.rows] == [row.number for row in read_rows(path)] == [1, 3]
 
 
 def test_bad_labels_and_unknown_shape(tmp_path: Path) -> None:

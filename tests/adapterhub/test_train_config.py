@@ -83,7 +83,7 @@ def test_data_errors_name_every_bad_line(tmp_path: Path) -> None:
     # A line that is not JSON no longer hides the other bad rows: every one, in line order.
     assert caught.value.problems == [
         "line 2: needs non-empty 'prompt' and 'completion' strings (or 'messages'); completion missing",
-        "line 4: not valid JSON (Expecting property name enclosed in double quotes)",
+        "line 4: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
         "line 5: the last message must be the assistant's (it is what the loss is computed on)",
         "line 6: needs non-empty 'prompt' and 'completion' strings (or 'messages'); prompt is a number 5, completion empty",
         "line 7: expected a JSON object, got array [1, 2]",
@@ -101,7 +101,7 @@ def test_every_bad_row_of_both_files_in_one_error(tmp_path: Path) -> None:
     assert caught.value.problems == [
         "train.jsonl line 2: needs a non-empty 'text' and a 'label' (string or integer); text empty",
         "train.jsonl line 3: needs a non-empty 'text' and a 'label' (string or integer); label is a boolean true",
-        "val.jsonl line 2: not valid JSON (Expecting property name enclosed in double quotes)",
+        "val.jsonl line 2: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
         "val.jsonl line 3: needs a non-empty 'text' and a 'label' (string or integer); label missing",
     ]
     array = tmp_path / "rows.json"
