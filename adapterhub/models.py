@@ -32,7 +32,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from adapterhub.errors import AdapterhubError, ValidationError
-from adapterhub.formats import weight_files
+from adapterhub.formats import directory_files, weight_files
 
 if TYPE_CHECKING:
     import torch
@@ -155,9 +155,11 @@ def prepare_base_model(source: Path | None, staging_dir: Path, *, dtype: str = "
             problems.append("no *.safetensors weights" + (f" (pickled {', '.join(pickled)} are not loaded: convert them)" if pickled else ""))
         if problems:
             raise ValidationError(f"model directory {source}", problems)
-        for item in source.iterdir():
-            if item.is_file() and (item.suffix in (".safetensors", ".json", ".jinja", ".txt", ".model") or item.name in _TOKENIZER_FILES):
-                shutil.copy2(item, staging_dir / item.name)
+        # Only the directory's own regular files: a link that leads out of it is refused by name.
+        for name in directory_files(source).files:
+            item = source / name
+            if "/" not in name and (item.suffix in (".safetensors", ".json", ".jinja", ".txt", ".model") or name in _TOKENIZER_FILES):
+                shutil.copyfile(item.resolve(), staging_dir / name)
         return staging_dir
     raise AdapterhubError(f"{source} is neither a transformers model directory nor a .gguf file")
 

@@ -18,6 +18,18 @@ def test_transformers_dir_is_copied_with_tokenizer(tiny_base: Path, tmp_path: Pa
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
 
 
+def test_a_link_out_of_the_model_directory_is_refused_and_nothing_copied(tiny_base: Path, tmp_path: Path) -> None:
+    import shutil
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny_base, source)
+    (source / "special_tokens_map.json").unlink(missing_ok=True)
+    (source / "special_tokens_map.json").symlink_to("/etc/passwd")
+    with pytest.raises(ValidationError, match=r"special_tokens_map.json"):
+        prepare_base_model(source, tmp_path / "staged")
+    assert not any((tmp_path / "staged").glob("*"))
+
+
 def test_bad_sources_are_refused(tmp_path: Path) -> None:
     with pytest.raises(AdapterhubError, match="does not exist"):
         prepare_base_model(tmp_path / "missing", tmp_path / "out")
