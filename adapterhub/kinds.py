@@ -6,8 +6,8 @@ Design decisions:
   configs with `use_dora`/`use_rslora`; PEFT has no type of their own), how its tensors are named
   and shaped (what validation checks), whether and how it merges (or why not), and which serving
   backends serve it (or why not, in words a user can act on). Validation (`formats`), the merge
-  engine, the server and the CLI look kinds up here instead of testing `peft_type` each in their
-  own way. Kinds are registered like PEFT's `register_peft_method`: a duplicate name or variant
+  engine and the CLI look kinds up here instead of testing `peft_type` each in their own way,
+  and the server is meant to (`serving_problems`, `served_kinds`, `TensorNaming.parse`). Kinds are registered like PEFT's `register_peft_method`: a duplicate name or variant
   is refused, a failed lookup lists the valid names, and every kind states its answer for every
   backend, so adding a backend means deciding what it serves, not inheriting a default.
 - A kind's base name is its PEFT type in lower case (`lora`, `ia3`, `prompt_tuning`, `full`);
@@ -229,9 +229,9 @@ def target_matcher(config: Mapping[str, Any]) -> TargetMatcher:
         indexes = frozenset({layers})
     elif layers:
         indexes = frozenset(layers)
-    patterns = tuple(
-        user_regex("'layers_pattern'", name, layers_pattern_regex(name)) for name in _names(config.get("layers_pattern")) if name
-    )
+    # PEFT treats a missing or empty layers_pattern as "any layer pattern"; the entries of a list all count.
+    names = _names(config.get("layers_pattern")) if config.get("layers_pattern") else ()
+    patterns = tuple(user_regex("'layers_pattern'", name, layers_pattern_regex(name)) for name in names)
     return TargetMatcher(target_names=tuple(targets or ()), layer_indexes=indexes, layer_patterns=patterns, **common)
 
 

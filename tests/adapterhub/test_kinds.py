@@ -69,6 +69,8 @@ TARGET_CONFIGS: list[dict[str, Any]] = [
     {"target_modules": ["q_proj"], "layers_to_transform": [], "layers_pattern": "layers"},
     {"target_modules": ["c_attn"], "layers_to_transform": [2], "layers_pattern": "h"},
     {"target_modules": ["q_proj"], "layers_to_transform": [12, 0], "layers_pattern": ""},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [1, 3], "layers_pattern": ["", "experts", "layers"]},
+    {"target_modules": ["model.layers.1.self_attn.q_proj", "down_proj"], "layers_to_transform": [0]},  # a full name skips the layer check
 ]
 
 
