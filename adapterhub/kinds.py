@@ -7,14 +7,17 @@ Design decisions:
   and shaped (what validation checks), whether and how it merges (or why not), and which serving
   backends serve it (or why not, in words a user can act on). Validation (`formats`), the merge
   engine and the CLI look kinds up here instead of testing `peft_type` each in their own way,
-  and the server is meant to (`serving_problems`, `served_kinds`, `TensorNaming.parse`). Kinds are registered like PEFT's `register_peft_method`: a duplicate name or variant
-  is refused, a failed lookup lists the valid names, and every kind states its answer for every
-  backend, so adding a backend means deciding what it serves, not inheriting a default.
+  and the server is meant to (`why_not_served`, `describe_kind`, `served_kinds`,
+  `TensorNaming.parse`). Kinds are registered like PEFT's `register_peft_method`: a duplicate
+  name or variant is refused, a failed lookup lists the valid names, and every kind states its
+  answer for every backend, so adding a backend means deciding what it serves, not inheriting
+  a default.
 - A kind's base name is its PEFT type in lower case (`lora`, `ia3`, `prompt_tuning`, `full`);
   variants have their own (`dora`, `rslora`, `dora+rslora`). `AdapterRecord.kind` holds it.
-- What blocks a use whatever the kind (`modules_to_save`, LoRA biases, a classification head,
-  a PiSSA-style initialisation, `fan_in_fan_out` on the torch backend) is a *trait*: a small
-  registered predicate over the config and tensor names with the uses it rules out and why.
+- What blocks a use whatever the kind (a task head other than a language model's,
+  `modules_to_save`, LoRA biases, a PiSSA-style initialisation, `fan_in_fan_out` on the torch
+  backend, a sequence-classifier full model in a merge) is a *trait*: a small registered
+  predicate over the config and tensor names with the uses it rules out and why.
 - PEFT's module matching lives here once (`TargetMatcher`, `feedforward_matcher`,
   `pattern_value`, `lora_scaling`), written to give what `peft.tuners.tuners_utils.
   check_target_module_exists`, `IA3Model._check_target_module_feedforward` and
@@ -497,8 +500,9 @@ def _listing(labels: Iterable[str]) -> str:
 class Trait:
     """Something an adapter of any kind may have that rules some uses out.
 
-    `detail(config, tensor_names)` describes it when present ("modules_to_save ['score']") and
-    is None when absent; `refused_by` maps each use it rules out (`USES`) to the reason.
+    `detail(config, tensor_names)` describes it when present (`modules_to_save: score`) and is
+    None when absent. `refused_by` maps each use it rules out (`USES`) to the reason, a clause
+    in which `{detail}` stands for that description.
     """
 
     name: str
@@ -516,7 +520,7 @@ _TRAITS: dict[str, Trait] = {}
 
 
 def register_trait(trait: Trait) -> Trait:
-    """Add a trait; refuses duplicates and unknown uses."""
+    """Add a trait; refuses duplicates and unknown uses. Traits are checked in the order registered."""
     if trait.name in _TRAITS:
         raise ValueError(f"trait {trait.name!r} is already registered")
     unknown = [use for use in trait.refused_by if use not in USES]
@@ -530,16 +534,16 @@ def traits() -> tuple[Trait, ...]:
     return tuple(_TRAITS.values())
 
 
-def _trait_problems(use: str, config: Mapping[str, Any], tensor_names: Collection[str], verb: str) -> list[str]:
-    problems = []
+def _trait_reasons(use: str, config: Mapping[str, Any], tensor_names: Collection[str]) -> list[str]:
+    reasons = []
     for trait in _TRAITS.values():
-        reason = trait.refused_by.get(use)
-        if reason is None:
+        template = trait.refused_by.get(use)
+        if template is None:
             continue
         detail = trait.detail(config, tensor_names)
         if detail is not None:
-            problems.append(f"{detail} cannot be {verb} ({reason})")
-    return problems
+            reasons.append(template.format(detail=detail))
+    return reasons
 
 
 def merge_problems(
@@ -554,20 +558,32 @@ def merge_problems(
             return [f"{ref} is a {kind.display_name} adapter, which {kind.not_mergeable} and cannot be merged"]
         labels = _listing(k.label for k in mergeable_kinds())
         return [f"a {kind.display_name} adapter {kind.not_mergeable} and cannot be merged (mergeable kinds: {labels})"]
-    problems = _trait_problems("merge", config or {}, tensor_names, "merged")
+    problems = _trait_reasons("merge", config or {}, tensor_names)
     return [f"{ref}: {p}" for p in problems] if ref is not None else problems
 
 
-def serving_problems(
+def why_not_served(
     kind: AdapterKind, backend: str, config: Mapping[str, Any] | None = None, tensor_names: Collection[str] = (),
-) -> list[str]:
-    """Why `backend` cannot serve this adapter (empty when it can): the kind's reason, else its traits'."""
+) -> str | None:
+    """Why `backend` cannot serve this adapter, or None when it can: the kind's reason (and what the
+    backend serves instead), else every trait's, joined by "; ".
+
+    `config` may be just what a registry summary has (`{"task_type": ...}`): a trait absent from
+    it is taken as absent. Messages read "<describe_kind> adapters cannot be served by the
+    <backend> backend: <this>".
+    """
     _checked_backend(backend)
     reason = kind.serving[backend]
     if reason is not None:
-        labels = _listing(k.label for k in served_kinds(backend))
-        return [f"{kind.display_name} adapters cannot be served by the {backend} backend ({reason}); it serves {labels} adapters"]
-    return _trait_problems(backend, config or {}, tensor_names, f"served by the {backend} backend")
+        return f"{reason}; the {backend} backend serves {_listing(k.label for k in served_kinds(backend))} adapters"
+    return "; ".join(_trait_reasons(backend, config or {}, tensor_names)) or None
+
+
+def describe_kind(kind: AdapterKind, config: Mapping[str, Any] | None = None) -> str:
+    """How messages name an adapter: its kind's label, and a head other than a language model's
+    (`lora, sequence classification head`)."""
+    head = _task_head(config or {}, ())
+    return f"{kind.label}, {head}" if head else kind.label
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,10 +623,10 @@ _PREFIX_WHY = "prefix tuning injects a learned key/value prefix into every atten
 _NOT_A_DELTA = "is not a change of the base weights"
 
 for _name, _label, _dora, _rslora in (
-    ("lora", "LoRA", False, False),
-    ("rslora", "rsLoRA", False, True),
-    ("dora", "DoRA", True, False),
-    ("dora+rslora", "DoRA with rsLoRA", True, True),
+    ("lora", "lora", False, False),
+    ("rslora", "lora with rsLoRA", False, True),
+    ("dora", "lora with DoRA", True, False),
+    ("dora+rslora", "lora with DoRA+rsLoRA", True, True),
 ):
     register_kind(AdapterKind(
         name=_name, label=_label, peft_type="LORA", naming=_LORA_NAMING,
@@ -629,7 +645,7 @@ register_kind(AdapterKind(
     serving={"torch": _PROMPT_WHY, "vllm": f"{_VLLM_LORA_ONLY}; {_PROMPT_WHY}"},
 ))
 register_kind(AdapterKind(
-    name="p_tuning", label="P-tuning", peft_type="P_TUNING", naming=_PROMPT_NAMING,
+    name="p_tuning", label="p-tuning", peft_type="P_TUNING", naming=_PROMPT_NAMING,
     not_mergeable=f"{_NOT_A_DELTA} ({_P_TUNING_WHY})",
     serving={"torch": _P_TUNING_WHY, "vllm": f"{_VLLM_LORA_ONLY}; {_P_TUNING_WHY}"},
 ))
@@ -644,22 +660,38 @@ register_kind(AdapterKind(
 ))
 
 
+# PEFT task types whose adapters end in another head than the base's language-model head.
+_TASK_HEADS = {
+    "SEQ_CLS": "sequence classification head",
+    "TOKEN_CLS": "token classification head",
+    "QUESTION_ANS": "question answering head",
+    "FEATURE_EXTRACTION": "feature extraction (no language-model head)",
+    "SEQ_2_SEQ_LM": "sequence-to-sequence model",
+}
+_GENERATIVE_TASKS = ("CAUSAL_LM",)
+
+
+def _task_head(config: Mapping[str, Any], _tensor_names: Collection[str]) -> str | None:
+    task = config.get("task_type")
+    if not isinstance(task, str) or not task or task.upper() in _GENERATIVE_TASKS:
+        return None
+    return _TASK_HEADS.get(task.upper(), f"{task.lower()[:40]} task")
+
+
 def _modules_to_save(config: Mapping[str, Any], _tensor_names: Collection[str]) -> str | None:
     saved = config.get("modules_to_save")
-    return f"modules_to_save {list(saved)}" if saved else None
+    if not saved:
+        return None
+    return "modules_to_save: " + (", ".join(map(str, saved)) if isinstance(saved, (list, tuple)) else str(saved))[:200]
 
 
 def _lora_bias(config: Mapping[str, Any], names: Collection[str]) -> str | None:
     stored = any(n.endswith((".lora_A.bias", ".lora_B.bias")) for n in names)
-    return "LoRA biases (lora_bias=True)" if config.get("lora_bias") or stored else None
+    return "lora_bias" if config.get("lora_bias") or stored else None
 
 
-def _classification_head(config: Mapping[str, Any], _tensor_names: Collection[str]) -> str | None:
-    architectures = config.get("architectures")
-    architecture = architectures[0] if isinstance(architectures, list) and architectures else ""
-    if isinstance(architecture, str) and architecture.endswith("ForSequenceClassification"):
-        return f"a sequence classifier ({architecture})"
-    return "a sequence classifier (task_type SEQ_CLS)" if config.get("task_type") == "SEQ_CLS" else None
+def _fan_in_fan_out(config: Mapping[str, Any], _tensor_names: Collection[str]) -> str | None:
+    return "fan_in_fan_out" if config.get("fan_in_fan_out") else None
 
 
 # PiSSA, OLoRA, CorDA and LoftQ rewrite the base weights when they initialise the adapter; saved
@@ -669,36 +701,33 @@ _RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
 
 def _residual_init(config: Mapping[str, Any], _tensor_names: Collection[str]) -> str | None:
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
-        return f"an adapter initialised with init_lora_weights={init!r:.40}"
-    return None
+    return f"init_lora_weights={init[:40]!r}" if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS) else None
 
 
-def _fan_in_fan_out(config: Mapping[str, Any], _tensor_names: Collection[str]) -> str | None:
-    return "fan_in_fan_out (Conv1D layers)" if config.get("fan_in_fan_out") else None
+def _classifier_model(config: Mapping[str, Any], _tensor_names: Collection[str]) -> str | None:
+    architectures = config.get("architectures")
+    architecture = architectures[0] if isinstance(architectures, list) and architectures else ""
+    return architecture if isinstance(architecture, str) and architecture.endswith("ForSequenceClassification") else None
 
 
-_NO_GENERATION = "its classification head scores text; it does not generate"
+_NOT_GENERATIVE = "it was trained for a {detail}, and this server generates text with the base model's language-model head"
+_RESIDUAL = ("it was initialised with {detail}, which rewrites the base weights, so it is a change of that rewritten base, "
+             "not of this one (save it with path_initial_model_for_weight_conversion to make it a plain LoRA)")
+register_trait(Trait("task_head", _task_head, {"torch": _NOT_GENERATIVE, "vllm": _NOT_GENERATIVE}))
 register_trait(Trait("modules_to_save", _modules_to_save, {
-    "merge": "fully trained copies of layers are new weights, not a change of the base's",
-    "torch": "fully trained copies of layers cannot be swapped per row of a batch",
-    "vllm": "vLLM only supports modules_to_save being None",
+    "merge": "it replaces whole modules of the base ({detail}): fully trained copies of layers are new weights, "
+             "not a change of the base's, and cannot be merged",
+    "torch": "it replaces whole modules of the base ({detail})",
+    "vllm": "vLLM only supports modules_to_save being None ({detail})",
 }))
 register_trait(Trait("lora_bias", _lora_bias, {
-    "merge": "a bias is not part of the low-rank change",
-    "torch": "the gathered-slot layers add no per-adapter bias",
-    "vllm": "vLLM does not serve LoRA bias terms",
+    "merge": "LoRA bias terms (lora_bias) cannot be merged: a bias is not part of the low-rank change",
+    "torch": "LoRA bias terms are not supported",
+    "vllm": "vLLM does not serve LoRA bias terms (lora_bias)",
 }))
-register_trait(Trait("classification_head", _classification_head, {
-    "merge": "its classification head is new weights the base lacks",
-    "torch": _NO_GENERATION,
-    "vllm": _NO_GENERATION,
-}))
-register_trait(Trait("residual_init", _residual_init, {
-    use: "its weights change a base the initialisation rewrote, not this one; save it with "
-         "path_initial_model_for_weight_conversion to convert it to a plain LoRA"
-    for use in USES
-}))
-register_trait(Trait("fan_in_fan_out", _fan_in_fan_out, {
-    "torch": "the torch backend adapts nn.Linear layers only",
+register_trait(Trait("fan_in_fan_out", _fan_in_fan_out, {"torch": "fan_in_fan_out (Conv1D layers) is not supported"}))
+register_trait(Trait("residual_init", _residual_init, {use: _RESIDUAL for use in USES}))
+register_trait(Trait("classifier_model", _classifier_model, {
+    # Its head is new weights, not a change of the base's: there is no task vector to take.
+    "merge": "a sequence classifier ({detail}) has a classification head the base lacks and cannot be merged",
 }))

@@ -27,7 +27,7 @@ from rich.table import Column, Table
 from adapterhub.cli.common import JsonOption, console, err_console, human_bytes, open_registry, print_json, print_table
 from adapterhub.errors import AdapterhubError
 from adapterhub.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, directory_files
-from adapterhub.kinds import BACKENDS, kind_names, merge_problems, serving_problems
+from adapterhub.kinds import BACKENDS, describe_kind, kind_names, merge_problems, why_not_served
 from adapterhub.registry import AdapterRecord, Lineage
 
 
@@ -117,9 +117,13 @@ def _uses(record: AdapterRecord) -> dict[str, str | None]:
     Read from the record's kind and config alone (no tensor names: nothing is materialized).
     """
     kind = record.adapter_kind
-    problems = {"merge": merge_problems(kind, record.config)}
-    problems |= {backend: serving_problems(kind, backend, record.config) for backend in BACKENDS}
-    return {use: found[0] if found else None for use, found in problems.items()}
+    config = {"task_type": record.task_type, **record.config}
+    refused = merge_problems(kind, config)
+    uses: dict[str, str | None] = {"merge": refused[0] if refused else None}
+    for backend in BACKENDS:
+        reason = why_not_served(kind, backend, config)
+        uses[backend] = None if reason is None else f"{describe_kind(kind, config)} adapters cannot be served by the {backend} backend: {reason}"
+    return uses
 
 
 def list_adapters(

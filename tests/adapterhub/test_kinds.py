@@ -25,8 +25,8 @@ from adapterhub.kinds import (
     pattern_value,
     register_kind,
     register_trait,
-    serving_problems,
     target_matcher,
+    why_not_served,
 )
 
 MODULES = [
@@ -242,7 +242,7 @@ def test_failed_lookups_list_the_valid_names() -> None:
     with pytest.raises(UnknownKindError, match="unknown PEFT type 'LOHA'; known: LORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, FULL"):
         kind_of("LOHA")
     with pytest.raises(UnknownKindError, match="unknown serving backend 'tgi'; known: torch, vllm"):
-        serving_problems(get_kind("lora"), "tgi")
+        why_not_served(get_kind("lora"), "tgi")
     assert get_kind("DoRA") is get_kind("dora")
 
 
@@ -260,7 +260,7 @@ def test_registration_refuses_duplicates_and_incomplete_entries() -> None:
         register_kind(dataclasses.replace(lora, name="loha", peft_type="LOHA", flags={}, not_mergeable="why"))
     with pytest.raises(ValueError, match="named after it \\('loha'\\)"):
         register_kind(dataclasses.replace(lora, name="lokr", peft_type="LOHA", flags={}))
-    with pytest.raises(ValueError, match="'modules_to_save' is already registered"):
+    with pytest.raises(ValueError, match="'task_head' is already registered"):
         register_trait(kinds.traits()[0])
     with pytest.raises(ValueError, match="unknown uses \\['tgi'\\]"):
         register_trait(kinds.Trait("x", lambda config, names: None, {"tgi": "no"}))
@@ -280,20 +280,42 @@ def test_which_backends_serve_which_kinds() -> None:
     assert [k.name for k in kinds.served_kinds("torch")] == ["lora", "rslora", "dora", "dora+rslora", "ia3"]
     assert [k.name for k in kinds.served_kinds("vllm")] == ["lora", "rslora"]
     assert [k.name for k in kinds.mergeable_kinds()] == ["lora", "rslora", "dora", "dora+rslora", "ia3", "full"]
-    (message,) = serving_problems(get_kind("dora"), "vllm")
-    assert message == "DORA adapters cannot be served by the vllm backend (vLLM does not yet support DoRA); it serves LoRA and rsLoRA adapters"
-    (message,) = serving_problems(get_kind("prompt_tuning"), "torch")
-    assert message.startswith("PROMPT_TUNING adapters cannot be served by the torch backend (prompt tuning prepends")
-    assert "needs 'r' and 'lora_alpha'" in serving_problems(get_kind("ia3"), "vllm")[0]
-    assert "serve it as its own base model" in serving_problems(get_kind("full"), "torch")[0]
-    assert serving_problems(get_kind("rslora"), "vllm", {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"q_proj": 4}}) == []
+    assert why_not_served(get_kind("dora"), "vllm") == (
+        "vLLM does not yet support DoRA; the vllm backend serves lora and lora with rsLoRA adapters"
+    )
+    assert why_not_served(get_kind("prompt_tuning"), "torch").startswith(  # type: ignore[union-attr]
+        "prompt tuning prepends learned virtual tokens to every request; the torch backend serves lora, lora with rsLoRA, "
+        "lora with DoRA, lora with DoRA+rsLoRA and (IA)³ adapters"
+    )
+    assert "needs 'r' and 'lora_alpha'" in why_not_served(get_kind("ia3"), "vllm")  # type: ignore[operator]
+    assert "serve it as its own base model" in why_not_served(get_kind("full"), "torch")  # type: ignore[operator]
+    assert why_not_served(get_kind("rslora"), "vllm", {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"q_proj": 4}}) is None
+    assert why_not_served(get_kind("dora+rslora"), "torch", {"task_type": "CAUSAL_LM"}) is None
+
+
+def test_serving_reasons_and_kind_names_read_as_the_server_words_them() -> None:
+    lora = get_kind("lora")
+    config = {"task_type": "SEQ_CLS", "modules_to_save": ["classifier", "score"]}
+    assert kinds.describe_kind(lora, config) == "lora, sequence classification head"
+    assert kinds.describe_kind(get_kind("dora"), {"task_type": "CAUSAL_LM"}) == "lora with DoRA"
+    assert kinds.describe_kind(get_kind("p_tuning")) == "p-tuning"
+    assert why_not_served(lora, "torch", config) == (
+        "it was trained for a sequence classification head, and this server generates text with the base model's "
+        "language-model head; it replaces whole modules of the base (modules_to_save: classifier, score)"
+    )
+    assert why_not_served(lora, "vllm", {"task_type": "TOKEN_CLS"}).startswith("it was trained for a token classification head")  # type: ignore[union-attr]
+    assert why_not_served(lora, "torch", {"lora_bias": True, "fan_in_fan_out": True}) == (
+        "LoRA bias terms are not supported; fan_in_fan_out (Conv1D layers) is not supported"
+    )
 
 
 @pytest.mark.parametrize(
     "config, tensor_names, refused",
     [
         ({"modules_to_save": ["score"]}, (), {"merge", "torch", "vllm"}),
-        ({"task_type": "SEQ_CLS"}, (), {"merge", "torch", "vllm"}),
+        ({"task_type": "SEQ_CLS"}, (), {"torch", "vllm"}),  # a LoRA of the body alone is still a weight delta
+        ({"task_type": "seq_2_seq_lm"}, (), {"torch", "vllm"}),
+        ({"architectures": ["LlamaForSequenceClassification"]}, (), {"merge"}),
         ({}, ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias",), {"merge", "torch", "vllm"}),
         ({"lora_bias": True}, (), {"merge", "torch", "vllm"}),
         ({"init_lora_weights": "pissa_niter_4"}, (), {"merge", "torch", "vllm"}),
@@ -304,19 +326,23 @@ def test_which_backends_serve_which_kinds() -> None:
 )
 def test_traits_rule_out_uses_whatever_the_kind(config: dict[str, Any], tensor_names: tuple[str, ...], refused: set[str]) -> None:
     lora = get_kind("lora")
-    found = {use for use in kinds.USES if (merge_problems(lora, config, tensor_names) if use == "merge" else serving_problems(lora, use, config, tensor_names))}
+    found = {"merge"} if merge_problems(lora, config, tensor_names) else set()
+    found |= {backend for backend in kinds.BACKENDS if why_not_served(lora, backend, config, tensor_names) is not None}
     assert found == refused
 
 
 def test_merge_messages_name_the_kind_and_what_merges() -> None:
     (message,) = merge_problems(get_kind("prefix_tuning"))
     assert message.startswith("a PREFIX_TUNING adapter is not a change of the base weights (prefix tuning injects")
-    assert message.endswith("(mergeable kinds: LoRA, rsLoRA, DoRA, DoRA with rsLoRA, (IA)³ and full model)")
+    assert message.endswith("(mergeable kinds: lora, lora with rsLoRA, lora with DoRA, lora with DoRA+rsLoRA, (IA)³ and full model)")
     (message,) = merge_problems(get_kind("p_tuning"), ref="soft:3")
     assert message.startswith("soft:3 is a P_TUNING adapter, which is not a change of the base weights")
     (message,) = merge_problems(get_kind("full"), {"architectures": ["LlamaForSequenceClassification"]})
-    assert message == ("a sequence classifier (LlamaForSequenceClassification) cannot be merged "
-                       "(its classification head is new weights the base lacks)")
+    assert message == "a sequence classifier (LlamaForSequenceClassification) has a classification head the base lacks and cannot be merged"
+    assert merge_problems(get_kind("lora"), {"modules_to_save": ["lm_head"]}, ref="x:1") == [
+        "x:1: it replaces whole modules of the base (modules_to_save: lm_head): fully trained copies of layers are new "
+        "weights, not a change of the base's, and cannot be merged"
+    ]
     assert merge_problems(get_kind("dora+rslora"), {"use_dora": True}) == []
 
 

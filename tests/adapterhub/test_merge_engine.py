@@ -258,8 +258,8 @@ def test_what_the_kinds_table_rules_out_is_refused_in_its_words(tiny_base: Path,
     with pytest.raises(ValidationError) as caught:
         merge(recipe, base_dir=tiny_base, out_dir=tmp_path / "out")
     assert caught.value.problems == [
-        f"input {saved}: modules_to_save ['lm_head'] cannot be merged (fully trained copies of layers are new weights, "
-        "not a change of the base's)",
-        f"input {biased}: LoRA biases (lora_bias=True) cannot be merged (a bias is not part of the low-rank change)",
+        f"input {saved}: it replaces whole modules of the base (modules_to_save: lm_head): fully trained copies of layers "
+        "are new weights, not a change of the base's, and cannot be merged",
+        f"input {biased}: LoRA bias terms (lora_bias) cannot be merged: a bias is not part of the low-rank change",
     ]
     assert not (tmp_path / "out").exists()

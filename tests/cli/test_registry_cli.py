@@ -225,7 +225,7 @@ def test_show_says_what_the_kinds_table_allows_and_list_type_names_the_kinds(hom
     dora = build_lora_adapter(tiny_base, tmp_path / "dora", use_dora=True)
     assert run_cli(home, "import", str(dora), "--name", "d", "--base", "tiny").returncode == 0
     shown = run_cli(home, "show", "d")
-    assert "merge: yes\nserve on torch: yes\nserve on vllm: no, DORA adapters cannot be served by the vllm backend" in shown.stdout
+    assert "merge: yes\nserve on torch: yes\nserve on vllm: no, lora with DoRA adapters cannot be served by the vllm backend: " in shown.stdout
     uses = json.loads(run_cli(home, "show", "d", "--json").stdout)["uses"]
     assert uses["merge"] is None and uses["torch"] is None and "vLLM does not yet support DoRA" in uses["vllm"]
     assert json.loads(run_cli(home, "list", "--type", "DoRA", "--json").stdout)[0]["ref"] == "d:1"
