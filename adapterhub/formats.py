@@ -59,7 +59,7 @@ from adapterhub.kinds import (
     FULL_MODEL_PEFT_TYPE,
     PEFT_MODEL_PREFIX,
     AdapterKind,
-    PatternTimeoutError,
+    PatternError,
     TensorPart,
     UnknownKindError,
     feedforward_matcher,
@@ -697,7 +697,7 @@ def _structure_problems(kind: AdapterKind, config: Mapping[str, Any], tensors: M
         return []
     try:
         return _module_problems(kind, config, tensors)
-    except PatternTimeoutError as exc:
+    except PatternError as exc:
         return [str(exc)]
 
 
@@ -769,7 +769,7 @@ def _module_parts_problems(manifest: AdapterManifest, spec: BaseModelSpec) -> li
                 problems.append(
                     f"{key}: shape {list(info.shape)} does not fit the base model's {module} {list(base_shape)} (expected {list(expected)})"
                 )
-    except PatternTimeoutError as exc:
+    except PatternError as exc:
         return [str(exc)]
     if missing:
         unique = sorted(set(missing))

@@ -66,7 +66,11 @@ class UnknownKindError(AdapterhubError, KeyError):
         return str(self.args[0])
 
 
-class PatternTimeoutError(AdapterhubError):
+class PatternError(AdapterhubError, ValueError):
+    """A regex from a config that cannot be used: it does not compile (`user_regex`), or it timed out."""
+
+
+class PatternTimeoutError(PatternError):
     """A regex from a config took longer than `REGEX_TIMEOUT_S` on one name: it backtracks catastrophically."""
 
     def __init__(self, where: str, pattern: str, text: str) -> None:
@@ -95,7 +99,7 @@ def regex_problem(pattern: str) -> str | None:
 class UserRegex:
     """A regular expression from a config, compiled once and matched with a timeout.
 
-    `where` and `source` name it in errors as the user wrote it ("'rank_pattern' key", "q.*");
+    `where` and `source` name it in errors as the user wrote it ("rank_pattern key", "q.*");
     `compiled` is the pattern PEFT actually matches, which may wrap the source.
     """
 
@@ -125,8 +129,16 @@ class UserRegex:
 
 @functools.lru_cache(maxsize=1024)
 def user_regex(where: str, source: str, effective: str | None = None) -> UserRegex:
-    """`source` (or the pattern PEFT builds from it, `effective`) compiled; call on validated configs."""
-    return UserRegex(where=where, source=source, compiled=regex.compile(source if effective is None else effective))
+    """`source` (or the pattern PEFT builds from it, `effective`) compiled.
+
+    A config the registry validated never fails here; one read straight from a directory (the
+    server's load by path) may, and gets a `PatternError` naming the pattern.
+    """
+    pattern = source if effective is None else effective
+    problem = regex_problem(pattern)
+    if problem is not None:
+        raise PatternError(f"{where} {source!r:.120} is not a regular expression ({problem})")
+    return UserRegex(where=where, source=source, compiled=regex.compile(pattern))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,16 +228,16 @@ def target_matcher(config: Mapping[str, Any]) -> TargetMatcher:
     """The `TargetMatcher` of an adapter config whose fields have been validated (`formats`)."""
     targets = config.get("target_modules")
     excluded = config.get("exclude_modules")
-    saved = tuple(user_regex("'modules_to_save' entry", name, modules_to_save_regex(name)) for name in config.get("modules_to_save") or ())
+    saved = tuple(user_regex("modules_to_save entry", name, modules_to_save_regex(name)) for name in config.get("modules_to_save") or ())
     common: dict[str, Any] = {"saved": saved}
     if isinstance(excluded, str):
-        common["exclude_regex"] = user_regex("'exclude_modules'", excluded)
+        common["exclude_regex"] = user_regex("exclude_modules", excluded)
     elif excluded:
         common["exclude_names"] = tuple(excluded)
     if isinstance(targets, str):
         if targets.lower() == _ALL_LINEAR:
             return TargetMatcher(all_linear=True, **common)
-        return TargetMatcher(target_regex=user_regex("'target_modules'", targets), **common)
+        return TargetMatcher(target_regex=user_regex("target_modules", targets), **common)
     layers = config.get("layers_to_transform")
     indexes: frozenset[int] | None = None
     if isinstance(layers, int) and not isinstance(layers, bool):
@@ -234,7 +246,7 @@ def target_matcher(config: Mapping[str, Any]) -> TargetMatcher:
         indexes = frozenset(layers)
     # PEFT treats a missing or empty layers_pattern as "any layer pattern"; the entries of a list all count.
     names = _names(config.get("layers_pattern")) if config.get("layers_pattern") else ()
-    patterns = tuple(user_regex("'layers_pattern'", name, layers_pattern_regex(name)) for name in names)
+    patterns = tuple(user_regex("layers_pattern", name, layers_pattern_regex(name)) for name in names)
     return TargetMatcher(target_names=tuple(targets or ()), layer_indexes=indexes, layer_patterns=patterns, **common)
 
 
@@ -242,12 +254,12 @@ def feedforward_matcher(config: Mapping[str, Any]) -> Callable[[str], bool]:
     """PEFT's (IA)³ rule for `feedforward_modules`: a regex on the whole name, or a plain suffix (no `.` needed)."""
     modules = config.get("feedforward_modules")
     if isinstance(modules, str):
-        return user_regex("'feedforward_modules'", modules).fullmatch
+        return user_regex("feedforward_modules", modules).fullmatch
     names = tuple(modules or ())
     return lambda module: any(module.endswith(name) for name in names)
 
 
-def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any, *, where: str = "'rank_pattern' key") -> Any:
+def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any, *, where: str = "rank_pattern key") -> Any:
     """PEFT's `rank_pattern`/`alpha_pattern` lookup: the first key matching a `.`-suffix of the module.
 
     As `get_pattern_key` does, a module no key matches is looked up by its own name before the
@@ -268,7 +280,7 @@ def lora_rank(config: Mapping[str, Any], module: str) -> Any:
 
 def lora_alpha(config: Mapping[str, Any], module: str) -> Any:
     """The alpha PEFT gives one module: `alpha_pattern`, else `lora_alpha` (PEFT's default 8)."""
-    return pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8), where="'alpha_pattern' key")
+    return pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8), where="alpha_pattern key")
 
 
 def lora_scaling(config: Mapping[str, Any], module: str, rank: int) -> float:

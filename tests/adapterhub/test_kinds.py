@@ -174,10 +174,10 @@ def test_rank_and_scale_are_what_peft_gives_each_module(config: dict[str, Any]) 
 @pytest.mark.parametrize(
     "build, where",
     [
-        (lambda p: target_matcher({"target_modules": p}), "'target_modules'"),
-        (lambda p: target_matcher({"target_modules": ["q_proj"], "exclude_modules": p}), "'exclude_modules'"),
-        (lambda p: feedforward_matcher({"feedforward_modules": p}), "'feedforward_modules'"),
-        (lambda p: (lambda module: pattern_value({p: 4}, module, 8)), "'rank_pattern' key"),
+        (lambda p: target_matcher({"target_modules": p}), "target_modules"),
+        (lambda p: target_matcher({"target_modules": ["q_proj"], "exclude_modules": p}), "exclude_modules"),
+        (lambda p: feedforward_matcher({"feedforward_modules": p}), "feedforward_modules"),
+        (lambda p: (lambda module: pattern_value({p: 4}, module, 8)), "rank_pattern key"),
     ],
 )
 def test_a_catastrophic_regex_is_one_error_naming_it_not_a_hang(build: Any, where: str) -> None:
@@ -198,6 +198,14 @@ def test_nested_quantifiers_on_long_names_stay_fast() -> None:
     assert not matches("a" * 5000 + "!")
     assert matches("a" * 5000)
     assert time.monotonic() - started < 2
+
+
+def test_a_pattern_that_does_not_compile_is_an_error_naming_it() -> None:
+    """What the registry refuses at import, a config read straight from a directory meets here."""
+    with pytest.raises(kinds.PatternError, match=r"rank_pattern key '\(' is not a regular expression"):
+        pattern_value({"(": 4}, "model.layers.0.self_attn.q_proj", 8)
+    with pytest.raises(ValueError, match=r"target_modules '.*p\{L\}' is not a regular expression"):
+        target_matcher({"target_modules": r"\p{L}"})
 
 
 def test_regex_problem_refuses_what_either_engine_refuses() -> None:
