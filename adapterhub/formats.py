@@ -27,11 +27,15 @@ Design decisions:
   that starts like a pickle or is a torch zip archive) are left out and reported as skipped:
   unpickling runs code, and the registry never hands out a pickle.
 - The PEFT on-disk format (`adapter_config.json` + `adapter_model.safetensors`) is the
-  interchange format; the kinds the registry can check are `PEFT_TYPES`, spelled as PEFT
-  writes them (PEFT cannot load `"lora"`). A directory with `config.json` and `*.safetensors`
-  weights instead is a *full model* (full or layer-wise fine-tuning, a merged model): it is
-  stored the same way, with `peft_type` "FULL", so lineage, evaluations and serving treat
-  both alike.
+  interchange format; the kinds the registry can check are those of the kinds table
+  (`adapterhub.kinds`), spelled as PEFT writes them (PEFT cannot load `"lora"`). A directory
+  with `config.json` and `*.safetensors` weights instead is a *full model* (full or layer-wise
+  fine-tuning, a merged model): it is stored the same way, with `peft_type` "FULL", so lineage,
+  evaluations and serving treat both alike.
+- What to check is looked up, not branched on: a kind's `TensorNaming` says how its tensors
+  are named and shaped, and the checks run per layout (`_BASE_CHECKS`); which modules a config
+  adapts, and each module's rank, follow PEFT's rules as `adapterhub.kinds` implements them once.
+  A regex in a config that backtracks catastrophically is one problem naming it, not a hang.
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import stat
 import struct
 import sys
@@ -52,20 +55,30 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from adapterhub.errors import ValidationError
+from adapterhub.kinds import (
+    FULL_MODEL_PEFT_TYPE,
+    PEFT_MODEL_PREFIX,
+    AdapterKind,
+    PatternError,
+    TensorPart,
+    UnknownKindError,
+    feedforward_matcher,
+    kind_of,
+    layers_pattern_regex,
+    lora_alpha,
+    lora_rank,
+    modules_to_save_regex,
+    pattern_key_regex,
+    peft_types,
+    regex_problem,
+    target_matcher,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Suffixes of files that are pickles whatever their content (plus `_looks_pickled` on content).
 PICKLE_SUFFIXES = PICKLED_WEIGHT_SUFFIXES + (".pickle", ".joblib", ".dill")
-FULL_MODEL_PEFT_TYPE = "FULL"
-PEFT_MODEL_PREFIX = "base_model.model."
-
-# The PEFT kinds whose tensors and config the registry checks (against the base, too), spelled
-# as PEFT's `PeftType` values; other kinds are refused at import rather than stored unchecked.
-PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
-_PROMPT_LEARNING_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
-
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
@@ -370,27 +383,17 @@ class AdapterManifest:
 
     @property
     def is_full_model(self) -> bool:
-        return self.peft_type == FULL_MODEL_PEFT_TYPE
+        return self.adapter_kind.is_full_model
+
+    @property
+    def adapter_kind(self) -> AdapterKind:
+        """Its entry in the kinds table (naming, merge rule, backends)."""
+        return kind_of(self.peft_type, self.config)
 
     @property
     def kind(self) -> str:
-        return adapter_kind(self.peft_type, self.config)
-
-
-def adapter_kind(peft_type: str, config: Mapping[str, Any]) -> str:
-    """What a user calls the adapter: `lora`, `dora`, `rslora`, `dora+rslora`, `ia3`, `prompt_tuning`, … or `full`.
-
-    DoRA and rsLoRA are LoRA configs with `use_dora`/`use_rslora` (PEFT has no type of their own),
-    so the PEFT type alone shows a DoRA as `lora`.
-    """
-    if peft_type == FULL_MODEL_PEFT_TYPE:
-        return "full"
-    if peft_type == "LORA":
-        kind = "dora" if config.get("use_dora") else "lora"
-        if config.get("use_rslora"):
-            kind = "dora+rslora" if kind == "dora" else "rslora"
-        return kind
-    return peft_type.lower()
+        """What a user calls it: `lora`, `dora`, `rslora`, `ia3`, `prompt_tuning`, … or `full`."""
+        return self.adapter_kind.name
 
 
 # ------------------------------------------------------------------ the files of a directory
@@ -494,47 +497,10 @@ def directory_files(path: Path) -> DirectoryFiles:
 # ------------------------------------------------------------------ PEFT config fields
 
 
-def _regex_problem(pattern: str) -> str | None:
-    try:
-        re.compile(pattern)
-    except (re.error, RecursionError, OverflowError) as exc:
-        return str(exc)
-    return None
-
-
-def _target_matcher(target_modules: Any) -> tuple[Callable[[str], bool], tuple[str, ...]]:
-    """PEFT's matching rule: a string is a regex on the full module name, a list matches suffixes.
-
-    Call it on a validated config (`_config_problems`): a string is a valid regex, a list holds strings.
-    """
-    if isinstance(target_modules, str):
-        if target_modules == "all-linear":
-            return (lambda module: True), ("all-linear",)
-        pattern = re.compile(target_modules)
-        return (lambda module: pattern.fullmatch(module) is not None), (target_modules,)
-    targets = tuple(sorted(target_modules or ()))
-    target_set = set(targets)
-    return (lambda module: module in target_set or any(module.endswith("." + t) for t in targets)), targets
-
-
-def _pattern_regex(key: str) -> str:
-    """PEFT's `get_pattern_key` pattern for one `rank_pattern`/`alpha_pattern` key."""
-    return rf"(.*\.)?({key})$"
-
-
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup: a key matches when it is a suffix regex of the module."""
-    for key, value in patterns.items():
-        if re.match(_pattern_regex(key), module):
-            return value
-    return default
-
-
-_LORA_SUFFIX = re.compile(
-    r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_A\.bias|lora_B\.bias|lora_embedding_A|lora_embedding_B|"
-    r"lora_magnitude_vector(?:\.weight)?)$"
-)
-_IA3_SUFFIX = re.compile(r"^(?P<module>.+)\.ia3_l(?:\.weight)?$")
+def target_names(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """`target_modules` as the registry stores it: the sorted names, or the one pattern."""
+    targets = config.get("target_modules")
+    return (targets,) if isinstance(targets, str) else tuple(sorted(targets or ()))
 
 
 def _is_number(value: Any) -> bool:
@@ -565,9 +531,9 @@ def _config_problems(config: Mapping[str, Any]) -> list[str]:
         problems.append(f"{ADAPTER_CONFIG} has no 'peft_type'")
     elif not isinstance(peft_type, str):
         problems.append(f"'peft_type' must be a string, got {peft_type!r:.80}")
-    elif peft_type not in PEFT_TYPES:
-        spelled = f" (PEFT spells it {peft_type.upper()!r})" if peft_type.upper() in PEFT_TYPES else ""
-        problems.append(f"'peft_type' {peft_type!r:.80} is not a kind the registry reads{spelled}; known: {', '.join(PEFT_TYPES)}")
+    elif peft_type not in (known := peft_types(adapters_only=True)):
+        spelled = f" (PEFT spells it {peft_type.upper()!r})" if peft_type.upper() in known else ""
+        problems.append(f"'peft_type' {peft_type!r:.80} is not a kind the registry reads{spelled}; known: {', '.join(known)}")
     task_type = config.get("task_type")
     if task_type is not None and not (isinstance(task_type, str) and len(task_type) <= _MAX_TASK_TYPE_CHARS):
         problems.append(f"'task_type' must be a string of at most {_MAX_TASK_TYPE_CHARS} characters, got {task_type!r:.80}")
@@ -582,13 +548,31 @@ def _config_problems(config: Mapping[str, Any]) -> list[str]:
         if value is None:
             continue
         if isinstance(value, str):
-            if value != "all-linear" and (error := _regex_problem(value)) is not None:
+            if (error := regex_problem(value)) is not None:
                 problems.append(f"{key!r} {value!r:.80} is not a valid regular expression: {error}")
         elif not _is_str_list(value):
             problems.append(f"{key!r} must be a list of module names or a regex string, got {value!r:.80}")
+    # PEFT puts these names into regexes of its own (`kinds.modules_to_save_regex`, `layers_pattern_regex`).
     modules_to_save = config.get("modules_to_save")
     if modules_to_save is not None and not _is_str_list(modules_to_save):
         problems.append(f"'modules_to_save' must be a list of module names, got {modules_to_save!r:.80}")
+    elif modules_to_save:
+        problems.extend(
+            f"'modules_to_save' entry {name!r:.80} is not valid in a regular expression: {error}"
+            for name in modules_to_save if (error := regex_problem(modules_to_save_regex(name))) is not None
+        )
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (_is_count(layers, low=0) or (isinstance(layers, list) and all(_is_count(i, low=0) for i in layers))):
+        problems.append(f"'layers_to_transform' must be a layer index or a list of them, got {layers!r:.80}")
+    layers_pattern = config.get("layers_pattern")
+    if layers_pattern is not None and not (isinstance(layers_pattern, str) or _is_str_list(layers_pattern)):
+        problems.append(f"'layers_pattern' must be a name or a list of names, got {layers_pattern!r:.80}")
+    elif layers_pattern:
+        problems.extend(
+            f"'layers_pattern' {name!r:.80} is not valid in a regular expression: {error}"
+            for name in ([layers_pattern] if isinstance(layers_pattern, str) else layers_pattern)
+            if (error := regex_problem(layers_pattern_regex(name))) is not None
+        )
     for key, valid, what in (("rank_pattern", _is_count, "positive integers"), ("alpha_pattern", _is_number, "numbers")):
         patterns = config.get(key)
         if patterns is None:
@@ -597,7 +581,7 @@ def _config_problems(config: Mapping[str, Any]) -> list[str]:
             problems.append(f"{key!r} must be an object of module pattern → value, got {patterns!r:.80}")
             continue
         for pattern, value in patterns.items():
-            if (error := _regex_problem(_pattern_regex(pattern))) is not None:
+            if (error := regex_problem(pattern_key_regex(pattern))) is not None:
                 problems.append(f"{key!r} key {pattern!r:.80} is not a valid regular expression: {error}")
             if not valid(value) and not (isinstance(value, float) and not math.isfinite(value)):
                 problems.append(f"{key!r} values must be {what}, got {value!r:.80} for {pattern!r:.80}")
@@ -674,25 +658,23 @@ def _read_peft_dir(path: Path, listing: DirectoryFiles) -> AdapterManifest:
         else:
             if not tensors:
                 problems.append(f"{ADAPTER_WEIGHTS} holds no tensors")
-    peft_type = config.get("peft_type")
-    if peft_type in ("LORA", "IA3") and not config.get("target_modules"):
+    try:
+        kind: AdapterKind | None = kind_of(config.get("peft_type"), config)
+    except UnknownKindError:
+        kind = None  # `_config_problems` named it
+    if kind is not None and kind.naming.per_module and not config.get("target_modules"):
         problems.append("'target_modules' is empty")
-    if tensors and not problems:
-        problems.extend(_structure_problems(peft_type, config, tensors))
+    if kind is not None and tensors and not problems:
+        problems.extend(_structure_problems(kind, config, tensors))
     if problems:
         raise ValidationError(subject, problems)
-    _, targets = _target_matcher(config.get("target_modules"))
+    assert kind is not None
     alpha = config.get("lora_alpha")
     return AdapterManifest(
-        path=path, peft_type=peft_type, config=config, tensors=tensors, files=listing.files,
-        rank=config.get("r"), alpha=float(alpha) if alpha is not None else None, target_modules=targets,
+        path=path, peft_type=kind.peft_type, config=config, tensors=tensors, files=listing.files,
+        rank=config.get("r"), alpha=float(alpha) if alpha is not None else None, target_modules=target_names(config),
         task_type=config.get("task_type"), skipped=listing.skipped,
     )
-
-
-def _module_of(key: str, suffix_re: re.Pattern[str]) -> tuple[str, str] | None:
-    match = suffix_re.match(key.removeprefix(PEFT_MODEL_PREFIX))
-    return (match["module"], match.group(2) if suffix_re is _LORA_SUFFIX else "ia3_l") if match else None
 
 
 def _modules_to_save(config: Mapping[str, Any]) -> tuple[str, ...]:
@@ -704,64 +686,71 @@ def _is_saved_module(key: str, modules_to_save: Iterable[str]) -> bool:
     return any(stripped.startswith(m + ".") or f".{m}." in stripped for m in modules_to_save)
 
 
-def _structure_problems(peft_type: str, config: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> list[str]:
-    """Tensor names against the config's target modules, and rank consistency."""
+def _structure_problems(kind: AdapterKind, config: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> list[str]:
+    """Tensor names against the kind's naming and the config's target modules, and rank consistency.
+
+    Every module's rank and alpha are resolved here, so a pattern that backtracks
+    catastrophically is found at import (one problem naming it), not in a merge or a hot load.
+    """
+    naming = kind.naming
+    if not naming.per_module:
+        return []
+    try:
+        return _module_problems(kind, config, tensors)
+    except PatternError as exc:
+        return [str(exc)]
+
+
+def _module_problems(kind: AdapterKind, config: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> list[str]:
+    naming = kind.naming
     problems: list[str] = []
     saved = _modules_to_save(config)
-    if peft_type in ("LORA", "IA3"):
-        matches, _ = _target_matcher(config.get("target_modules"))
-        suffix_re = _LORA_SUFFIX if peft_type == "LORA" else _IA3_SUFFIX
-        parts_by_module: dict[str, set[str]] = {}
-        for key in tensors:
-            parsed = _module_of(key, suffix_re)
-            if parsed is None:
-                # PEFT also saves whole layers: embeddings it adapts (`save_embedding_layers`)
-                # as `<module>.base_layer.weight`, and `modules_to_save` copies.
-                saved_layer = key.removeprefix(PEFT_MODEL_PREFIX).removesuffix(".base_layer.weight")
-                if saved_layer != key.removeprefix(PEFT_MODEL_PREFIX) and matches(saved_layer):
-                    continue
-                if not _is_saved_module(key, saved):
-                    problems.append(f"tensor {key!r} is not a {peft_type} weight of a target module")
+    matches = target_matcher(config)
+    parts_by_module: dict[str, dict[str, TensorPart]] = {}
+    for key in tensors:
+        parsed = naming.parse(key)
+        if parsed is None:
+            # PEFT also saves whole layers: embeddings it adapts (`save_embedding_layers`)
+            # as `<module>.base_layer.weight`, and `modules_to_save` copies.
+            saved_layer = key.removeprefix(PEFT_MODEL_PREFIX).removesuffix(".base_layer.weight")
+            if saved_layer != key.removeprefix(PEFT_MODEL_PREFIX) and matches(saved_layer):
                 continue
-            module, part = parsed
-            if not matches(module):
-                problems.append(f"tensor {key!r} belongs to module {module!r}, which target_modules {config.get('target_modules')!r} does not match")
-            dims = 1 if part.startswith("lora_magnitude_vector") or part.endswith(".bias") else 2
-            if len(tensors[key].shape) != dims:
-                problems.append(f"tensor {key!r} has shape {list(tensors[key].shape)}; a {part} is {dims}-dimensional")
-            parts_by_module.setdefault(module, set()).add(part)
-        if peft_type == "LORA":
-            for module, parts in sorted(parts_by_module.items()):
-                has_a = {"lora_A.weight", "lora_embedding_A"} & parts
-                has_b = {"lora_B.weight", "lora_embedding_B"} & parts
-                if bool(has_a) != bool(has_b):
-                    problems.append(f"module {module!r} has only one of lora_A/lora_B")
-                r = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r"))
-                a_key = next((k for k in tensors if k.removeprefix(PEFT_MODEL_PREFIX) in (f"{module}.lora_A.weight",)), None)
-                b_key = next((k for k in tensors if k.removeprefix(PEFT_MODEL_PREFIX) in (f"{module}.lora_B.weight",)), None)
-                a_shape = tensors[a_key].shape if a_key else ()
-                b_shape = tensors[b_key].shape if b_key else ()
-                if r and len(a_shape) == 2 and len(b_shape) == 2:
-                    if a_shape[0] != r or b_shape[-1] != r:
-                        problems.append(
-                            f"module {module!r}: lora_A {list(a_shape)} and lora_B {list(b_shape)} do not have rank r={r}"
-                        )
+            if not _is_saved_module(key, saved):
+                problems.append(f"tensor {key!r} is not a {kind.peft_type} weight of a target module")
+            continue
+        module, part = parsed
+        if not matches(module):
+            problems.append(f"tensor {key!r} belongs to module {module!r}, which target_modules {config.get('target_modules')!r} does not match")
+        if len(tensors[key].shape) != part.ndim:
+            problems.append(f"tensor {key!r} has shape {list(tensors[key].shape)}; a {part.suffix} is {part.ndim}-dimensional")
+        parts_by_module.setdefault(module, {})[key] = part
+    if not naming.factored:
+        return problems
+    for module, parts in sorted(parts_by_module.items()):
+        factors = {part.factor: tensors[key].shape for key, part in parts.items() if part.factor}
+        if len(factors) == 1:
+            problems.append(f"module {module!r} has only one of {naming.part_names}")
+        r = lora_rank(config, module) if config.get("r") is not None or config.get("rank_pattern") else None
+        lora_alpha(config, module)  # resolved once here: a catastrophic alpha_pattern key is an import problem
+        a_shape, b_shape = factors.get("A", ()), factors.get("B", ())
+        if r and len(a_shape) == 2 and len(b_shape) == 2 and (a_shape[0] != r or b_shape[-1] != r):
+            problems.append(f"module {module!r}: lora_A {list(a_shape)} and lora_B {list(b_shape)} do not have rank r={r}")
     return problems
 
 
 def check_adapter_against_base(manifest: AdapterManifest, spec: BaseModelSpec) -> list[str]:
-    """Every way the adapter does not fit the base model; empty when it fits."""
-    if manifest.is_full_model:
-        return _full_model_problems(manifest, spec)
-    config = manifest.config
-    peft_type = manifest.peft_type
-    problems: list[str] = []
-    if peft_type in ("LORA", "IA3"):
-        suffix_re = _LORA_SUFFIX if peft_type == "LORA" else _IA3_SUFFIX
-        is_feedforward, _ = _target_matcher(config.get("feedforward_modules") or [])
+    """Every way the adapter does not fit the base model; empty when it fits (checks by the kind's layout)."""
+    return _BASE_CHECKS[manifest.adapter_kind.naming.layout](manifest, spec)
+
+
+def _module_parts_problems(manifest: AdapterManifest, spec: BaseModelSpec) -> list[str]:
+    naming = manifest.adapter_kind.naming
+    try:
+        is_feedforward = feedforward_matcher(manifest.config)
+        problems: list[str] = []
         missing: list[str] = []
         for key, info in manifest.tensors.items():
-            parsed = _module_of(key, suffix_re)
+            parsed = naming.parse(key)
             if parsed is None:
                 saved_layer = key.removeprefix(PEFT_MODEL_PREFIX).removesuffix(".base_layer.weight")
                 base_shape = spec.module_shapes.get(saved_layer)
@@ -774,54 +763,49 @@ def check_adapter_against_base(manifest: AdapterManifest, spec: BaseModelSpec) -
                 missing.append(module)
                 continue
             out_f, in_f = (base_shape + (1,))[:2] if len(base_shape) == 1 else base_shape[:2]
-            expected = _expected_shape(peft_type, part, module, out_f, in_f, info.shape, is_feedforward)
+            layout = part.feedforward_shape if part.feedforward_shape and is_feedforward(module) else part.shape
+            expected = _expected_shape(layout, out_f, in_f, info.shape)
             if expected is not None and tuple(info.shape) != expected:
                 problems.append(
                     f"{key}: shape {list(info.shape)} does not fit the base model's {module} {list(base_shape)} (expected {list(expected)})"
                 )
-        if missing:
-            unique = sorted(set(missing))
-            shown = ", ".join(unique[:5]) + (f" and {len(unique) - 5} more" if len(unique) > 5 else "")
-            problems.append(f"modules not in the base model ({spec.architecture}): {shown}")
-    elif peft_type in _PROMPT_LEARNING_TYPES:
-        problems.extend(_prompt_learning_problems(manifest, spec))
+    except PatternError as exc:
+        return [str(exc)]
+    if missing:
+        unique = sorted(set(missing))
+        shown = ", ".join(unique[:5]) + (f" and {len(unique) - 5} more" if len(unique) > 5 else "")
+        problems.append(f"modules not in the base model ({spec.architecture}): {shown}")
     return problems
 
 
 def _expected_shape(
-    peft_type: str, part: str, module: str, out_f: int, in_f: int, actual: tuple[int, ...],
-    is_feedforward: Callable[[str], bool],
+    layout: tuple[str | int, ...] | None, out_f: int, in_f: int, actual: tuple[int, ...]
 ) -> tuple[int, ...] | None:
-    rank = actual[0] if part in ("lora_A.weight", "lora_embedding_A") else (actual[-1] if actual else 0)
-    is_embedding = "embed" in module.split(".")[-1] or part.startswith("lora_embedding")
-    if peft_type == "IA3":
-        return (1, in_f) if is_feedforward(module) else (out_f, 1)
-    if part == "lora_A.weight":
-        return (rank, in_f)
-    if part == "lora_B.weight":
-        return (out_f, rank)
-    if part == "lora_embedding_A":
-        # nn.Embedding weight is [num_embeddings, embedding_dim]; PEFT stores A as [r, num_embeddings].
-        return (rank, out_f) if is_embedding else None
-    if part == "lora_embedding_B":
-        return (in_f, rank)
-    if part.startswith("lora_magnitude_vector"):
-        return (out_f,)
-    return None
+    """A part's `shape` filled in: `out`/`in` from the base weight, `r` from the tensor itself."""
+    if layout is None:
+        return None
+    sizes = {"out": out_f, "in": in_f}
+    return tuple(
+        (actual[i] if i < len(actual) else 0) if dim == "r" else sizes.get(dim, dim)  # type: ignore[misc]
+        for i, dim in enumerate(layout)
+    )
 
 
-def _prompt_learning_problems(manifest: AdapterManifest, spec: BaseModelSpec) -> list[str]:
+def _virtual_token_problems(manifest: AdapterManifest, spec: BaseModelSpec) -> list[str]:
+    """A prompt table's width against the base: the hidden size, or 2·layers·(hidden or kv) for a KV prefix."""
     config = manifest.config
+    naming = manifest.adapter_kind.naming
     problems: list[str] = []
-    embeddings = manifest.tensors.get("prompt_embeddings")
+    (table_name,) = naming.names
+    embeddings = manifest.tensors.get(table_name)
     if embeddings is None:
-        return [f"{manifest.peft_type} adapter has no 'prompt_embeddings' tensor"]
+        return [f"{manifest.peft_type} adapter has no {table_name!r} tensor"]
     if len(embeddings.shape) != 2:
-        return [f"'prompt_embeddings' has shape {list(embeddings.shape)}; it is a 2-dimensional table"]
+        return [f"{table_name!r} has shape {list(embeddings.shape)}; it is a 2-dimensional table"]
     token_dim = config.get("token_dim") or spec.hidden_size
-    if manifest.peft_type != "PREFIX_TUNING" and token_dim != spec.hidden_size:
+    if naming.width == "hidden" and token_dim != spec.hidden_size:
         problems.append(f"token_dim {token_dim} differs from the base model's hidden size {spec.hidden_size}")
-    if manifest.peft_type == "PREFIX_TUNING":
+    if naming.width == "kv_prefix":
         layers = config.get("num_layers") or spec.num_layers
         if layers != spec.num_layers:
             problems.append(f"num_layers {layers} differs from the base model's {spec.num_layers}")
@@ -873,3 +857,11 @@ def _full_model_problems(manifest: AdapterManifest, spec: BaseModelSpec) -> list
     if arch and arch != spec.architecture and not classifier and not problems:
         problems.append(f"architecture {arch} differs from the base model's {spec.architecture}")
     return problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+
+
+# What `check_adapter_against_base` checks, by the kind's tensor layout (`kinds.TensorNaming.layout`).
+_BASE_CHECKS: dict[str, Callable[[AdapterManifest, BaseModelSpec], list[str]]] = {
+    "module_parts": _module_parts_problems,
+    "virtual_tokens": _virtual_token_problems,
+    "base_model": _full_model_problems,
+}

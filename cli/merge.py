@@ -12,7 +12,8 @@ Global parameters go in `--param KEY=VALUE` (lambda, normalize, rescale, t, cons
 epsilon, gamma, density, weight) and `--seed`.
 
 This module owns no merge logic: it resolves references to directories through the
-registry, checks every input shares one base (by fingerprint), runs `adapterhub.merge.merge`
+registry, checks every input shares one base (by fingerprint) and is of a kind that merges
+(`adapterhub.kinds.merge_problems`, read from the record), runs `adapterhub.merge.merge`
 and registers the output with `Lineage(kind="merged")`: parents as `name:version`, details
 with the recipe (refs resolved to versions), the method and the per-module error report.
 Every input problem is reported in one error before anything is merged or registered.
@@ -29,9 +30,9 @@ from rich.table import Table
 
 from adapterhub.cli.common import JsonOption, console, err_console, open_registry, print_json
 from adapterhub.errors import AdapterhubError, ValidationError
+from adapterhub.kinds import merge_problems
 from adapterhub.names import name_problems
 
-_PROMPT_KINDS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT", "MULTITASK_PROMPT_TUNING")
 _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
@@ -202,8 +203,8 @@ def _resolve_inputs(registry: Any, recipe: Any) -> tuple[list[Any], Any]:
         except AdapterhubError as exc:
             problems.append(str(exc))
             continue
-        if record.peft_type in _PROMPT_KINDS:
-            problems.append(f"{record.ref} is a {record.peft_type} adapter: prompt/prefix tuning adds tokens, not weight deltas, and cannot be merged")
+        # The kinds table's refusals, from the record alone: nothing is materialized for an input that cannot merge.
+        problems.extend(merge_problems(record.adapter_kind, record.config, ref=record.ref))
         records.append(record)
     base_record = None
     base_name = recipe.base_model or (records[0].base_name if records else None)

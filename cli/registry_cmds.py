@@ -9,6 +9,9 @@ Design decisions:
 - What an import skipped (pickled extra files) is said on stderr; what `rm --force` orphaned is
   said on stdout, so `show` of such a child is no surprise.
 - `list` prints references whole at any width (`common.print_table`), and `--tag` repeats.
+- What a kind is and what can be done with it come from the kinds table (`adapterhub.kinds`):
+  `list --type` takes its names (an unknown one is an error listing them), and `show` says
+  whether the record merges and which backends serve it, with the table's reason when not.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from rich.table import Column, Table
 from adapterhub.cli.common import JsonOption, console, err_console, human_bytes, open_registry, print_json, print_table
 from adapterhub.errors import AdapterhubError
 from adapterhub.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, directory_files
+from adapterhub.kinds import BACKENDS, describe_kind, kind_names, merge_problems, why_not_served
 from adapterhub.registry import AdapterRecord, Lineage
 
 
@@ -103,15 +107,30 @@ def import_adapter(
 
 def _kind(record: AdapterRecord) -> str:
     if record.is_full_model:
-        return "full model"
+        return record.adapter_kind.label
     return f"{record.kind} r={record.rank}" if record.rank else record.kind
+
+
+def _uses(record: AdapterRecord) -> dict[str, str | None]:
+    """`merge` and each backend → None when the record can be used so, else the table's first reason.
+
+    Read from the record's kind and config alone (no tensor names: nothing is materialized).
+    """
+    kind = record.adapter_kind
+    config = {"task_type": record.task_type, **record.config}
+    refused = merge_problems(kind, config)
+    uses: dict[str, str | None] = {"merge": refused[0] if refused else None}
+    for backend in BACKENDS:
+        reason = why_not_served(kind, backend, config)
+        uses[backend] = None if reason is None else f"{describe_kind(kind, config)} adapters cannot be served by the {backend} backend: {reason}"
+    return uses
 
 
 def list_adapters(
     base: Annotated[Optional[str], typer.Option(help="Only adapters of this base model.")] = None,
     tag: Annotated[Optional[list[str]], typer.Option("--tag", "-t", help="Only adapters with this tag (repeatable: all of them).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Only versions of this name.")] = None,
-    peft_type: Annotated[Optional[str], typer.Option("--type", help="Only this kind (lora, dora, rslora, ia3, prompt_tuning, full, …).")] = None,
+    peft_type: Annotated[Optional[str], typer.Option("--type", help=f"Only this kind ({', '.join(kind_names())}); lora is every LoRA variant.")] = None,
     latest: Annotated[bool, typer.Option("--latest", help="Only the newest version of each name.")] = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -139,10 +158,14 @@ def show(ref: Annotated[str, typer.Argument(help="name, name:version or name@sha
     record = registry.get(ref)
     children = registry.children(record.ref)
     removed_parents = registry.removed_parents(record.ref)
+    uses = _uses(record)
     if json_output:
-        print_json(record.to_json() | {"children": [c.ref for c in children], "removed_parents": list(removed_parents)})
+        print_json(record.to_json() | {"children": [c.ref for c in children], "removed_parents": list(removed_parents), "uses": uses})
         return
     console.print(f"[bold]{record.ref}[/]  {_kind(record)}  on {record.base_name} ({record.base_fingerprint[:12]})")
+    for use, reason in uses.items():
+        what = "merge" if use == "merge" else f"serve on {use}"
+        console.print(f"{what}: " + ("yes" if reason is None else f"no, {reason}"), markup=False)
     console.print(f"sha256 {record.sha256}\nsize {human_bytes(record.size_bytes)}, created {record.created_at:%Y-%m-%d %H:%M:%S} UTC")
     if record.target_modules:
         console.print(f"target modules: {', '.join(record.target_modules)}" + (f"   alpha {record.alpha:g}" if record.alpha else ""))

@@ -1,4 +1,9 @@
-"""Frozen value types the registry hands out; plain data, safe to pass across threads."""
+"""Frozen value types the registry hands out; plain data, safe to pass across threads.
+
+Design decisions:
+- A record names its kind (`kind`, a name in `adapterhub.kinds`) even as a summary without its
+  config, so the CLI and the server look up what it can do (`adapter_kind`) without another read.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from adapterhub.formats import BaseModelSpec, adapter_kind
+from adapterhub.formats import BaseModelSpec
+from adapterhub.kinds import AdapterKind, get_kind, kind_of
 
 LineageKind = Literal["trained", "merged", "imported"]
 
@@ -94,13 +100,13 @@ class AdapterRecord:
     files: Mapping[str, str] = field(default_factory=dict)
     config: Mapping[str, Any] = field(default_factory=dict)
     origin: str | None = None  # lineage kind; set on summaries too, where `lineage` is None
-    # What a user calls it (`dora`, `rslora`, `ia3`, …; see `formats.adapter_kind`); set on
+    # What a user calls it (`dora`, `rslora`, `ia3`, …: a name in `adapterhub.kinds`); set on
     # summaries too, which have no config. Derived from peft_type and config when not given.
     kind: str = ""
 
     def __post_init__(self) -> None:
         if not self.kind:
-            object.__setattr__(self, "kind", adapter_kind(self.peft_type, self.config))
+            object.__setattr__(self, "kind", kind_of(self.peft_type, self.config).name)
 
     @property
     def ref(self) -> str:
@@ -108,8 +114,13 @@ class AdapterRecord:
         return f"{self.name}:{self.version}"
 
     @property
+    def adapter_kind(self) -> AdapterKind:
+        """Its entry in the kinds table: whether it merges, which backends serve it and why not."""
+        return get_kind(self.kind)
+
+    @property
     def is_full_model(self) -> bool:
-        return self.peft_type == "FULL"
+        return self.adapter_kind.is_full_model
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -49,10 +49,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from adapterhub import settings
 from adapterhub.errors import AdapterhubError, AmbiguousRefError, CorruptBlobError, NotFoundError, ValidationError
 from adapterhub.formats import (
-    FULL_MODEL_PEFT_TYPE,
-    PEFT_TYPES,
     BaseModelSpec,
-    adapter_kind,
     base_model_spec,
     check_adapter_against_base,
     directory_files,
@@ -61,6 +58,7 @@ from adapterhub.formats import (
     read_adapter_dir,
     weight_files,
 )
+from adapterhub.kinds import get_kind, kind_of, peft_types, variant_flags
 from adapterhub.names import Ref, parse_ref, validate_name
 from adapterhub.registry.blobs import BlobStore, hash_file
 from adapterhub.registry.records import (
@@ -491,25 +489,32 @@ class Registry:
     ) -> list[AdapterRecord]:
         """Summary records, filtered as asked, by name then newest version first.
 
-        `tag` may be several tags: records having all of them. Summaries leave out files,
-        evaluations, config and the lineage document (`origin` holds its kind, `kind` the two
-        config flags that name a LoRA variant); `get` returns the full record.
+        `tag` may be several tags: records having all of them. `peft_type` is a PEFT type
+        (`lora` keeps every LoRA variant) or a kind of the kinds table (`dora`); any other value
+        is an `UnknownKindError` listing the kinds. Summaries leave out files, evaluations,
+        config and the lineage document (`origin` holds its kind, `kind` is resolved from the
+        config flags that name a variant, `kinds.variant_flags`); `get` returns the full record.
         """
+        wanted_type = wanted_kind = None
+        if peft_type is not None:
+            if peft_type.upper() in peft_types():
+                wanted_type = peft_type.upper()
+            else:
+                wanted_kind = get_kind(peft_type).name  # a variant such as `dora` is a config flag: filtered below
         # Raw text columns, decoded here with the C json/fromisoformat: SQLAlchemy's per-row
         # type processing was most of the time of a 10,000-record listing.
         query = select(
             _A.c.id, _A.c.name, _A.c.version, _A.c.sha256, _A.c.peft_type, _A.c.task_type, _A.c.rank, _A.c.alpha,
             type_coerce(_A.c.target_modules, String), _A.c.size_bytes, _A.c.origin, _B.c.name, _B.c.fingerprint,
             type_coerce(_A.c.created_at, String),
-            _A.c.config["use_dora"].as_boolean(), _A.c.config["use_rslora"].as_boolean(),
+            *(_A.c.config[flag].as_boolean() for flag in variant_flags()),
         ).join(_B, _A.c.base_model_id == _B.c.id)
         if base is not None:
             query = query.where((_B.c.name == base) | (_B.c.fingerprint == base))
         if name is not None:
             query = query.where(_A.c.name == name)
-        by_kind = peft_type is not None and peft_type.upper() not in (*PEFT_TYPES, FULL_MODEL_PEFT_TYPE)
-        if peft_type is not None and not by_kind:
-            query = query.where(_A.c.peft_type == peft_type.upper())
+        if wanted_type is not None:
+            query = query.where(_A.c.peft_type == wanted_type)
         for wanted_tag in [tag] if isinstance(tag, str) else tag or ():
             query = query.where(_A.c.id.in_(select(_T.c.adapter_id).where(_T.c.tag == wanted_tag)))
         if latest_only:
@@ -525,8 +530,7 @@ class Registry:
             for adapter_id, tag_value in conn.execute(tag_query):
                 tags.setdefault(adapter_id, []).append(tag_value)
         records = [_summary_record(row, tuple(sorted(tags.get(row[0], ())))) for row in rows]
-        # A kind that is not a PEFT type (`dora`, `rslora`) is a config flag: filtered here.
-        return [r for r in records if r.kind == peft_type.lower()] if by_kind else records
+        return [r for r in records if r.kind == wanted_kind] if wanted_kind is not None else records
 
     def children(self, ref: str) -> list[AdapterRecord]:
         """Records whose lineage names `ref`'s record as a parent."""
@@ -750,13 +754,13 @@ def _parse_timestamp(text: Any) -> datetime:
 
 def _summary_record(row: tuple[Any, ...], tags: tuple[str, ...]) -> AdapterRecord:
     (_, name, version, sha256, peft_type, task_type, rank, alpha, targets, size, origin, base_name, base_print,
-     created, use_dora, use_rslora) = row
+     created, *flags) = row
     return AdapterRecord(
         name=name, version=version, sha256=sha256, base_name=base_name, base_fingerprint=base_print,
         peft_type=peft_type, task_type=task_type, rank=rank, alpha=alpha,
         target_modules=tuple(json.loads(targets)) if targets else (), size_bytes=size,
         created_at=_parse_timestamp(created), tags=tags, origin=origin,
-        kind=adapter_kind(peft_type, {"use_dora": bool(use_dora), "use_rslora": bool(use_rslora)}),
+        kind=kind_of(peft_type, dict(zip(variant_flags(), map(bool, flags)))).name,
     )
 
 

@@ -65,3 +65,13 @@ def test_packages_install_under_one_namespace() -> None:
     code = "import adapterhub.registry, adapterhub.serving, adapterhub.cli, adapterhub; print(adapterhub.registry.__file__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert Path(out.strip()).parent == ROOT / "registry"
+
+
+def test_the_kinds_table_and_the_format_import_no_torch() -> None:
+    """The registry reads adapters through these two; they stay header-and-JSON only."""
+    code = (
+        "import sys, adapterhub.kinds, adapterhub.formats; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'numpy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -420,7 +420,7 @@ class _Merger:
             set(modules) >= {m for m in spec.module_shapes if m.rsplit(".", 1)[-1] == leaf and len(spec.module_shapes[m]) == 2}
             for leaf in leaves
         )
-        lora_inputs = [m for m in self.inputs if m.peft_type == "LORA"]
+        lora_inputs = [m for m in self.inputs if m.is_lora_family]
         task_type = next((m.config.get("task_type") for m in lora_inputs if m.config.get("task_type")), "CAUSAL_LM")
         base_name = next((m.config.get("base_model_name_or_path") for m in lora_inputs if m.config.get("base_model_name_or_path")), None)
         fan_in_fan_out = any(m.config.get("fan_in_fan_out") for m in lora_inputs if m.is_plain_lora)

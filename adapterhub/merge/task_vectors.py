@@ -11,6 +11,11 @@ Design decisions:
   IA³: W·l − W; DoRA: m/‖W + sBA‖_row · (W + sBA) − W. They are computed exactly, reading
   the base weight lazily. Prompt/prefix tuning and other kinds that are not a change of
   the base weights are refused up front with a clear error.
+- Which formula applies, how tensor names map to modules, and what cannot be merged come from
+  the kinds table (`adapterhub.kinds`): an input's kind names its `MergeRule`, looked up in
+  `_TASK_VECTORS`, and its traits (`modules_to_save`, LoRA biases, a classification head) are
+  the table's, so the engine, validation and the CLI refuse the same things in the same words.
+  PEFT's scale (`kinds.lora_scaling`) is computed in that one place too.
 - A full fine-tuned model's task vector is W_ft − W_base for every stored tensor.
 - A module an input does not touch has a zero task vector; `task_vector` returns None so
   the engine can skip work (and knows which modules to write).
@@ -20,43 +25,22 @@ Design decisions:
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from adapterhub.errors import ValidationError
-from adapterhub.formats import ADAPTER_WEIGHTS, PEFT_MODEL_PREFIX, AdapterManifest, read_adapter_dir
+from adapterhub.formats import ADAPTER_WEIGHTS, AdapterManifest, read_adapter_dir
+from adapterhub.kinds import lora_scaling, merge_problems
 from adapterhub.merge.io import LazyTensorReader
 
 if TYPE_CHECKING:
     import torch
 
-MERGEABLE_PEFT_TYPES = ("LORA", "IA3", "FULL")
-_LORA_KEY = re.compile(
-    r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|lora_magnitude_vector(?:\.weight)?)$"
-)
-_IA3_KEY = re.compile(r"^(?P<module>.+)\.ia3_l(?:\.weight)?$")
-
 
 # ---------------------------------------------------------------------------------------------
 # Pure math
-
-
-def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's `rank_pattern`/`alpha_pattern` lookup: the first key that matches a suffix of the module."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def lora_scale(config: Mapping[str, Any], module: str, rank: int) -> float:
-    """PEFT's scaling of one module: α/r, or α/√r with rsLoRA."""
-    alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
 def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, *, transpose: bool = False) -> torch.Tensor:
@@ -105,6 +89,7 @@ class InputModel:
     def __init__(self, manifest: AdapterManifest, *, label: str) -> None:
         self.manifest = manifest
         self.label = label
+        self.kind = manifest.adapter_kind
         self.peft_type = manifest.peft_type
         self.config = manifest.config
         self._reader = (
@@ -112,14 +97,13 @@ class InputModel:
             if manifest.is_full_model
             else LazyTensorReader(manifest.path, files=[manifest.path / ADAPTER_WEIGHTS])
         )
-        self._parts: dict[str, dict[str, str]] = {}  # base weight name -> part -> stored key
-        if not manifest.is_full_model:
-            pattern = _LORA_KEY if self.peft_type == "LORA" else _IA3_KEY
+        self._parts: dict[str, dict[str, str]] = {}  # base weight name -> part role -> stored key
+        if self.kind.naming.per_module:
             for key in self._reader.names():
-                match = pattern.match(key.removeprefix(PEFT_MODEL_PREFIX))
-                if match:
-                    part = match.group("part") if self.peft_type == "LORA" else "ia3_l"
-                    self._parts.setdefault(f"{match['module']}.weight", {})[part.removesuffix(".weight")] = key
+                parsed = self.kind.naming.parse(key)
+                if parsed is not None:
+                    module, part = parsed
+                    self._parts.setdefault(f"{module}.weight", {})[part.role] = key
 
     @classmethod
     def open(cls, path: Path, *, label: str | None = None) -> InputModel:
@@ -132,24 +116,10 @@ class InputModel:
         return model
 
     def problems(self) -> list[str]:
-        """Why this input cannot be merged as a weight delta (empty when it can)."""
-        if self.peft_type not in MERGEABLE_PEFT_TYPES:
-            return [
-                f"a {self.peft_type} adapter is not a change of the base weights and cannot be merged "
-                f"(mergeable kinds: LoRA, DoRA, (IA)³ and full fine-tuned models)"
-            ]
-        problems = []
-        architecture = (self.config.get("architectures") or [""])[0] if self.manifest.is_full_model else ""
-        if architecture.endswith("ForSequenceClassification"):
-            # Its head is new weights, not a change of the base's: there is no task vector to take.
-            problems.append(f"a sequence classifier ({architecture}) has a classification head the base lacks and cannot be merged")
-        if self.config.get("modules_to_save"):
-            problems.append(f"modules_to_save {self.config['modules_to_save']} (fully trained copies of layers) are not supported in merges")
-        stored = set(self._reader.names())
-        if any(k.endswith((".lora_A.bias", ".lora_B.bias")) for k in stored):
-            problems.append("LoRA biases (lora_bias=True) are not supported in merges")
-        if self.peft_type == "LORA" and not self._parts:
-            problems.append("no lora_A/lora_B tensors found")
+        """Why this input cannot be merged as a weight delta (empty when it can): the kinds table's reasons."""
+        problems = merge_problems(self.kind, self.config, self._reader.names())
+        if self.kind.merge is not None and self.kind.naming.factored and not self._parts:
+            problems.append(f"no {self.kind.naming.part_names} tensors found")
         return problems
 
     @property
@@ -159,7 +129,12 @@ class InputModel:
     @property
     def is_plain_lora(self) -> bool:
         """A LoRA without DoRA: its task vectors are exactly B·A products (rank-concatenable)."""
-        return self.peft_type == "LORA" and not self.config.get("use_dora")
+        return self.kind.merge is not None and self.kind.merge.low_rank
+
+    @property
+    def is_lora_family(self) -> bool:
+        """Stores low-rank A/B factors (LoRA, rsLoRA, DoRA): its config describes a LoRA output."""
+        return self.kind.naming.factored
 
     def touched_weights(self) -> set[str]:
         """Base weight names this input changes (full models: every stored tensor)."""
@@ -179,35 +154,58 @@ class InputModel:
         else:
             a, b = self._reader.get(parts["lora_A"]), self._reader.get(parts["lora_B"])
             transpose = bool(self.config.get("fan_in_fan_out"))
-        scale = lora_scale(self.config, module, int(a.shape[0]))
+        scale = lora_scaling(self.config, module, int(a.shape[0]))
         return LoraFactors(scaled_b=b.float() * scale, a=a.float(), transpose=transpose)
 
     def task_vector(self, weight_name: str, base_weight: BaseWeightLoader) -> torch.Tensor | None:
-        """τ of one base weight in float32; None when this input leaves it unchanged."""
-        if self.is_full_model:
-            if weight_name not in self._reader:
-                return None
-            # The freshly read tensor is ours: subtract in place (bit-equal to W_ft − W_base).
-            return self._reader.get_float(weight_name).sub_(base_weight(weight_name))
+        """τ of one base weight in float32; None when this input leaves it unchanged.
+
+        The formula is the one the input's kind names (`MergeRule`), looked up in `_TASK_VECTORS`.
+        """
+        if self.kind.merge is None:
+            raise ValidationError(f"merge input {self.label}", self.problems())
+        return _TASK_VECTORS[self.kind.merge.name](self, weight_name, base_weight)
+
+    def _full_difference(self, weight_name: str, base_weight: BaseWeightLoader) -> torch.Tensor | None:
+        if weight_name not in self._reader:
+            return None
+        # The freshly read tensor is ours: subtract in place (bit-equal to W_ft − W_base).
+        return self._reader.get_float(weight_name).sub_(base_weight(weight_name))
+
+    def _ia3_scale(self, weight_name: str, base_weight: BaseWeightLoader) -> torch.Tensor | None:
         parts = self._parts.get(weight_name)
         if parts is None:
             return None
-        if self.peft_type == "IA3":
-            return ia3_delta(base_weight(weight_name), self._reader.get(parts["ia3_l"]))
-        if self.is_plain_lora:
-            factors = self.lora_factors(weight_name)
-            assert factors is not None
-            return lora_delta(factors.a, factors.scaled_b, 1.0, transpose=factors.transpose)
-        # DoRA
+        return ia3_delta(base_weight(weight_name), self._reader.get(parts["ia3_l"]))
+
+    def _lora_product(self, weight_name: str, base_weight: BaseWeightLoader) -> torch.Tensor | None:
+        factors = self.lora_factors(weight_name)
+        if factors is None:
+            return None
+        return lora_delta(factors.a, factors.scaled_b, 1.0, transpose=factors.transpose)
+
+    def _dora(self, weight_name: str, base_weight: BaseWeightLoader) -> torch.Tensor | None:
+        parts = self._parts.get(weight_name)
+        if parts is None:
+            return None
         module = weight_name.removesuffix(".weight")
         a, b = self._reader.get(parts["lora_A"]), self._reader.get(parts["lora_B"])
         magnitude = self._reader.get(parts["lora_magnitude_vector"])
-        return dora_delta(base_weight(weight_name), a, b, lora_scale(self.config, module, int(a.shape[0])), magnitude)
+        return dora_delta(base_weight(weight_name), a, b, lora_scaling(self.config, module, int(a.shape[0])), magnitude)
 
     def rank_of(self, weight_name: str) -> int | None:
         """Stored LoRA rank of a module (None for non-LoRA inputs or untouched modules)."""
         parts = self._parts.get(weight_name)
-        if parts is None or self.peft_type != "LORA":
+        if parts is None or not self.is_lora_family:
             return None
         key = parts.get("lora_A") or parts.get("lora_embedding_A")
         return int(self._reader.info(key).shape[0]) if key else None
+
+
+# τ of one base weight for each `kinds.MergeRule`, by its name.
+_TASK_VECTORS: dict[str, Callable[[InputModel, str, BaseWeightLoader], torch.Tensor | None]] = {
+    "lora_product": InputModel._lora_product,
+    "dora": InputModel._dora,
+    "ia3_scale": InputModel._ia3_scale,
+    "full_difference": InputModel._full_difference,
+}

@@ -247,3 +247,19 @@ def test_bad_inputs_raise_one_error_and_write_nothing(
     with pytest.raises(ValidationError, match="exists and is not empty"):
         merge(_recipe("linear", [(adapters["a"], {})]), base_dir=tiny_base, out_dir=existing)
     assert (existing / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PEFT warns about lora_bias on bias-free layers
+def test_what_the_kinds_table_rules_out_is_refused_in_its_words(tiny_base: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
+    """modules_to_save and LoRA biases are traits of the kinds table: the engine refuses them all at once."""
+    saved = build_lora_adapter(tiny_base, tmp_path / "saved", modules_to_save=["lm_head"])
+    biased = build_lora_adapter(tiny_base, tmp_path / "biased", lora_bias=True)
+    recipe = _recipe("linear", [(adapters["a"], {}), (saved, {}), (biased, {})])
+    with pytest.raises(ValidationError) as caught:
+        merge(recipe, base_dir=tiny_base, out_dir=tmp_path / "out")
+    assert caught.value.problems == [
+        f"input {saved}: it replaces whole modules of the base (modules_to_save: lm_head): fully trained copies of layers "
+        "are new weights, not a change of the base's, and cannot be merged",
+        f"input {biased}: LoRA bias terms (lora_bias) cannot be merged: a bias is not part of the low-rank change",
+    ]
+    assert not (tmp_path / "out").exists()

@@ -217,3 +217,16 @@ def test_models_add_refuses_a_link_out_of_the_model_directory(home: Path, tiny_b
     (model / "tokenizer_config.json").symlink_to("/etc/passwd")
     assert_one_line_error(run_cli(home, "models", "add", "linked", str(model)), "tokenizer_config.json is a symbolic link to /etc/passwd")
     assert [m["name"] for m in json.loads(run_cli(home, "models", "list", "--json").stdout)] == ["tiny"]
+
+
+def test_show_says_what_the_kinds_table_allows_and_list_type_names_the_kinds(home: Path, tiny_base: Path, tmp_path: Path) -> None:
+    from tests.conftest import build_lora_adapter
+
+    dora = build_lora_adapter(tiny_base, tmp_path / "dora", use_dora=True)
+    assert run_cli(home, "import", str(dora), "--name", "d", "--base", "tiny").returncode == 0
+    shown = run_cli(home, "show", "d")
+    assert "merge: yes\nserve on torch: yes\nserve on vllm: no, lora with DoRA adapters cannot be served by the vllm backend: " in shown.stdout
+    uses = json.loads(run_cli(home, "show", "d", "--json").stdout)["uses"]
+    assert uses["merge"] is None and uses["torch"] is None and "vLLM does not yet support DoRA" in uses["vllm"]
+    assert json.loads(run_cli(home, "list", "--type", "DoRA", "--json").stdout)[0]["ref"] == "d:1"
+    assert_one_line_error(run_cli(home, "list", "--type", "loha"), "unknown adapter kind 'loha'; known kinds: lora, rslora, dora")

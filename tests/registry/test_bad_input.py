@@ -357,6 +357,12 @@ def test_deeply_nested_or_oversized_safetensors_headers_are_refused(registry: Re
         ({"rank_pattern": {"q_proj": "four"}}, "'rank_pattern' values must be positive integers"),
         ({"alpha_pattern": [1]}, "'alpha_pattern' must be an object"),
         ({"modules_to_save": 5}, "'modules_to_save' must be a list of module names, got 5"),
+        ({"modules_to_save": ["score("]}, "'modules_to_save' entry 'score\\(' is not valid in a regular expression"),
+        ({"target_modules": "\\p{L}+"}, "is not a valid regular expression"),  # `regex` reads it, PEFT's `re` does not
+        ({"layers_to_transform": "0"}, "'layers_to_transform' must be a layer index or a list of them"),
+        ({"layers_to_transform": [0, -1]}, "'layers_to_transform' must be a layer index or a list of them"),
+        ({"layers_to_transform": [0], "layers_pattern": 5}, "'layers_pattern' must be a name or a list of names"),
+        ({"layers_to_transform": [0], "layers_pattern": ["layers", "(("]}, "'layers_pattern' '\\(\\(' is not valid"),
     ],
 )
 def test_config_values_that_would_fail_every_request_are_refused(
@@ -470,3 +476,45 @@ def test_weights_whose_first_bytes_read_like_a_pickle_are_still_stored(registry:
     assert weights.read_bytes()[:2] == b"\x80\x05"
     result = registry.put_adapter(name="w", source_dir=source, base="tiny")
     assert "adapter_model.safetensors" in result.record.files and result.skipped == ()
+
+
+@pytest.mark.parametrize(
+    "changes, where",
+    [
+        ({"target_modules": r"(.|.)*_[kv]"}, "target_modules"),
+        ({"rank_pattern": {r"(.|.)*_[kv]": 2}}, "rank_pattern key"),
+        ({"alpha_pattern": {r"(.|.)*_[kv]": 2}}, "alpha_pattern key"),
+    ],
+)
+def test_a_regex_that_backtracks_catastrophically_is_one_problem_not_a_hang(
+    registry: Registry, lora_dir: Path, tmp_path: Path, changes: dict, where: str
+) -> None:
+    """With `re` these take 2^31 steps on every module name; the import must answer at once."""
+    import time
+
+    bad = _rewrite_config(_copy(lora_dir, tmp_path), **changes)
+    started = time.monotonic()
+    error = _assert_rejected(registry, bad, "backtracks catastrophically")
+    assert time.monotonic() - started < 5
+    assert isinstance(error, ValidationError) and len(error.problems) == 1
+    assert error.problems[0].startswith(f"{where} '(.|.)*_[kv]' did not finish matching 'model.layers.0.self_attn.")
+
+
+def test_peft_matching_rules_decide_which_tensors_belong(registry: Registry, lora_dir: Path, tmp_path: Path) -> None:
+    """`exclude_modules` and `layers_to_transform` are PEFT's: a tensor of a module PEFT would not adapt is refused."""
+    excluded = _rewrite_config(_copy(lora_dir, tmp_path, "excluded"), exclude_modules=["model.layers.1.self_attn.v_proj"])
+    error = _assert_rejected(registry, excluded, "target_modules")
+    assert isinstance(error, ValidationError) and len(error.problems) == 2  # its lora_A and lora_B
+    layer_zero = _rewrite_config(_copy(lora_dir, tmp_path, "layer0"), layers_to_transform=[0], layers_pattern="layers")
+    error = _assert_rejected(registry, layer_zero, "model.layers.1.self_attn")
+    assert isinstance(error, ValidationError) and len(error.problems) == 4
+    both = _rewrite_config(_copy(lora_dir, tmp_path, "both"), layers_to_transform=[0, 1], layers_pattern=["h", "layers"])
+    assert registry.put_adapter(name="both", source_dir=both, base="tiny").created
+
+
+def test_listing_by_an_unknown_kind_names_the_kinds(registry: Registry, lora_dir: Path) -> None:
+    registry.put_adapter(name="a", source_dir=lora_dir, base="tiny")
+    with pytest.raises(AdapterhubError, match="unknown adapter kind 'loha'; known kinds: lora, rslora, dora"):
+        registry.list(peft_type="loha")
+    assert [r.ref for r in registry.list(peft_type="LORA")] == [r.ref for r in registry.list(peft_type="lora")] == ["a:1"]
+    assert registry.list(peft_type="full") == registry.list(peft_type="rslora") == []
