@@ -226,7 +226,7 @@ def _print_summary(result: Any, put: Any, *, json_output: bool) -> None:
     summary = {
         "ref": put.record.ref,
         "created": put.created,
-        "kind": "full model" if result.is_full_model else put.record.peft_type.lower(),
+        "kind": "full model" if result.is_full_model else put.record.kind,
         "steps": metrics.get("global_step"),
         "train_loss": metrics.get("train_loss"),
         "eval_loss_before": metrics.get("initial_eval_loss"),

@@ -40,10 +40,11 @@ def sft_data(tmp_path: Path) -> Path:
 def test_train_with_yaml_and_flags_registers_with_lineage(registry: Registry, sft_data: Path, tmp_path: Path) -> None:
     run_file = tmp_path / "run.yaml"
     run_file.write_text(f"base: tiny\ndata: {sft_data.name}\nmethod: lora\nlora_rank: 4\nmax_steps: 3\nbatch_size: 4\n")
-    result = runner.invoke(app, ["train", "--config", str(run_file), "--name", "rev", "--lora-rank", "2", "--tag", "demo", "--json", "--no-progress"])
+    result = runner.invoke(app, ["train", "--config", str(run_file), "--name", "rev", "--lora-rank", "2", "--use-rslora", "--tag", "demo", "--json", "--no-progress"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["ref"] == "rev:1" and summary["kind"] == "lora" and summary["steps"] == 3
+    # The kind a user calls it (the LoRA variant), not the PEFT type.
+    assert summary["ref"] == "rev:1" and summary["kind"] == "rslora" and summary["steps"] == 3
     # Validation loss before and after training (the default 10% split holds validation rows).
     assert summary["eval_loss_before"] > 0 and summary["eval_loss"] > 0 and summary["eval_loss_before"] != summary["eval_loss"]
 
