@@ -36,8 +36,8 @@ Design decisions:
   a Hub id (a local path), a `base_model_relation` the Hub does not know, malformed `model-index`
   entries. The same check runs on `validate-yaml` and on a commit that adds README.md.
 - Faults for the error tests (`fail`): drop the connection without an answer, stall until the
-  client gives up, cut a download short, or answer a status, for requests matching a method and
-  a path pattern, a number of times. Every request is logged (`requests`) so a test can assert
+  client gives up, cut a download short, answer a status, or do something first (another
+  writer's commit), for requests matching a method and a path pattern, a number of times. Every request is logged (`requests`) so a test can assert
   what the client did (no LFS upload and no commit on a re-push).
 - The stdlib `ThreadingHTTPServer`, HTTP/1.1 with keep-alive: a fault can then act on the raw
   socket, which an ASGI server would not let it do.
@@ -55,7 +55,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -138,7 +138,7 @@ class Token:
 class Fault:
     method: str
     path: re.Pattern[str]
-    action: str | int  # "drop", "stall", "truncate", or an HTTP status
+    action: str | int | Callable[[], None]  # "drop", "stall", "truncate", an HTTP status, or run this first
     times: int | None  # None: every matching request
 
 
@@ -246,8 +246,11 @@ class FakeHub:
             sha = repo.commits[sha].parent
         return commits
 
-    def fail(self, method: str, path_pattern: str, action: str | int, *, times: int | None = 1) -> None:
-        """Make requests matching `method` and `path_pattern` (a regex searched in the path) fail."""
+    def fail(self, method: str, path_pattern: str, action: str | int | Callable[[], None], *, times: int | None = 1) -> None:
+        """Make requests matching `method` and `path_pattern` (a regex searched in the path) fail.
+
+        A callable `action` is run before the request is answered normally (another writer's commit, say).
+        """
         self.faults.append(Fault(method.upper(), re.compile(path_pattern), action, times))
 
     def requested(self, method: str, path_pattern: str) -> int:
@@ -416,6 +419,9 @@ class _Handler(BaseHTTPRequestHandler):
             if fault is not None and fault.times is not None:
                 fault.times -= 1
         body = self._body() if method in ("POST", "PUT") else b""
+        if fault is not None and callable(fault.action):
+            fault.action()
+            fault = None
         if fault is not None and fault.action in ("drop", "stall"):
             if fault.action == "stall":
                 hub._stop.wait(60)

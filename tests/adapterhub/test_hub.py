@@ -242,6 +242,16 @@ def test_a_network_failure_or_time_out_mid_push_is_one_line(fake_hub: FakeHub, f
     assert len(fake_hub.history("me/rev")) == 1  # the repo exists, the commit never landed
 
 
+def test_a_commit_racing_another_is_refused_not_merged(fake_hub: FakeHub, folder: Path, tmp_path: Path) -> None:
+    with client_settings(client_env(fake_hub, tmp_path / "hf")):
+        push_folder(folder, repo_id="me/rev", message="first")
+        (folder / "adapter_config.json").write_text(json.dumps(LORA_CONFIG | {"r": 2}))
+        fake_hub.fail("POST", r"/commit/main", lambda: fake_hub.seed("me/rev", {"notes.txt": b"someone else"}))
+        with pytest.raises(HubError, match="the branch changed while pushing .*; run the push again"):
+            push_folder(folder, repo_id="me/rev", message="second")
+    assert fake_hub.history("me/rev")[0].message == "upload"  # the other writer's commit stands alone
+
+
 def test_offline_mode_is_named(fake_hub: FakeHub, folder: Path, tmp_path: Path) -> None:
     with client_settings(client_env(fake_hub, tmp_path / "hf", HF_HUB_OFFLINE="1")), pytest.raises(HubError, match="HF_HUB_OFFLINE is set"):
         push_folder(folder, repo_id="me/rev", message="x")

@@ -188,6 +188,22 @@ def test_a_full_model_pushes_its_shards_config_and_tokenizer(cli: Cli, tiny_base
     assert card.data.library_name == "transformers" and card.data.base_model == BASE_ID
 
 
+def test_the_upload_bar_shows_only_once_an_upload_takes_more_than_a_moment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from adapterhub.cli import hub
+
+    monkeypatch.setattr(hub, "PROGRESS_DELAY_S", 0.05)
+    with hub._UploadProgress("quick", 10) as quick:
+        quick(10, 10)
+    assert not quick._shown
+    with hub._UploadProgress("slow", 10) as slow:
+        slow(3, 10)
+        time.sleep(0.3)
+        assert slow._shown and slow._progress.tasks[0].completed == 3
+    assert slow._progress.live.is_started is False
+
+
 # ------------------------------------------------------------------ refusals: one line, exit 1, nothing changed
 
 
