@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -34,6 +34,9 @@ from adapterhub.errors import AdapterhubError, ValidationError
 from adapterhub.hub.ids import parse_repo_spec, validate_hub_id
 from adapterhub.names import name_problems
 from adapterhub.registry import AdapterRecord, BaseModelRecord, Lineage, Registry
+
+if TYPE_CHECKING:
+    from adapterhub.hub.card import CardInputs
 
 # Showing a bar for an upload that is over in a blink is noise; after this long, it is not.
 PROGRESS_DELAY_S = 0.5
@@ -79,7 +82,8 @@ class _UploadProgress:
 # ------------------------------------------------------------------ push
 
 
-def _card_inputs(registry: Registry, record: AdapterRecord, base: BaseModelRecord, repo_id: str, endpoint: str) -> Any:
+def _card_inputs(registry: Registry, record: AdapterRecord, base: BaseModelRecord, repo_id: str, endpoint: str) -> CardInputs:
+    """What the card says about `record`: the record, its base, and each parent's Hub repo on `endpoint`."""
     from adapterhub.hub.card import CardInputs, EvaluationRow, ParentInfo
 
     lineage = record.lineage

@@ -37,8 +37,9 @@ Design decisions:
   entries. The same check runs on `validate-yaml` and on a commit that adds README.md.
 - Faults for the error tests (`fail`): drop the connection without an answer, stall until the
   client gives up, cut a download short, answer a status, or do something first (another
-  writer's commit), for requests matching a method and a path pattern, a number of times. Every request is logged (`requests`) so a test can assert
-  what the client did (no LFS upload and no commit on a re-push).
+  writer's commit), for requests matching a method and a path pattern, a number of times.
+  Every request is logged (`requests`) so a test can assert what the client did (no LFS upload
+  and no commit on a re-push).
 - The stdlib `ThreadingHTTPServer`, HTTP/1.1 with keep-alive: a fault can then act on the raw
   socket, which an ASGI server would not let it do.
 """
@@ -52,10 +53,10 @@ import hashlib
 import json
 import re
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 

@@ -8,8 +8,8 @@ Design decisions:
   tags), which says nothing about the adapter.
 - `base_model` is always a Hub id. An adapter names its base model (`base_model_relation:
   adapter`); a merge names every parent's Hub repo (`merge`) when each parent has one, and
-  otherwise the base model, as an adapter, with the unpublished parents named in the body; a full
-  fine-tune names its base (`finetune`). The machine-readable facts the Hub has no field for (the
+  otherwise the base model, as an adapter (`finetune` for a full model), with the unpublished
+  parents named in the body; a full fine-tune names its base (`finetune`). The machine-readable facts the Hub has no field for (the
   registry ref, the content hash, the base's Hub id and fingerprint, the parents) go in one
   `adapterhub:` block, which a pull reads to find the base model even when `base_model` lists
   merged parents.
@@ -28,6 +28,7 @@ This module is pure (text in, text out) and imports no registry: `adapterhub.cli
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -136,7 +137,7 @@ def base_model_metadata(inputs: CardInputs) -> tuple[str | list[str], str]:
     if inputs.lineage_kind == "merged" and inputs.parents and all(p.hub_id for p in inputs.parents):
         return sorted({p.hub_id for p in inputs.parents if p.hub_id}), "merge"
     if inputs.is_full_model:
-        return inputs.base_hub_id, "merge" if inputs.lineage_kind == "merged" else "finetune"
+        return inputs.base_hub_id, "finetune"  # the base's weights, changed (trained, or merged with unpublished parents)
     return inputs.base_hub_id, "adapter"
 
 
@@ -190,8 +191,9 @@ def card_data(inputs: CardInputs) -> ModelCardData:
 
 def build_card(inputs: CardInputs) -> ModelCard:
     """The model card for `inputs`: the metadata above and a body with purpose, lineage, evaluations and usage."""
-    data = card_data(inputs)
-    return ModelCard.from_template(data, template_str=_TEMPLATE, **_body_values(inputs))
+    card = ModelCard.from_template(card_data(inputs), template_str=_TEMPLATE, **_body_values(inputs))
+    card.text = re.sub(r"\n{3,}", "\n\n", card.text)  # the template's optional sections leave blank runs
+    return card
 
 
 def read_card(path: Path) -> CardInfo:

@@ -182,6 +182,8 @@ def pulled_repo(repo_id: str, revision: str | None = None, *, api: HfApi | None 
                 repo_id, revision=commit, cache_dir=scratch / "cache", token=api.token, endpoint=api.endpoint,
                 ignore_patterns=list(_REPO_OWN_FILES),
             ))
+        if not snapshot.is_dir() or not any(snapshot.iterdir()):
+            raise HubError(f"cannot pull {repo_id}@{wanted}: the repo holds no files at commit {commit[:12]}")
         card_path = snapshot / CARD_FILE
         try:
             card = read_card(card_path) if card_path.is_file() else None

@@ -293,6 +293,13 @@ def test_a_pull_that_cannot_read_the_repo_is_one_line(fake_hub: FakeHub, tmp_pat
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_an_empty_repo_is_named_as_one(fake_hub: FakeHub, tmp_path: Path) -> None:
+    fake_hub.create_repo("me/empty")  # only the Hub's .gitattributes
+    with client_settings(client_env(fake_hub, tmp_path / "hf")), pytest.raises(HubError, match="the repo holds no files at commit"):
+        with pulled_repo("me/empty"):
+            pass
+
+
 def test_a_granted_token_pulls_a_gated_repo(fake_hub: FakeHub, tmp_path: Path) -> None:
     fake_hub.seed("me/rev", {"adapter_config.json": b"{}"}, gated=True)
     fake_hub.repos["me/rev"].granted.add(OTHER_TOKEN)
