@@ -180,7 +180,8 @@ def test_a_push_creates_the_repo_and_a_repush_makes_no_commit(fake_hub: FakeHub,
 
 def test_a_push_leaves_the_revision_holding_exactly_the_folder(fake_hub: FakeHub, folder: Path, tmp_path: Path) -> None:
     with client_settings(client_env(fake_hub, tmp_path / "hf")):
-        push_folder(folder, repo_id="me/rev", message="first")
+        push_folder(folder, repo_id="me/rev", message="first", private=True)
+        assert fake_hub.repos["me/rev"].private
         (folder / "learning_curve.png").unlink()
         (folder / "adapter_config.json").write_text(json.dumps(LORA_CONFIG | {"r": 8}))
         second = push_folder(folder, repo_id="me/rev", message="second")

@@ -230,6 +230,7 @@ def test_push_of_an_adapter_whose_base_has_no_hub_id_is_refused_naming_hub_id(cl
     assert_untouched(cli, before)
     assert "its Hub id is now team/plain" in cli.ok("models", "add", "plain", "--hub-id", "team/plain").stdout
     assert cli.json("models", "show", "plain")["hub_id"] == "team/plain"
+    assert "team/plain" in cli.ok("models", "list").stdout and "hub id team/plain" in cli.ok("models", "show", "plain").stdout
 
 
 @pytest.mark.parametrize(
