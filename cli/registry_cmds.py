@@ -12,6 +12,8 @@ Design decisions:
 - What a kind is and what can be done with it come from the kinds table (`adapterhub.kinds`):
   `list --type` takes its names (an unknown one is an error listing them), and `show` says
   whether the record merges and which backends serve it, with the table's reason when not.
+- `show` lists where a record was pushed to and pulled from on the Hugging Face Hub (repo,
+  revision, commit), oldest first; `adapterhub push` and `pull` write those records.
 """
 
 from __future__ import annotations
@@ -181,6 +183,11 @@ def show(ref: Annotated[str, typer.Argument(help="name, name:version or name@sha
             console.print(f"  {key}: {text if len(text) < 160 else text[:157] + '…'}")
     if children:
         console.print(f"derived: {', '.join(c.ref for c in children)}")
+    for transfer in record.hub:
+        verb = "pushed to" if transfer.direction == "push" else "pulled from"
+        pr = f", pull request {transfer.pr_url}" if transfer.pr_url else ""
+        console.print(f"hub: {verb} {transfer.repo_id}@{transfer.revision} (commit {transfer.commit_sha[:12]}{pr}) "
+                      f"on {transfer.endpoint}, {transfer.created_at:%Y-%m-%d %H:%M}", markup=False)
     if record.evaluations:
         table = Table("METRIC", "VALUE", "DATASET", "SPLIT", "WHEN", title="evaluations")
         for e in record.evaluations:

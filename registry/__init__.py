@@ -3,7 +3,18 @@
 Importing it never imports torch (a test checks), so listing and resolving stay fast.
 """
 
-from adapterhub.registry.records import AdapterRecord, BaseModelRecord, Evaluation, GcReport, Lineage, PutResult, RemoveResult
+from adapterhub.registry.records import (
+    AdapterRecord,
+    BaseModelRecord,
+    Evaluation,
+    GcReport,
+    HubTransfer,
+    Lineage,
+    PutResult,
+    RemoveResult,
+)
 from adapterhub.registry.store import Registry
 
-__all__ = ["AdapterRecord", "BaseModelRecord", "Evaluation", "GcReport", "Lineage", "PutResult", "Registry", "RemoveResult"]
+__all__ = [
+    "AdapterRecord", "BaseModelRecord", "Evaluation", "GcReport", "HubTransfer", "Lineage", "PutResult", "Registry", "RemoveResult",
+]

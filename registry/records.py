@@ -3,6 +3,8 @@
 Design decisions:
 - A record names its kind (`kind`, a name in `adapterhub.kinds`) even as a summary without its
   config, so the CLI and the server look up what it can do (`adapter_kind`) without another read.
+- Where a record was pushed to and pulled from on the Hugging Face Hub (`hub`, oldest first) is
+  part of the full record, like its evaluations; summaries leave it out.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from adapterhub.formats import BaseModelSpec
 from adapterhub.kinds import AdapterKind, get_kind, kind_of
 
 LineageKind = Literal["trained", "merged", "imported"]
+HubDirection = Literal["push", "pull"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,29 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class HubTransfer:
+    """One push of a record to a Hub repo (`direction="push"`) or one pull from it.
+
+    `revision` is the branch the commit is on (`refs/pr/N` for a pull request, whose page is
+    `pr_url`); `endpoint` is the Hub it happened on (`https://huggingface.co`, or `HF_ENDPOINT`).
+    """
+
+    direction: HubDirection
+    endpoint: str
+    repo_id: str
+    revision: str
+    commit_sha: str
+    created_at: datetime
+    pr_url: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "direction": self.direction, "endpoint": self.endpoint, "repo_id": self.repo_id, "revision": self.revision,
+            "commit_sha": self.commit_sha, "pr_url": self.pr_url, "created_at": self.created_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
 class BaseModelRecord:
     name: str
     fingerprint: str
@@ -69,11 +95,12 @@ class BaseModelRecord:
     size_bytes: int
     created_at: datetime
     evaluations: tuple[Evaluation, ...] = ()
+    hub_id: str | None = None  # its id on the Hugging Face Hub, which pushed cards name as `base_model`
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name, "fingerprint": self.fingerprint, "architecture": self.architecture,
-            "path": str(self.path), "source": self.source, "size_bytes": self.size_bytes,
+            "path": str(self.path), "source": self.source, "hub_id": self.hub_id, "size_bytes": self.size_bytes,
             "created_at": self.created_at.isoformat(),
             "hidden_size": self.spec.hidden_size, "num_layers": self.spec.num_layers,
             "evaluations": [e.to_json() for e in self.evaluations],
@@ -103,6 +130,7 @@ class AdapterRecord:
     # What a user calls it (`dora`, `rslora`, `ia3`, …: a name in `adapterhub.kinds`); set on
     # summaries too, which have no config. Derived from peft_type and config when not given.
     kind: str = ""
+    hub: tuple[HubTransfer, ...] = ()  # pushes and pulls, oldest first; empty on summaries
 
     def __post_init__(self) -> None:
         if not self.kind:
@@ -132,8 +160,17 @@ class AdapterRecord:
             "origin": self.origin,
             "lineage": self.lineage.to_json() if self.lineage else None,
             "evaluations": [e.to_json() for e in self.evaluations],
+            "hub": [t.to_json() for t in self.hub],
             "files": dict(self.files),
         }
+
+    def hub_repo(self, endpoint: str) -> str | None:
+        """The Hub repo this record was last pushed to on `endpoint`, else the one it was last pulled from."""
+        for direction in ("push", "pull"):
+            repos = [t.repo_id for t in self.hub if t.direction == direction and t.endpoint == endpoint]
+            if repos:
+                return repos[-1]
+        return None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,10 @@ Design notes:
 - Lineage is both a JSON document on the record (the full story: config, recipe, dataset
   fingerprint) and parent edges (`lineage_parents`) so "what was made from X" is a query.
 - JSON columns hold what is only ever read whole (config, tags are rows because they are filtered).
+- Where a record went on the Hugging Face Hub and where it came from are rows (`hub_transfers`),
+  one per push or pull (repo, revision, commit sha, endpoint): a later card names a parent by the
+  repo it was published to, and `show` lists them. A base model's Hub id is a column, since a
+  card's `base_model` and a pull's base lookup both need it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ class BaseModelRow(Base):
     source: Mapped[str] = mapped_column(Text, default="")
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The model's id on the Hugging Face Hub (`HuggingFaceTB/SmolLM2-135M-Instruct`), when it has one:
+    # a pushed card's `base_model` must be a Hub id, and a pull finds its base by it.
+    hub_id: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
 
 
 class AdapterNameRow(Base):
@@ -108,3 +115,22 @@ class LineageParentRow(Base):
     parent_ref: Mapped[str] = mapped_column(String(200), primary_key=True)
     # The parent may be removed later; the edge keeps its ref text, and its id while it exists.
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id", ondelete="SET NULL"), nullable=True, index=True)
+
+
+class HubTransferRow(Base):
+    """One push of a record to a Hub repo, or one pull of a record from it."""
+
+    __tablename__ = "hub_transfers"
+    __table_args__ = (
+        UniqueConstraint("adapter_id", "direction", "endpoint", "repo_id", "revision", "commit_sha", name="uq_hub_transfers"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), index=True)
+    direction: Mapped[str] = mapped_column(String(8))  # "push" or "pull"
+    endpoint: Mapped[str] = mapped_column(String(200))  # https://huggingface.co, or HF_ENDPOINT's value
+    repo_id: Mapped[str] = mapped_column(String(200), index=True)
+    revision: Mapped[str] = mapped_column(String(255))  # the branch, or refs/pr/N for a pull request
+    commit_sha: Mapped[str] = mapped_column(String(64))
+    pr_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

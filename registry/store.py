@@ -22,6 +22,14 @@ Lookups and removal:
 - *Suggestions name live records.* `adapter_names` keeps removed names so versions are never
   reused; "did you mean" draws from the records that exist.
 
+The Hugging Face Hub:
+- A base model may carry a Hub id (`hub_id`, checked by `adapterhub.hub.ids`); the same id may
+  belong to several bases (two precisions of one model), so a lookup by it returns a list and the
+  caller decides. Ids compare case-insensitively, as the Hub's do.
+- `record_hub_transfer` appends one push or pull of a record (repo, revision, commit sha,
+  endpoint); recording the same transfer again is a no-op, so a pull repeated at one commit
+  leaves one row. Transfers belong to their record and go when it is removed.
+
 The registry imports no torch: adapters are checked against a base model through safetensors
 headers (`adapterhub.formats`), and only regular files inside an adapter's directory are stored
 (`formats.directory_files`).
@@ -58,6 +66,7 @@ from adapterhub.formats import (
     read_adapter_dir,
     weight_files,
 )
+from adapterhub.hub.ids import validate_hub_id
 from adapterhub.kinds import get_kind, kind_of, peft_types, variant_flags
 from adapterhub.names import Ref, parse_ref, validate_name
 from adapterhub.registry.blobs import BlobStore, hash_file
@@ -66,6 +75,8 @@ from adapterhub.registry.records import (
     BaseModelRecord,
     Evaluation,
     GcReport,
+    HubDirection,
+    HubTransfer,
     Lineage,
     PutResult,
     RemoveResult,
@@ -76,6 +87,7 @@ from adapterhub.registry.schema import (
     AdapterRow,
     BaseModelRow,
     EvaluationRow,
+    HubTransferRow,
     LineageParentRow,
     TagRow,
 )
@@ -87,6 +99,7 @@ _T = TagRow.__table__
 _E = EvaluationRow.__table__
 _L = LineageParentRow.__table__
 _N = AdapterNameRow.__table__
+_H = HubTransferRow.__table__
 
 # Listing 10,000 records must stay well under a second: summaries skip the JSON documents
 # (config, lineage) and read the timestamp as text, parsed by the C `fromisoformat`.
@@ -181,15 +194,19 @@ class Registry:
 
     # ------------------------------------------------------------------ base models
 
-    def add_base_model(self, *, name: str, model_dir: Path, source: str = "", move: bool = False) -> BaseModelRecord:
+    def add_base_model(
+        self, *, name: str, model_dir: Path, source: str = "", move: bool = False, hub_id: str | None = None,
+    ) -> BaseModelRecord:
         """Register a transformers model directory (safetensors) as base model `name`.
 
         The directory is copied (or moved, for a staging dir adapterhub made) into
         `$ADAPTERHUB_HOME/models/<name>`. Registering the same model under the same name again
-        is a no-op; another model under a taken name, or the same model under a second name, is
-        refused.
+        is a no-op (with `hub_id`, it sets the Hub id: `set_base_model_hub_id`); another model
+        under a taken name, or the same model under a second name, is refused.
         """
         validate_name(name, what="base model name")
+        if hub_id is not None:
+            validate_hub_id(hub_id)
         model_dir = Path(model_dir)
         listing = directory_files(model_dir)  # refuses links that leave it; pickles are left out
         spec = base_model_spec(model_dir)
@@ -199,7 +216,7 @@ class Registry:
             by_print = conn.execute(select(_B).where(_B.c.fingerprint == fingerprint)).first()
         if by_name is not None:
             if by_name.fingerprint == fingerprint:
-                return self.get_base_model(name)
+                return self.set_base_model_hub_id(name, hub_id) if hub_id is not None else self.get_base_model(name)
             raise AdapterhubError(f"base model {name!r} is already registered with another fingerprint ({by_name.fingerprint[:12]}); choose another name or `adapterhub models rm {name}` first")
         if by_print is not None:
             raise AdapterhubError(f"this model is already registered as base model {by_print.name!r}")
@@ -223,6 +240,7 @@ class Registry:
                 conn.execute(insert(_B).values(
                     name=name, fingerprint=fingerprint, architecture=spec.architecture, path=str(target),
                     spec=spec.to_json(), source=source or str(model_dir), size_bytes=_dir_size(target), created_at=_now(),
+                    hub_id=hub_id,
                 ))
         except IntegrityError:
             raise AdapterhubError(f"base model {name!r} was registered concurrently by another process") from None
@@ -253,6 +271,25 @@ class Registry:
             hint = "" if prefix else " (removing a base model takes its exact name or full fingerprint)"
             raise NotFoundError(_not_found_message("base model", wanted, names, hint="`adapterhub models add`") + hint)
         return row
+
+    def set_base_model_hub_id(self, name: str, hub_id: str | None) -> BaseModelRecord:
+        """Set (or, with None, clear) the Hugging Face Hub id of base model `name`.
+
+        `hub_id` is `OWNER/NAME` (a `ValidationError` says what is wrong with anything else); cards
+        of adapters pushed from this base name it as their `base_model`.
+        """
+        if hub_id is not None:
+            validate_hub_id(hub_id)
+        with self._write() as conn:
+            row = self._base_row(conn, name, prefix=True)
+            conn.execute(update(_B).where(_B.c.id == row.id).values(hub_id=hub_id))
+        return self.get_base_model(row.name)
+
+    def base_models_with_hub_id(self, hub_id: str) -> list[BaseModelRecord]:
+        """The base models registered with this Hub id (compared without case, as the Hub does), by name."""
+        with self._read() as conn:
+            rows = conn.execute(select(_B).where(func.lower(_B.c.hub_id) == hub_id.lower()).order_by(_B.c.name)).all()
+        return [_base_record(row, ()) for row in rows]
 
     def list_base_models(self) -> list[BaseModelRecord]:
         with self._read() as conn:
@@ -419,7 +456,7 @@ class Registry:
                     f"{record.ref} is a lineage parent of {len(children)} record(s) ({shown}); remove them first, "
                     f"or `adapterhub rm {record.ref} --force` to remove it and leave their lineage naming a removed parent"
                 )
-            for table in (_F, _T, _E):
+            for table in (_F, _T, _E, _H):
                 conn.execute(delete(table).where(table.c.adapter_id == row.id))
             conn.execute(delete(_L).where(_L.c.child_id == row.id))
             conn.execute(update(_L).where(_L.c.parent_id == row.id).values(parent_id=None))
@@ -453,6 +490,30 @@ class Registry:
                 details=dict(details) if details else None, created_at=created_at,
             ))
         return Evaluation(metric=metric, value=float(value), dataset=dataset, split=split, created_at=created_at, details=details)
+
+    def record_hub_transfer(
+        self, ref: str, *, direction: HubDirection, endpoint: str, repo_id: str, revision: str, commit_sha: str,
+        pr_url: str | None = None,
+    ) -> HubTransfer:
+        """Remember that the record `ref` was pushed to (or pulled from) `repo_id` at `commit_sha`.
+
+        The same transfer recorded twice (a pull repeated at one commit) stays one row; the
+        record's `hub` lists them oldest first.
+        """
+        if direction not in ("push", "pull"):
+            raise ValueError(f"direction must be 'push' or 'pull', not {direction!r}")
+        validate_hub_id(repo_id, what="Hub repo")
+        key = {"direction": direction, "endpoint": endpoint, "repo_id": repo_id, "revision": revision, "commit_sha": commit_sha}
+        with self._write() as conn:
+            adapter_id = self._find_row(conn, parse_ref(ref)).id
+            existing = conn.execute(
+                select(_H).where(_H.c.adapter_id == adapter_id, *(_H.c[column] == value for column, value in key.items()))
+            ).first()
+            if existing is not None:
+                return _hub_transfer(existing)
+            created_at = _now()
+            conn.execute(insert(_H).values(adapter_id=adapter_id, pr_url=pr_url, created_at=created_at, **key))
+        return HubTransfer(**key, pr_url=pr_url, created_at=created_at)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ adapters: read
 
@@ -693,7 +754,8 @@ class Registry:
     def _full_record(self, conn: Connection, row: Any) -> AdapterRecord:
         tags = tuple(sorted(conn.execute(select(_T.c.tag).where(_T.c.adapter_id == row.id)).scalars()))
         files = {r.path: r.blob_sha256 for r in conn.execute(select(_F.c.path, _F.c.blob_sha256).where(_F.c.adapter_id == row.id))}
-        return _adapter_record(row, tags=tags, files=files, evaluations=self._evaluations(conn, _E.c.adapter_id == row.id))
+        hub = tuple(_hub_transfer(r) for r in conn.execute(select(_H).where(_H.c.adapter_id == row.id).order_by(_H.c.created_at, _H.c.id)))
+        return _adapter_record(row, tags=tags, files=files, evaluations=self._evaluations(conn, _E.c.adapter_id == row.id), hub=hub)
 
 
 def _safe_relpath(rel: str) -> str:
@@ -729,20 +791,27 @@ def _base_record(row: Any, evaluations: tuple[Evaluation, ...]) -> BaseModelReco
     return BaseModelRecord(
         name=row.name, fingerprint=row.fingerprint, architecture=row.architecture, path=Path(row.path),
         spec=BaseModelSpec.from_json(row.spec), source=row.source, size_bytes=row.size_bytes,
-        created_at=_as_utc(row.created_at), evaluations=evaluations,
+        created_at=_as_utc(row.created_at), evaluations=evaluations, hub_id=row.hub_id,
+    )
+
+
+def _hub_transfer(row: Any) -> HubTransfer:
+    return HubTransfer(
+        direction=row.direction, endpoint=row.endpoint, repo_id=row.repo_id, revision=row.revision,
+        commit_sha=row.commit_sha, pr_url=row.pr_url, created_at=_as_utc(row.created_at),
     )
 
 
 def _adapter_record(
     row: Any, *, tags: tuple[str, ...] = (), files: Mapping[str, str] | None = None,
-    evaluations: tuple[Evaluation, ...] = (),
+    evaluations: tuple[Evaluation, ...] = (), hub: tuple[HubTransfer, ...] = (),
 ) -> AdapterRecord:
     return AdapterRecord(
         name=row.name, version=row.version, sha256=row.sha256, base_name=row.base_name,
         base_fingerprint=row.base_fingerprint, peft_type=row.peft_type, task_type=row.task_type, rank=row.rank,
         alpha=row.alpha, target_modules=tuple(row.target_modules or ()), size_bytes=row.size_bytes,
         created_at=_as_utc(row.created_at), tags=tags, lineage=Lineage.from_json(row.lineage),
-        evaluations=evaluations, files=files or {}, config=row.config or {}, origin=row.origin,
+        evaluations=evaluations, files=files or {}, config=row.config or {}, origin=row.origin, hub=hub,
     )
 
 
