@@ -128,7 +128,7 @@ def push(
             f"cannot push {record.ref}: its base model {base.name!r} has no Hub id, and a card's base_model must be one; "
             f"give it one with `adapterhub models add {base.name} --hub-id ORG/NAME`"
         )
-    from adapterhub.hub.card import CARD_FILE, build_card
+    from adapterhub.hub.card import CARD_FILE, build_card, point_config_at_hub_base
     from adapterhub.hub.client import hub_endpoint, push_folder, uploads_through_xet
 
     endpoint = hub_endpoint()
@@ -136,6 +136,7 @@ def push(
     try:
         folder = registry.export(record.ref, scratch / "files")  # blobs verified on the way out
         (folder / CARD_FILE).unlink(missing_ok=True)  # PEFT's generic card: ours replaces it
+        point_config_at_hub_base(folder, base.hub_id)  # not the author's local path to the base
         build_card(_card_inputs(registry, record, base, repo, endpoint)).save(folder / CARD_FILE)
         total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         commit_message = message or f"Push {record.ref} with adapterhub"

@@ -24,7 +24,7 @@ from adapterhub.hub.ids import SMOLLM2_HUB_ID, hub_id_problems, parse_repo_spec,
 # Public name -> submodule that defines it (loaded on first use).
 _LAZY = {
     "CardInputs": "card", "EvaluationRow": "card", "ParentInfo": "card", "CardInfo": "card",
-    "build_card": "card", "read_card": "card",
+    "build_card": "card", "read_card": "card", "point_config_at_hub_base": "card",
     "HubError": "client", "PushResult": "client", "PulledRepo": "client", "push_folder": "client",
     "pulled_repo": "client", "hub_endpoint": "client", "uploads_through_xet": "client",
 }

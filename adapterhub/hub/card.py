@@ -56,6 +56,28 @@ _PIPELINE_TAGS = {
 _PATH_KEYS = frozenset({"data", "validation_data", "output_dir", "source", "path", "resume_from"})
 
 
+PEFT_CONFIG_FILE = "adapter_config.json"
+
+
+def point_config_at_hub_base(folder: Path, base_hub_id: str) -> bool:
+    """Make the adapter config in `folder` name its base by Hub id, as `PeftModel.push_to_hub` does.
+
+    A registry adapter's `base_model_name_or_path` is where its base lay on the author's disk:
+    published, it leaks that layout and makes `AutoPeftModelForCausalLM.from_pretrained(repo)`
+    look for a directory nobody else has. Returns whether the file was changed (a folder
+    without an adapter config, a full model, is left alone). The weights are never touched.
+    """
+    config_file = Path(folder) / PEFT_CONFIG_FILE
+    if not config_file.is_file():
+        return False
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get("base_model_name_or_path") == base_hub_id:
+        return False
+    config["base_model_name_or_path"] = base_hub_id
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return True
+
+
 @dataclass(frozen=True)
 class EvaluationRow:
     """One stored evaluation: `dataset` is the registry's label (`heldout.jsonl@sha256:ab12…`)."""

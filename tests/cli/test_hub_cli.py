@@ -87,8 +87,13 @@ def test_push_publishes_the_record_with_its_card_and_a_repush_makes_no_commit(cl
     stored = {p.name: p.read_bytes() for p in (tmp_path / "exported").iterdir()}
     files = cli.hub.files("me/reverse")
     assert set(files) == {".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors", "learning_curve.png", "training_metrics.json"}
-    for name in ("adapter_config.json", "adapter_model.safetensors", "learning_curve.png", "training_metrics.json"):
+    for name in ("adapter_model.safetensors", "learning_curve.png", "training_metrics.json"):
         assert files[name] == stored[name], name
+    # The published config names the base by its Hub id, not by the author's local path (PEFT's push does the same).
+    published_config, stored_config = json.loads(files["adapter_config.json"]), json.loads(stored["adapter_config.json"])
+    assert published_config["base_model_name_or_path"] == BASE_ID
+    assert published_config | {"base_model_name_or_path": None} == stored_config | {"base_model_name_or_path": None}
+    assert str(tmp_path) not in files["adapter_config.json"].decode()
     card = card_of(cli.hub, "me/reverse", tmp_path)
     assert card.data.base_model == BASE_ID and card.data.library_name == "peft" and card.data.base_model_relation == "adapter"
     assert {"adapterhub", "lora", f"base_model:adapter:{BASE_ID}"} <= set(card.data.tags)
@@ -120,9 +125,10 @@ def test_pull_round_trips_byte_identical_and_twice_is_one_record(cli: Cli, lora_
     assert f"pulled me/reverse@main (commit {commit[:12]}) as reverse:1 (lora r=4 on mine" in pulled.stdout
     other.ok("export", "reverse", str(tmp_path / "pulled"))
     cli.ok("export", ref, str(tmp_path / "original"))
-    for name in ("adapter_config.json", "adapter_model.safetensors", "learning_curve.png", "training_metrics.json"):
+    for name in ("adapter_model.safetensors", "learning_curve.png", "training_metrics.json"):
         assert (tmp_path / "pulled" / name).read_bytes() == (tmp_path / "original" / name).read_bytes(), name
-    assert (tmp_path / "pulled" / "README.md").read_bytes() == cli.hub.files("me/reverse")["README.md"]
+    for name in ("README.md", "adapter_config.json"):  # as published
+        assert (tmp_path / "pulled" / name).read_bytes() == cli.hub.files("me/reverse")[name], name
     shown = other.json("show", "reverse")
     assert shown["lineage"]["kind"] == "imported"
     details = shown["lineage"]["details"]
