@@ -67,6 +67,7 @@ from adapterhub.serving.backends.base import (
     TokenLogprob,
     UnavailableError,
 )
+from adapterhub.serving.backends.config import EngineConfig
 from adapterhub.serving.backends.lora_slots import (
     SERVED_PEFT_TYPES,
     AdapterWeights,
@@ -79,20 +80,6 @@ from adapterhub.serving.backends.lora_slots import (
 from adapterhub.serving.backends.sampling import choose_tokens, token_logprobs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineConfig:
-    """Sizing of the torch engine; every field maps to a `serve` option."""
-
-    max_resident: int = 4  # adapters in device slots at once (--max-resident)
-    max_cpu_adapters: int = 32  # parsed adapters kept in host memory, device ones included
-    max_batch_size: int = 32  # rows decoded together in one step
-    max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (bounds step time)
-    max_waiting: int = 512  # queued requests beyond which new ones get 429
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    device: str | None = None  # default: CUDA when present, else CPU
-    dtype: torch.dtype | None = None  # default: bf16 (fp16 on older GPUs) on CUDA, fp32 on CPU
 
 
 @dataclass(eq=False)
