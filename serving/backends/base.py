@@ -7,6 +7,12 @@ Design decisions:
 - The app tokenizes prompts and applies chat templates with `Backend.tokenizer` (a Hugging Face
   tokenizer), so prompt length checks and usage counts are the same for every backend; the
   backend turns token ids into streamed text, because engines like vLLM detokenize internally.
+- Each check of a request lives on one side of this boundary. What a request asks for is
+  checked by the app (`serving/routes/checks.py`) before `generate` is called: a non-empty
+  prompt, token ids below `vocab_size`, prompt plus `max_tokens` within `max_model_len`,
+  sampling values in range. A backend trusts those and checks only what only it knows: its
+  queue (`CapacityError`), whether it runs (`UnavailableError`), whether an adapter can be
+  loaded (`AdapterLoadError`), what its own engine refuses.
 - Adapters reach a backend as `AdapterSpec(key, locate)`: `key` is the canonical identity
   (a registry `name:version`, or the name given to `/v1/load_lora_adapter`) and `locate()`
   returns a local PEFT directory. `locate` is only called when the adapter is not already held,
@@ -80,7 +86,8 @@ class UnavailableError(BackendError):
 
 
 class ContextLengthError(BackendError):
-    """Prompt plus requested tokens exceed the model's context window (HTTP 400)."""
+    """Prompt plus requested tokens exceed what the engine accepts (HTTP 400). The app checks
+    `max_model_len` itself; this is for an engine that refuses a length of its own accord."""
 
     code = "context_length_exceeded"
     default_param = "max_tokens"
@@ -312,8 +319,11 @@ class Backend(abc.ABC):
     ) -> AsyncIterator[GenerationChunk]:
         """Stream one request's output; `adapter=None` runs the base model.
 
-        Raises (before the first chunk) `AdapterLoadError`, `CapacityError`, `UnavailableError`,
-        `ContextLengthError`. Closing the iterator early cancels the request in the engine.
+        The caller has checked the request (see the module's design decisions): the prompt is
+        not empty, its ids are below `vocab_size`, and it fits `max_model_len` with
+        `sampling.max_tokens`. Raises (before the first chunk) `AdapterLoadError`,
+        `CapacityError`, `UnavailableError`, or another `BackendError` its engine gives.
+        Closing the iterator early cancels the request in the engine.
         """
 
     @abc.abstractmethod

@@ -58,7 +58,6 @@ from adapterhub.serving.backends.base import (
     AdapterSpec,
     Backend,
     CapacityError,
-    ContextLengthError,
     GenerationChunk,
     GenerationError,
     HealthStatus,
@@ -532,13 +531,6 @@ class TorchEngine(Backend):
     ) -> AsyncIterator[GenerationChunk]:
         if self._thread is None or self._stopping or self._engine_error is not None:
             raise UnavailableError("the engine is not running")
-        if not prompt_token_ids:
-            raise AdapterhubError("the prompt is empty")
-        if len(prompt_token_ids) + sampling.max_tokens > self.max_model_len:
-            raise ContextLengthError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request has "
-                f"{len(prompt_token_ids)} prompt tokens and asks for {sampling.max_tokens} more"
-            )
         entry = await self._acquire(adapter) if adapter is not None else None
         request: _Request | None = None
         try:
