@@ -67,6 +67,7 @@ from adapterhub.serving.backends.base import (
     UnavailableError,
 )
 from adapterhub.serving.backends.config import EngineConfig
+from adapterhub.serving.backends.detokenizer import Detokenizer, TokenDecoding
 from adapterhub.serving.backends.lora_slots import (
     SERVED_PEFT_TYPES,
     AdapterWeights,
@@ -193,6 +194,7 @@ class TorchEngine(Backend):
             *([output_layer.weight.shape[0]] if output_layer is not None else []),
         )
         self.eos_token_ids = self._eos_token_ids()
+        self.token_decoding = TokenDecoding.of(self.tokenizer)
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         self.base_weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.slots = SlotTable(self.model, max_slots=self.config.max_resident + 1, dtype=self.dtype)
@@ -572,17 +574,14 @@ class TorchEngine(Backend):
         return tuple(sorted(ends))
 
     async def _detokenize(self, request: _Request) -> AsyncIterator[GenerationChunk]:
-        """Turn the engine's token ids into text deltas, applying stop strings.
-
-        As in vLLM, a stop string ends the text only once `min_tokens` tokens are out, found from
-        where the text stood then (a stop string may straddle that point).
-        """
-        stops = request.sampling.stop
-        ending_ids = set(self.eos_token_ids) | set(request.sampling.stop_token_ids)  # never in the text
-        output_ids: list[int] = []  # without end-of-sequence and stop tokens
+        """Turn the engine's token ids into text deltas, applying stop strings (`Detokenizer`:
+        incremental, equal to a full decode of the output without its end tokens)."""
+        sampling = request.sampling
+        text = Detokenizer(
+            self.token_decoding, stops=sampling.stop, min_tokens=sampling.min_tokens,
+            ending_ids=set(self.eos_token_ids) | set(sampling.stop_token_ids),  # never in the text
+        )
         completion_tokens = 0  # every token generated, end-of-sequence included (as vLLM counts)
-        emitted = 0  # characters of the decoded text already sent
-        searched_from: int | None = 0 if request.sampling.min_tokens == 0 else None  # where stop strings count
         prompt_tokens = len(request.prompt_ids)
         while True:
             item: _Emitted | BaseException = await request.queue.get()
@@ -595,33 +594,13 @@ class TorchEngine(Backend):
                     completion_tokens=0, prompt_logprobs=item.prompt_logprobs,
                 )
                 return
-            if token_id not in ending_ids:
-                output_ids.append(token_id)
-            text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
-            stop_at = -1
-            if searched_from is not None:
-                found = (text.find(s, max(0, searched_from - len(s) + 1)) for s in stops if s)
-                stop_at = min((i for i in found if i >= 0), default=-1)
-            elif completion_tokens + 1 >= request.sampling.min_tokens:
-                searched_from = len(text)  # stop strings count from the next token on
-            if stop_at >= 0:
-                text, finish_reason = text[:stop_at], "stop"
+            step = text.step(token_id, last=finish_reason is not None)
+            if step.stopped:
+                finish_reason = "stop"
                 request.cancelled = True  # the engine drops the row at its next step
-            if finish_reason is None:
-                # Hold back an incomplete UTF-8 character and any tail that may start a stop string.
-                safe = len(text.rstrip("\ufffd"))
-                for stop in stops:
-                    for k in range(min(len(stop) - 1, safe), 0, -1):
-                        if text[:safe].endswith(stop[:k]):
-                            safe -= k
-                            break
-                delta = text[emitted:safe] if safe > emitted else ""
-                emitted = max(emitted, safe)
-            else:
-                delta = text[emitted:]
             completion_tokens += 1
             yield GenerationChunk(
-                text=delta,
+                text=step.text,
                 token_ids=(token_id,),
                 finish_reason=finish_reason,
                 prompt_tokens=prompt_tokens,
