@@ -5,6 +5,11 @@ Design decisions:
 - `model` resolution order: the base name; adapters added with `/v1/load_lora_adapter` (the
   vLLM way, by path); then the resolver (the registry), which turns `name`, `name:version` or
   `name@sha` into a canonical key. A name nobody knows is 404 with close matches listed.
+- The hot path: a request for an adapter the backend holds (`Backend.holds`), under a name
+  whose cached answer the resolver knows to be still right (`AdapterResolver.cached`: no
+  table read, no worker thread), costs no registry read. Anything else asks the resolver in a
+  worker thread. So a version removed from the registry is served while this server holds it
+  and refused (404) once it has left its tiers; unload it to stop serving it at once.
   Loading a path under a name the registry already knows is refused; if the registry gets that
   name later, the path adapter keeps it while loaded (the registry's stays reachable by
   `name:version`), and `/v1/models` never lists one name twice.
@@ -117,6 +122,11 @@ class ServerState:
         if spec is not None:
             return spec
         if self.resolver is not None:
+            # An adapter the backend holds, under a name the resolver knows is still right,
+            # costs no registry read and no worker thread (the hot path of every request).
+            spec = self.resolver.cached(self.backend.base_name, model)
+            if spec is not None and self.backend.holds(spec.key):
+                return spec
             spec = await asyncio.to_thread(self.resolver.resolve, self.backend.base_name, model)
             if spec is not None:
                 return spec

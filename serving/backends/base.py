@@ -338,6 +338,15 @@ class Backend(abc.ABC):
     def resident_adapters(self) -> list[ResidentAdapter]:
         """Adapters held now, device tier first."""
 
+    def holds(self, key: str) -> bool:
+        """Whether adapter `key` is held in any tier now, so a request for it reads nothing.
+
+        Asked on every request that names an adapter (the app then trusts what its resolver
+        cached instead of asking the registry), so engines answer it from memory; this default
+        scans `resident_adapters`.
+        """
+        return any(adapter.key == key for adapter in self.resident_adapters())
+
     @abc.abstractmethod
     def memory_stats(self) -> dict[str, float]:
         """Byte counts worth exporting: base weights, adapters per tier, KV cache, device memory."""

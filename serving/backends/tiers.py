@@ -293,6 +293,10 @@ class AdapterTiers:
             target_modules=entry.weights.target_modules,
         )
 
+    def holds(self, key: str) -> bool:
+        """Whether `key` is in the CPU tier (device adapters included) now."""
+        return key in self._entries  # one dict lookup: atomic under the GIL, no lock needed
+
     def resident(self) -> list[ResidentAdapter]:
         """Adapters held now, device tier first."""
         with self._lock:

@@ -199,6 +199,9 @@ class TorchEngine(Backend):
     def resident_adapters(self) -> list[ResidentAdapter]:
         return self.tiers.resident()
 
+    def holds(self, key: str) -> bool:
+        return self.tiers.holds(key)
+
     def memory_stats(self) -> dict[str, float]:
         with self._lock:
             batch_kv = self.scheduler.batch.kv_bytes()
