@@ -12,7 +12,10 @@ Design decisions:
   HTTP server stays responsive while a step runs. Commands that touch slots (loading, pinning,
   unloading) run on the engine thread between two steps.
 - Rows of different adapters share every forward pass via `SlotTable` (gathered LoRA, DoRA and
-  (IA)³); a request's output does not depend on its batch-mates.
+  (IA)³); a request's output does not depend on its batch-mates. Decode steps keep each row's
+  gathered A and B' while the batch's rows stay the same (`SlotContext.keep_gathers`), so a
+  step reads every row's adapter once instead of copying it first; on a CPU, slots and adapter
+  math are fp32 whatever the model's precision (see `lora_slots.py`).
 - A row's failure stays the row's: what one request's work raises fails that request, a
   prefill that raises is retried row by row to find the row, and a step that fails as a whole
   fails only the requests it held. The engine thread ends only on shutdown.
@@ -106,7 +109,11 @@ class TorchEngine(Backend):
         self.token_decoding = TokenDecoding.of(self.tokenizer)
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         self.base_weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.slots = SlotTable(self.model, max_slots=self.config.max_resident + 1, dtype=self.dtype)
+        # Adapter math in fp32 on a CPU whatever the model's precision (as PEFT's default
+        # `autocast_adapter_dtype` keeps adapter weights): the CPU's bf16 `bmm` at a LoRA's shapes
+        # is ~4x slower than fp32's (measured here), and the delta is added rounded once.
+        slot_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        self.slots = SlotTable(self.model, max_slots=self.config.max_resident + 1, dtype=slot_dtype)
 
         self._lock = threading.Lock()  # guards the adapter tables, the queue, the batch's rows and counters
         self._wakeup = threading.Condition(self._lock)
@@ -208,6 +215,7 @@ class TorchEngine(Backend):
         stats = {
             "base_weight_bytes": float(self.base_weight_bytes),
             **self.tiers.memory_stats(),
+            "adapter_gather_bytes": float(self.slots.gather_bytes()),
             "kv_cache_bytes": float(batch_kv),
         }
         if self.device.type == "cuda":
@@ -355,6 +363,7 @@ class TorchEngine(Backend):
         caches): fail the rows it involved, drop the batch state, and go on with the next step.
         Waiting requests and every later request are served as usual."""
         rows = self.scheduler.take_running(release_slots=True)
+        self.slots.forget_gathers()
         logger.error("an engine step failed; its %d running request(s) fail", len(rows), exc_info=exc)
         for row in rows:
             if not row.request.cancelled:
@@ -397,10 +406,11 @@ class TorchEngine(Backend):
 
     def _forward(
         self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, row_slots: list[int],
-        *, every_position: bool = False,
+        *, every_position: bool = False, decode: bool = False,
     ) -> torch.Tensor:
-        """Logits `[batch, vocab]` of the last position, or `[batch, tokens, vocab]` of all."""
-        self.slots.context.set_rows(row_slots, self.device)
+        """Logits `[batch, vocab]` of the last position, or `[batch, tokens, vocab]` of all.
+        `decode`: a step of the running batch, whose rows' gathered adapters the layers keep."""
+        self.slots.context.set_rows(row_slots, self.device, keep_gathers=decode)
         try:
             output = self.model(
                 input_ids=input_ids,
@@ -450,12 +460,13 @@ class TorchEngine(Backend):
                 self._prefill_into_batch(group, isolate=len(group) > 1)
         batch = self.scheduler.batch
         if not batch.rows:
+            self.slots.forget_gathers()  # the rows' adapter copies go with the rows
             if self.scheduler.waiting:
                 time.sleep(0.001)  # everything waits on a slot that is draining
             return
         rows = batch.rows
         input_ids, positions, mask = batch.decode_inputs()
-        logits = self._forward(input_ids, mask, positions, batch.cache, [row.slot for row in rows])
+        logits = self._forward(input_ids, mask, positions, batch.cache, [row.slot for row in rows], decode=True)
         self.steps += 1
         finished: list[int] = []
         for index, (row, (token_id, logprob)) in enumerate(zip(rows, self._sample(logits, rows))):
