@@ -7,6 +7,8 @@ Design decisions:
 - Safe by default: loopback only, loading adapters by `lora_path` off (`--allow-lora-path`, or
   directories below `--adapter-dir`), and a warning on stderr when the server listens beyond
   loopback without an API key or takes any path, as vLLM warns for runtime LoRA updating.
+- The engine's defaults (tier sizes, batch, queue) are `EngineConfig`'s (`backends/config.py`),
+  read without importing torch; nothing here repeats a number.
 - Shutdown is bounded: after SIGTERM/SIGINT requests in flight get `--shutdown-timeout`
   seconds, then uvicorn cancels them and the engine stops (it would otherwise wait for every
   open stream, a stalled client's included, for ever).
@@ -22,6 +24,7 @@ from typing import Annotated, Optional
 import typer
 
 from adapterhub.errors import AdapterhubError, NotFoundError
+from adapterhub.serving.backends.config import DEFAULTS as ENGINE_DEFAULTS
 
 bench_app = typer.Typer(help="Benchmarks that print a table and write JSON + PNG to benchmarks/results/.", no_args_is_help=True)
 
@@ -34,11 +37,13 @@ def serve(
     api_key: Annotated[
         Optional[str], typer.Option(envvar="ADAPTERHUB_API_KEY", help="Require `Authorization: Bearer KEY` on /v1 routes.")
     ] = None,
-    max_resident: Annotated[int, typer.Option(min=1, help="Adapters held in device slots at once.")] = 8,
-    max_cpu_adapters: Annotated[int, typer.Option(min=1, help="Adapters kept parsed in host memory (device ones included).")] = 64,
+    max_resident: Annotated[int, typer.Option(min=1, help="Adapters held in device slots at once.")] = ENGINE_DEFAULTS.max_resident,
+    max_cpu_adapters: Annotated[
+        int, typer.Option(min=1, help="Adapters kept parsed in host memory (device ones included).")
+    ] = ENGINE_DEFAULTS.max_cpu_adapters,
     preload: Annotated[Optional[list[str]], typer.Option(help="Adapter reference to load and pin at start (repeatable).")] = None,
-    max_batch_size: Annotated[int, typer.Option(min=1, help="Rows decoded together in one step.")] = 32,
-    max_waiting: Annotated[int, typer.Option(min=0, help="Queued requests beyond which new ones get 429.")] = 512,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Rows decoded together in one step.")] = ENGINE_DEFAULTS.max_batch_size,
+    max_waiting: Annotated[int, typer.Option(min=0, help="Queued requests beyond which new ones get 429.")] = ENGINE_DEFAULTS.max_waiting,
     max_model_len: Annotated[Optional[int], typer.Option(help="Context window (default: the model's).")] = None,
     adapter_dir: Annotated[
         Optional[Path],
@@ -61,7 +66,8 @@ def serve(
 
     from adapterhub.models import default_device, resolve_dtype
     from adapterhub.serving.app import LoraPathPolicy, create_app
-    from adapterhub.serving.backends.torch_engine import EngineConfig, TorchEngine
+    from adapterhub.serving.backends.config import EngineConfig
+    from adapterhub.serving.backends.torch_engine import TorchEngine
     from adapterhub.serving.resolver import DirectoryResolver, RegistryResolver
 
     if backend != "torch":

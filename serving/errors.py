@@ -3,19 +3,27 @@
 Design decisions:
 - Errors are turned into responses only here, at the HTTP edge (as vLLM's `serving_models.py`
   does); backends and resolvers raise plain `AdapterhubError` subclasses.
+- Each error class carries its answer. The backends' errors (`backends/base.py::BackendError`)
+  name their HTTP status, OpenAI `code` and `type` and the field they concern as class
+  attributes, as vLLM's error classes carry theirs, so `from_exception` reads attributes and
+  never tests classes one by one: a new backend's errors need no change here. The core's errors
+  (`adapterhub.errors`, which know nothing of HTTP) get theirs from one table, looked up along
+  the class's MRO, so a subclass answers like its nearest listed ancestor.
 - Status codes: unknown model 404; malformed JSON 400; a body that parses but breaks the schema
   400 `invalid_value` (the field goes in `param`; OpenAI and vLLM answer 400 there, not
   FastAPI's 422, so `openai.BadRequestError` catches it); prompt over the context window 400
   `context_length_exceeded`; an adapter that cannot be loaded 400 `adapter_load_failed` (only
   that request fails); sampling settings that leave no finite logit (a penalty that
   overflows, `min_tokens` masking everything) 400 with the setting in `param`; the model
-  itself producing non-finite logits 500 `generation_failed`; queue full 429; engine not running or every slot pinned 503; missing or
-  wrong API key 401. Anything else is a bug: 500 with no internals in the message.
+  itself producing non-finite logits 500 `generation_failed`; queue full 429; engine not
+  running or every slot pinned 503; missing or wrong API key 401. Anything else is a bug: 500
+  with no internals in the message.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,14 +32,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapterhub.errors import AdapterhubError, AmbiguousRefError, NotFoundError
-from adapterhub.serving.backends.base import (
-    AdapterLoadError,
-    CapacityError,
-    ContextLengthError,
-    GenerationError,
-    SamplingSettingsError,
-    UnavailableError,
-)
+from adapterhub.serving.backends.base import BackendError
 
 logger = logging.getLogger(__name__)
 
@@ -72,29 +73,34 @@ def model_not_found(model: str, known: list[str], *, param: str = "model") -> Op
     return OpenAIError(404, f"The model `{model}` does not exist{hint}", param=param, code="model_not_found")
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """How the edge answers one of the core's errors (which carry no HTTP facts of their own)."""
+
+    status_code: int
+    code: str | None = None
+    param: str | None = None
+
+
+# The core's errors, most specific first; `AdapterhubError` is any other user error.
+_CORE_ANSWERS: dict[type[AdapterhubError], _Answer] = {
+    NotFoundError: _Answer(404, "not_found"),
+    AmbiguousRefError: _Answer(400, "ambiguous_model", param="model"),
+    AdapterhubError: _Answer(400),
+}
+
+
 def from_exception(exc: BaseException, *, param: str | None = None) -> OpenAIError:
-    """Map an adapterhub exception to the response it deserves."""
+    """The response `exc` deserves. `param` names the request field that carried what failed,
+    for errors that concern a field (an adapter named as `lora_name` rather than `model`)."""
     if isinstance(exc, OpenAIError):
         return exc
-    if isinstance(exc, ContextLengthError):
-        return OpenAIError(400, str(exc), param=param or "max_tokens", code="context_length_exceeded")
-    if isinstance(exc, AdapterLoadError):
-        # The message names the adapter (ref or lora_name) and its kind already.
-        return OpenAIError(400, str(exc), param=param or "model", code="adapter_load_failed")
-    if isinstance(exc, CapacityError):
-        return OpenAIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded")
-    if isinstance(exc, GenerationError):
-        return OpenAIError(500, str(exc), type="server_error", code="generation_failed")
-    if isinstance(exc, SamplingSettingsError):
-        return OpenAIError(400, str(exc), param=exc.param, code="invalid_value")
-    if isinstance(exc, UnavailableError):
-        return OpenAIError(503, str(exc), type="service_unavailable_error", code="service_unavailable")
-    if isinstance(exc, NotFoundError):
-        return OpenAIError(404, str(exc), code="not_found")
-    if isinstance(exc, AmbiguousRefError):
-        return OpenAIError(400, str(exc), param="model", code="ambiguous_model")
-    if isinstance(exc, AdapterhubError):
-        return OpenAIError(400, str(exc))
+    if isinstance(exc, BackendError):
+        field_name = exc.param or (param if exc.default_param is not None else None) or exc.default_param
+        return OpenAIError(exc.status_code, str(exc), type=exc.error_type, param=field_name, code=exc.code)
+    answer = next((_CORE_ANSWERS[cls] for cls in type(exc).__mro__ if cls in _CORE_ANSWERS), None)
+    if answer is not None:
+        return OpenAIError(answer.status_code, str(exc), param=answer.param, code=answer.code)
     logger.error("internal error", exc_info=exc)
     return OpenAIError(500, "internal server error", type="server_error", code="internal_error")
 

@@ -28,7 +28,7 @@ from typing import Any
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-def _decoder_types(tokenizer: Any) -> set[str]:
+def decoder_types(tokenizer: Any) -> set[str]:
     """The `type`s in a fast tokenizer's decoder (nested `Sequence` decoders included)."""
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     if decoder is None:
@@ -47,7 +47,7 @@ class TokenTexts:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        decoders = _decoder_types(tokenizer)
+        decoders = decoder_types(tokenizer)
         self._byte_level = "ByteLevel" in decoders
         self._byte_fallback = "ByteFallback" in decoders
         self._byte_of_char: dict[str, int] = {}

@@ -75,3 +75,33 @@ def test_the_kinds_table_and_the_format_import_no_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _routes_declared(path: Path) -> list[str]:
+    """Paths of the `@<router or app>.get/post(...)` decorators in one module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for decorator in node.decorator_list:
+                if (
+                    isinstance(decorator, ast.Call) and isinstance(decorator.func, ast.Attribute)
+                    and decorator.func.attr in ("get", "post", "put", "delete") and decorator.args
+                    and isinstance(decorator.args[0], ast.Constant)
+                ):
+                    found.append(decorator.args[0].value)
+    return found
+
+
+def test_each_api_surface_has_its_own_route_module() -> None:
+    """DESIGN.md: one module per API surface in `serving/routes/`, none in the app builder."""
+    declared = {path.stem: _routes_declared(path) for path in sorted((ROOT / "serving" / "routes").glob("*.py"))}
+    surfaces = {stem: sorted(paths) for stem, paths in declared.items() if paths}
+    assert surfaces == {
+        "adapters": ["/load_lora_adapter", "/unload_lora_adapter"],
+        "chat": ["/chat/completions"],
+        "completions": ["/completions"],
+        "health": ["/health", "/metrics"],
+        "models": ["/models", "/models/{model_id:path}"],
+    }
+    assert _routes_declared(ROOT / "serving" / "app.py") == []

@@ -7,6 +7,12 @@ Design decisions:
 - The app tokenizes prompts and applies chat templates with `Backend.tokenizer` (a Hugging Face
   tokenizer), so prompt length checks and usage counts are the same for every backend; the
   backend turns token ids into streamed text, because engines like vLLM detokenize internally.
+- Each check of a request lives on one side of this boundary. What a request asks for is
+  checked by the app (`serving/routes/checks.py`) before `generate` is called: a non-empty
+  prompt, token ids below `vocab_size`, prompt plus `max_tokens` within `max_model_len`,
+  sampling values in range. A backend trusts those and checks only what only it knows: its
+  queue (`CapacityError`), whether it runs (`UnavailableError`), whether an adapter can be
+  loaded (`AdapterLoadError`), what its own engine refuses.
 - Adapters reach a backend as `AdapterSpec(key, locate)`: `key` is the canonical identity
   (a registry `name:version`, or the name given to `/v1/load_lora_adapter`) and `locate()`
   returns a local PEFT directory. `locate` is only called when the adapter is not already held,
@@ -21,7 +27,7 @@ import abc
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from adapterhub.errors import AdapterhubError
 
@@ -30,38 +36,81 @@ FinishReason = Literal["stop", "length"]
 GREEDY_BELOW = 1e-5
 
 
-class AdapterLoadError(AdapterhubError):
-    """An adapter could not be loaded (unsupported kind, does not fit the base, unreadable).
+class BackendError(AdapterhubError):
+    """An error a backend raises for one request, carrying the answer it deserves at the HTTP edge.
 
-    Only the request that needed the adapter fails; the server keeps serving the rest.
+    Each subclass names its HTTP status, OpenAI error `code` and `type`, and the request field it
+    concerns (`param`, None when it concerns no one field), so the edge turns any of them into
+    OpenAI's error JSON by reading these attributes (`serving/errors.py`) instead of testing
+    classes one by one, and a new backend's errors need no change there. A raise site may name
+    the field itself (`param=...`); a route may name it for errors whose class concerns a field
+    (`/v1/load_lora_adapter` says `lora_name` where a completion says `model`).
     """
 
+    status_code: ClassVar[int] = 400
+    code: ClassVar[str | None] = None
+    error_type: ClassVar[str] = "invalid_request_error"
+    #: The request field this kind of error concerns by default (None: none in particular).
+    default_param: ClassVar[str | None] = None
 
-class CapacityError(AdapterhubError):
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class AdapterLoadError(BackendError):
+    """An adapter could not be loaded (unsupported kind, does not fit the base, unreadable).
+
+    Only the request that needed the adapter fails; the server keeps serving the rest. The
+    message names the adapter (ref or `lora_name`) and its kind.
+    """
+
+    code = "adapter_load_failed"
+    default_param = "model"
+
+
+class CapacityError(BackendError):
     """Too many requests queued; the client should retry later (HTTP 429)."""
 
+    status_code = 429
+    code = "rate_limit_exceeded"
+    error_type = "rate_limit_error"
 
-class UnavailableError(AdapterhubError):
+
+class UnavailableError(BackendError):
     """The engine cannot take work now: starting, stopping, or every slot pinned (HTTP 503)."""
 
+    status_code = 503
+    code = "service_unavailable"
+    error_type = "service_unavailable_error"
 
-class ContextLengthError(AdapterhubError):
-    """Prompt plus requested tokens exceed the model's context window (HTTP 400)."""
+
+class ContextLengthError(BackendError):
+    """Prompt plus requested tokens exceed what the engine accepts (HTTP 400). The app checks
+    `max_model_len` itself; this is for an engine that refuses a length of its own accord."""
+
+    code = "context_length_exceeded"
+    default_param = "max_tokens"
 
 
-class GenerationError(AdapterhubError):
+class GenerationError(BackendError):
     """The model gave this request no usable next-token distribution, e.g. non-finite logits in
     fp16 (HTTP 500). Only that request fails; its batch-mates and the engine go on."""
 
+    status_code = 500
+    code = "generation_failed"
+    error_type = "server_error"
 
-class SamplingSettingsError(AdapterhubError):
+
+class SamplingSettingsError(BackendError):
     """The request's own settings left no usable distribution: a bias or penalty that overflows
     the logits, `min_tokens` masking every token (HTTP 400, `param` names the setting). Only
     that request fails; a retry with the same settings would fail again."""
 
+    code = "invalid_value"
+
     def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param=param)
 
 
 @dataclass(frozen=True)
@@ -270,8 +319,11 @@ class Backend(abc.ABC):
     ) -> AsyncIterator[GenerationChunk]:
         """Stream one request's output; `adapter=None` runs the base model.
 
-        Raises (before the first chunk) `AdapterLoadError`, `CapacityError`, `UnavailableError`,
-        `ContextLengthError`. Closing the iterator early cancels the request in the engine.
+        The caller has checked the request (see the module's design decisions): the prompt is
+        not empty, its ids are below `vocab_size`, and it fits `max_model_len` with
+        `sampling.max_tokens`. Raises (before the first chunk) `AdapterLoadError`,
+        `CapacityError`, `UnavailableError`, or another `BackendError` its engine gives.
+        Closing the iterator early cancels the request in the engine.
         """
 
     @abc.abstractmethod
@@ -285,6 +337,15 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def resident_adapters(self) -> list[ResidentAdapter]:
         """Adapters held now, device tier first."""
+
+    def holds(self, key: str) -> bool:
+        """Whether adapter `key` is held in any tier now, so a request for it reads nothing.
+
+        Asked on every request that names an adapter (the app then trusts what its resolver
+        cached instead of asking the registry), so engines answer it from memory; this default
+        scans `resident_adapters`.
+        """
+        return any(adapter.key == key for adapter in self.resident_adapters())
 
     @abc.abstractmethod
     def memory_stats(self) -> dict[str, float]:

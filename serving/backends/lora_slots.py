@@ -4,8 +4,9 @@ Design decisions:
 - Every `nn.Linear` that some resident adapter targets is wrapped by `SlotAdapterLinear`, which
   keeps stacks of per-adapter tensors, one slot per resident adapter (slot 0 stands for "no
   adapter"). A forward pass gathers each row's entries by its slot index:
-  - LoRA: `(x @ A[slot]^T) @ B'[slot]^T` with a `bmm` and a fused `baddbmm` (the punica/S-LoRA
-    "BGMV" idea without a custom kernel), B' = scale * B, pre-multiplied when written. This
+  - LoRA: `(x @ A[slot]^T) @ B'[slot]` with a `bmm` and a fused `baddbmm` (the punica/S-LoRA
+    "BGMV" idea without a custom kernel), B' = (scale * B)^T, pre-multiplied and stored
+    transposed (`[rank, out]`) when written, so neither product copies an operand first. This
     replaces PEFT's `adapter_names` mixed batches, which loop over adapters per module in Python
     and ran at 0.44x base throughput here (ENVIRONMENT.md).
   - DoRA (PEFT's formula at inference, dropout off): `y = base(x) + (g - 1) * (base(x) - bias)
@@ -17,6 +18,17 @@ Design decisions:
     (PEFT stores those as `[1, in]` instead of `[out, 1]`); 1 for every other slot.
   A stack exists in a layer only once some adapter needs it, so a LoRA-only fleet pays for no
   DoRA or (IA)³ math.
+- Decode steps of one batch use the same rows over and over, so a layer keeps the rows' gathered
+  A and B' (`SlotContext.keep_gathers`) until the rows change or a slot is written
+  (`SlotContext.generation`): a step then reads each row's adapter once, where gathering it
+  again copied it first (the copy was a third of the mixed-adapter overhead on SmolLM2, 16
+  distinct rank-16 adapters, profiled). The copies cost the running batch one adapter's size
+  per row (like its KV cache, bounded by `max_batch_size`), and go when the batch empties.
+- On a CPU the engine keeps slots, and so the adapter math, in fp32 whatever the model's
+  precision, as PEFT's default `autocast_adapter_dtype` keeps adapter weights: the CPU's bf16
+  `bmm` at these shapes is ~4x slower than fp32's (42 vs 11 us for a rank-16 down-projection of
+  16 rows, measured here), more than the fp32 copies' extra bytes cost. GPUs keep the model's
+  dtype, where bf16 `bmm` is fast.
 - A row on slot 0 gets `base(x) * 1 + 0`, bit-identical to the base model, so base requests are
   exact under mixed load (the bug vLLM's CPU build has does not arise).
 - Ranks differ between adapters: LoRA stacks are padded to the largest rank seen per module; zero
@@ -396,18 +408,38 @@ def _ia3_modules(
 
 
 class SlotContext:
-    """Per-step state shared by all wrapped layers: which slot each batch row uses."""
+    """Per-step state shared by all wrapped layers: which slot each batch row uses.
+
+    `generation` names the rows' slots and contents: it changes whenever the rows change or a
+    slot is written, so a layer may keep the A and B' it gathered for one forward pass and use
+    them again while the generation stays (`keep_gathers`: the decode steps of one batch).
+    """
 
     def __init__(self) -> None:
         self.row_slots: torch.Tensor | None = None  # int64 [batch] on the compute device
+        self.generation = 0
+        self.keep_gathers = False
+        self._kept: tuple[tuple[int, ...], torch.Tensor] | None = None  # rows whose gathers are kept
 
-    def set_rows(self, row_slots: list[int] | None, device: torch.device | str = "cpu") -> None:
+    def set_rows(self, row_slots: list[int] | None, device: torch.device | str = "cpu", *, keep_gathers: bool = False) -> None:
         # None (or all zeros) means "every row is the base model": wrapped layers skip adapter math.
         # Checked on the host list, so a GPU step needs no device sync for it.
         if row_slots is None or not any(row_slots):
             self.row_slots = None
-        else:
-            self.row_slots = torch.tensor(row_slots, dtype=torch.long, device=device)
+            return
+        rows = tuple(row_slots)
+        if keep_gathers and self._kept is not None and self._kept[0] == rows:
+            self.row_slots, self.keep_gathers = self._kept[1], True  # same rows: the layers' gathers hold
+            return
+        self.generation += 1
+        self.row_slots = torch.tensor(row_slots, dtype=torch.long, device=device)
+        self.keep_gathers = keep_gathers
+        self._kept = (rows, self.row_slots) if keep_gathers else None
+
+    def invalidate(self) -> None:
+        """A slot was written or the stacks changed: nothing gathered before holds."""
+        self.generation += 1
+        self._kept = None
 
 
 @dataclass
@@ -459,10 +491,12 @@ class SlotAdapterLinear(nn.Module):
         self.context = context
         # Allocated when an adapter first needs them, each with `capacity` slots:
         self.stack_a: torch.Tensor | None = None  # [slots, rank, in]
-        self.stack_b: torch.Tensor | None = None  # [slots, out, rank], pre-scaled (and DoRA-gained)
+        self.stack_b: torch.Tensor | None = None  # [slots, rank, out]: B' transposed, pre-scaled (and DoRA-gained)
         self.stack_dora: torch.Tensor | None = None  # [slots, out]: g - 1 (0: not DoRA)
         self.stack_in: torch.Tensor | None = None  # [slots, in]: (IA)3 input scale (1: none)
         self.stack_out: torch.Tensor | None = None  # [slots, out]: (IA)3 output scale (1: none)
+        self._gathers: tuple[torch.Tensor, torch.Tensor] | None = None  # rows' A and B' (see `_gathered`)
+        self._gathers_generation = -1
 
     @property
     def in_features(self) -> int:
@@ -490,17 +524,37 @@ class SlotAdapterLinear(nn.Module):
             result = torch.addcmul(result, self.stack_dora.index_select(0, row_slots).unsqueeze(1).to(result.dtype), without_bias)
         if self.stack_a is not None:
             assert self.stack_b is not None
-            a = self.stack_a.index_select(0, row_slots)  # [batch, rank, in]
-            b = self.stack_b.index_select(0, row_slots)  # [batch, out, rank]
+            a, b = self._gathered(row_slots)  # [batch, rank, in], [batch, rank, out]
             lora_input = flat if flat.dtype == a.dtype else flat.to(a.dtype)
             down = torch.bmm(lora_input, a.transpose(1, 2))
             if result.dtype == b.dtype:
                 # result + (x A^T) B'^T in one fused op; few tensor ops per layer keep the per-step
                 # overhead small when a batch holds many adapters.
-                result = torch.baddbmm(result, down, b.transpose(1, 2))
-            else:  # a layer kept in another precision than the slots (e.g. `_keep_in_fp32_modules`)
-                result = result + torch.bmm(down, b.transpose(1, 2)).to(result.dtype)
+                result = torch.baddbmm(result, down, b)
+            else:  # slots in another precision than the layer (fp32 slots of a bf16 model on a CPU)
+                result = result + torch.bmm(down, b).to(result.dtype)
         return result.reshape(*x.shape[:-1], result.shape[-1])
+
+    def _gathered(self, row_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's A and B' (`[batch, rank, in]`, `[batch, rank, out]`), gathered from the
+        stacks; kept for the next forward pass while the context says the rows are the same."""
+        context = self.context
+        if self._gathers is not None and self._gathers_generation == context.generation:
+            return self._gathers
+        assert self.stack_a is not None and self.stack_b is not None
+        gathers = (self.stack_a.index_select(0, row_slots), self.stack_b.index_select(0, row_slots))
+        if context.keep_gathers:
+            self._gathers, self._gathers_generation = gathers, context.generation
+        else:
+            self._gathers = None
+        return gathers
+
+    def forget_gathers(self) -> None:
+        self._gathers = None
+
+    def gather_bytes(self) -> int:
+        gathers = self._gathers
+        return sum(t.numel() * t.element_size() for t in gathers) if gathers is not None else 0
 
     # -------------------------------------------------------------- stacks (engine thread)
 
@@ -521,15 +575,15 @@ class SlotAdapterLinear(nn.Module):
     def _ensure_lora(self, rank: int, capacity: int, dtype: torch.dtype) -> None:
         if self.stack_a is None:
             self.stack_a = self._new_stack(capacity, rank, self.in_features, fill=0.0, dtype=dtype)
-            self.stack_b = self._new_stack(capacity, self.out_features, rank, fill=0.0, dtype=dtype)
+            self.stack_b = self._new_stack(capacity, rank, self.out_features, fill=0.0, dtype=dtype)
             return
         assert self.stack_b is not None
         stack_rank = self.stack_a.shape[1]
         if rank > stack_rank:  # zero padding of the other slots adds exact zeros
             grown_a = self.stack_a.new_zeros(self.stack_a.shape[0], rank, self.in_features)
-            grown_b = self.stack_b.new_zeros(self.stack_b.shape[0], self.out_features, rank)
+            grown_b = self.stack_b.new_zeros(self.stack_b.shape[0], rank, self.out_features)
             grown_a[:, :stack_rank] = self.stack_a
-            grown_b[:, :, :stack_rank] = self.stack_b
+            grown_b[:, :stack_rank] = self.stack_b
             self.stack_a, self.stack_b = grown_a, grown_b
 
     def plan_write(self, slot: int, delta: ModuleDelta | None, capacity: int, dtype: torch.dtype, plan: _WritePlan) -> None:
@@ -555,15 +609,17 @@ class SlotAdapterLinear(nn.Module):
                     dst_a, dst_b = self.stack_a[slot], self.stack_b[slot]
                 else:
                     plan.zeros += [self.stack_a[slot], self.stack_b[slot]]
-                    dst_a, dst_b = self.stack_a[slot, :rank], self.stack_b[slot, :, :rank]
+                    dst_a, dst_b = self.stack_a[slot, :rank], self.stack_b[slot, :rank]
                 plan.copy(dst_a, delta.a)
+                # B is stored transposed ([rank, out]); a DoRA gain ([out, 1]) scales its columns.
+                b_scale = delta.b_scale.t() if isinstance(delta.b_scale, torch.Tensor) else delta.b_scale
                 if dst_b.dtype in _HALF_DTYPES and delta.b.dtype == torch.float32:
                     # B * scale in fp32, then one rounding to 16 bits (PEFT keeps the delta in fp32;
                     # copying first and scaling in bf16 would round twice).
-                    plan.copy(dst_b, delta.b * delta.b_scale)
+                    plan.copy(dst_b, delta.b.t() * b_scale)
                 else:
-                    plan.copy(dst_b, delta.b)
-                    plan.scale(dst_b, delta.b_scale)
+                    plan.copy(dst_b, delta.b.t())
+                    plan.scale(dst_b, b_scale)
         for stack, value, neutral in (
             (self.stack_dora, None if delta is None else delta.dora_offset, plan.zeros),
             (self.stack_in, None if delta is None else delta.in_scale, plan.ones),
@@ -630,6 +686,7 @@ class SlotTable:
         """Install `weights` in `slot` of every layer (no effect where the adapter has none)."""
         if slot < 1:
             raise ValueError("slot 0 is reserved for the base model")
+        self.forget_gathers()
         self._ensure_capacity(slot + 1)
         for module_name in weights.modules:
             self._wrap(module_name)
@@ -643,11 +700,22 @@ class SlotTable:
         """Reset `slot` to "no adapter" in every stack."""
         if slot >= self.capacity:
             return
+        self.forget_gathers()
         plan = _WritePlan()
         with torch.no_grad():
             for layer in self.layers.values():
                 layer.plan_write(slot, None, self.capacity, self.dtype, plan)
             plan.run()
+
+    def forget_gathers(self) -> None:
+        """Drop every layer's gathered rows (the batch changed for good, or a slot is written)."""
+        self.context.invalidate()
+        for layer in self.layers.values():
+            layer.forget_gathers()
+
+    def gather_bytes(self) -> int:
+        """Bytes of the rows' A and B' the layers keep for the running batch."""
+        return sum(layer.gather_bytes() for layer in self.layers.values())
 
     def stack_bytes(self) -> int:
         return sum(layer.stack_bytes() for layer in self.layers.values())

@@ -106,6 +106,28 @@ def test_serve_unknown_base_is_one_line_error(adapterhub_home: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_serve_defaults_are_the_engine_configs_and_the_readme_repeats_none() -> None:
+    """`serve`, `EngineConfig` and the README once gave three different tier sizes (8/64, 4/32,
+    4/64). `serve --help` shows `EngineConfig`'s defaults, and the README names no number for them."""
+    import re
+
+    from adapterhub.serving.backends.config import EngineConfig
+
+    result = subprocess.run([*CLI, "serve", "--help"], env={**os.environ, "COLUMNS": "250"}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    shown = {
+        match["flag"]: int(match["value"])
+        for match in re.finditer(r"--(?P<flag>max-[a-z-]+)\b[^\n]*?\[default: (?P<value>\d+)\]", result.stdout)
+    }
+    defaults = EngineConfig()
+    assert shown == {
+        "max-resident": defaults.max_resident, "max-cpu-adapters": defaults.max_cpu_adapters,
+        "max-batch-size": defaults.max_batch_size, "max-waiting": defaults.max_waiting,
+    }
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert not re.search(r"--(max-resident|max-cpu-adapters|max-batch-size|max-waiting)[ =]\d", readme)
+
+
 def _wait_healthy(server: subprocess.Popen, url: str, log_path: Path) -> None:
     deadline = time.monotonic() + 120
     while True:

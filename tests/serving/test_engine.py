@@ -51,6 +51,41 @@ def test_gathered_lora_logits_match_peft_row_by_row(adapter_fleet: AdapterFleet)
             assert not torch.allclose(mixed[row], mixed[-1], atol=1e-4)  # the adapter does change the row
 
 
+def test_kept_gathers_are_never_stale(adapter_fleet: AdapterFleet) -> None:
+    """Decode steps keep the rows' gathered adapters; rewriting a slot the rows use, or changing
+    the rows, must give what a fresh gather gives, and a prefill in between keeps nothing."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(adapter_fleet.base_dir).eval()
+    table = SlotTable(model, max_slots=8)
+    weights = {name: read_adapter_dir(adapter_fleet.dirs[name], table.base_layers) for name in ("task-0", "task-1", "task-2")}
+    table.write(1, weights["task-0"])
+    table.write(2, weights["task-1"])
+    input_ids = torch.randint(3, 300, (3, 4), generator=torch.Generator().manual_seed(4))
+
+    def logits(rows: list[int], *, keep: bool) -> torch.Tensor:
+        table.context.set_rows(rows, keep_gathers=keep)
+        try:
+            with torch.no_grad():
+                return model(input_ids[: len(rows)]).logits
+        finally:
+            table.context.set_rows(None)
+
+    fresh = logits([1, 2, 0], keep=False)
+    assert torch.equal(logits([1, 2, 0], keep=True), fresh)
+    assert table.gather_bytes() > 0  # kept for the next step of these rows
+    assert torch.equal(logits([1, 2, 0], keep=True), fresh)  # from the kept copies
+    table.write(2, weights["task-2"])  # slot 2 changes hands (a wider adapter: the stacks grow too)
+    rewritten = logits([1, 2, 0], keep=True)
+    assert torch.equal(rewritten, logits([1, 2, 0], keep=False))
+    assert not torch.allclose(rewritten, fresh, atol=1e-4)
+    assert torch.equal(logits([2, 1], keep=True), logits([2, 1], keep=False))  # other rows
+    logits([1], keep=False)  # a prefill of other rows in between
+    assert torch.equal(logits([2, 1], keep=True), logits([2, 1], keep=False))
+    table.forget_gathers()
+    assert table.gather_bytes() == 0
+
+
 def test_dora_and_ia3_rows_match_peft_beside_lora_and_base(adapter_fleet: AdapterFleet, tmp_path: Path) -> None:
     """DoRA (magnitude-rescaled LoRA) and (IA)3 (output and feedforward-input scaling) rows in one
     forward pass with a LoRA row and a base row each equal PEFT running that adapter alone."""
@@ -100,7 +135,7 @@ def test_half_precision_slots_round_scaled_b_once(adapter_fleet: AdapterFleet, t
         for name, delta in weights.modules.items():
             if delta.b is None:
                 continue
-            stored = table.layers[name].stack_b[slot, :, : delta.rank]
+            stored = table.layers[name].stack_b[slot, : delta.rank].t()
             assert stored.dtype == torch.bfloat16
             assert torch.equal(stored, (delta.b.float() * delta.b_scale).to(torch.bfloat16)), name
 
