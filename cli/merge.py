@@ -108,7 +108,7 @@ def _recipe_data(
 
 def merge_command(
     recipe_file: Annotated[Optional[Path], typer.Argument(metavar="RECIPE", help="A mergekit-style YAML recipe (models are registry refs).")] = None,
-    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Merge method: linear, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, breadcrumbs, della, slerp, ...")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Merge method: linear, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, breadcrumbs, della, slerp, tsv, iso_c, iso_cts, knots, model_stock, nuslerp, ... (docs/merging.md)")] = None,
     base: Annotated[Optional[str], typer.Option("--base", "-b", help="Registered base model (default: the inputs' base).")] = None,
     adapters: Annotated[Optional[list[str]], typer.Option("--adapter", "-a", help="REF[=WEIGHT[,DENSITY]], repeatable, e.g. math:2=0.6,0.5")] = None,
     params: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Global parameter KEY=VALUE (lambda, normalize, rescale, t, consensus, epsilon, gamma, density, weight).")] = None,

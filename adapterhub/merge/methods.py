@@ -59,6 +59,8 @@ class GlobalParams:
     t: float = 0.5  # slerp: 0 gives the first input, 1 the second
     consensus: str | None = None  # override a TIES method's sign election: "sum" or "count"
     seed: int = 0
+    rank_share: float | None = None  # tsv: share of each input's rank kept (None: 1/number of inputs)
+    common_share: float = 0.8  # iso_cts: share of the rank given to the common subspace
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,7 +507,15 @@ def parameter_problems(method: MergeMethod, params: Sequence[InputParams]) -> li
                     f"input {index + 1}: della needs 0 < density − epsilon and density + epsilon < 1 "
                     f"(density {p.density}, epsilon {p.epsilon})"
                 )
+    if method.name == "nuslerp" and abs(sum(p.weight for p in params)) < 1e-8:
+        problems.append("nuslerp: the two weights give the share of each input and must not sum to zero")
     for index, p in enumerate(params):
         if not math.isfinite(p.weight):
             problems.append(f"input {index + 1}: weight must be a finite number, got {p.weight}")
     return problems
+
+
+# The subspace methods (TSV, Iso-C/CTS, KnOTS, Model Stock, NuSLERP) live in their own module
+# and register themselves with the registry above when imported; imported last so every name
+# they use exists.
+from adapterhub.merge import subspace as _subspace  # noqa: E402,F401

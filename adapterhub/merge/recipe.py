@@ -65,6 +65,8 @@ class MergeParameters(InputParameters):
     consensus: Literal["sum", "count"] | None = None
     seed: int = 0
     int8_mask: bool = False
+    rank_share: float | None = Field(default=None, gt=0, le=1)
+    common_share: float = Field(default=0.8, ge=0, lt=1)
 
 
 class ModelEntry(BaseModel):
@@ -151,7 +153,10 @@ class MergeRecipe(BaseModel):
 
     def global_params(self) -> GlobalParams:
         p = self.parameters
-        return GlobalParams(normalize=p.normalize, rescale=p.rescale, lambda_=p.lambda_, t=p.t, consensus=p.consensus, seed=p.seed)
+        return GlobalParams(
+            normalize=p.normalize, rescale=p.rescale, lambda_=p.lambda_, t=p.t, consensus=p.consensus, seed=p.seed,
+            rank_share=p.rank_share, common_share=p.common_share,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON of the recipe as given (`lambda` under its YAML name), for lineage."""

@@ -113,13 +113,17 @@ def test_linear_merge_of_loras_is_an_exact_rank_concatenation(tiny_base: Path, a
     assert report["method"] == "task_arithmetic" and report["error_report"]["exact"] is True
 
 
-@pytest.mark.parametrize(("method", "second"), [("linear", "b"), ("ties", "b"), ("dare_ties", "b"), ("linear", "embed"), ("ties", "embed")])
+@pytest.mark.parametrize(("method", "second"), [
+    ("linear", "b"), ("ties", "b"), ("dare_ties", "b"), ("linear", "embed"), ("ties", "embed"),
+    ("tsv", "b"), ("iso_c", "b"), ("iso_cts", "b"), ("knots", "b"), ("model_stock", "a"), ("nuslerp", "b"),
+])
 def test_lora_output_in_peft_gives_the_logits_of_base_plus_merged_delta(
     method: str, second: str, tiny_base: Path, adapters: dict[str, Path], tmp_path: Path
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    # model_stock of unrelated adapters is ~the base (cos θ ≈ 0): it is given the same adapter twice
     recipe = _recipe(method, [(adapters["a"], {"weight": 0.6, "density": 0.5}), (adapters[second], {"weight": 0.4, "density": 0.7})], seed=3)
     # rank 64 = full rank of the tiny model's 64-wide projections: the SVD is exact up to float error
     lora = merge(recipe, base_dir=tiny_base, out_dir=tmp_path / "lora", rank=None if method == "linear" else 64)

@@ -72,10 +72,11 @@ def test_one_input_weight_one_density_one_gives_it_back(name: str) -> None:
 
 @pytest.mark.parametrize("name", [n for n in method_names() if get_method(n).permutation_invariant])
 def test_permutation_invariance(name: str) -> None:
-    tvs = _task_vectors(3, seed=4)
-    params = [InputParams(weight=w, density=d) for w, d in ((0.5, 0.3), (1.2, 0.7), (0.8, 0.5))]
+    count = _inputs_for(name)
+    tvs = _task_vectors(count, seed=4)
+    params = [InputParams(weight=w, density=d) for w, d in ((0.5, 0.3), (1.2, 0.7), (0.8, 0.5))][:count]
     forward = _run(name, tvs, params)
-    order = [2, 0, 1]
+    order = [2, 0, 1] if count == 3 else [1, 0]
     permuted = _run(name, [tvs[i] for i in order], [params[i] for i in order])
     torch.testing.assert_close(forward, permuted, atol=1e-6, rtol=1e-6)
 
