@@ -114,8 +114,8 @@ def merge_command(
     params: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Global parameter KEY=VALUE (lambda, normalize, rescale, t, consensus, epsilon, gamma, density, weight).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the random methods (DARE, DELLA).")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Register the result under this name.")] = None,
-    rank: Annotated[Optional[int], typer.Option("--rank", "-r", min=1, help="LoRA output rank (SVD when the merge is not an exact rank concatenation).")] = None,
-    energy: Annotated[Optional[float], typer.Option("--energy", help="LoRA output: smallest rank per module keeping this share of the squared singular values.")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", "-r", min=1, help="LoRA output rank (SVD when the merge is not an exact rank concatenation); default: per module, the smallest rank keeping --energy 0.99.")] = None,
+    energy: Annotated[Optional[float], typer.Option("--energy", help="LoRA output: smallest rank per module keeping this share of the squared singular values (default 0.99 unless --rank).")] = None,
     full_model: Annotated[Optional[Path], typer.Option("--full-model", help="Write base + merged delta as a full model to DIR (registered too with --out).")] = None,
     tags: Annotated[Optional[list[str]], typer.Option("--tag", "-t", help="Tag for the registered result (repeatable).")] = None,
     eval_file: Annotated[Optional[Path], typer.Option("--eval", help="Evaluate the result and its parents on this file and store the figures.")] = None,
@@ -183,11 +183,15 @@ def merge_command(
         "max_relative_error": result.max_relative_error,
         "mean_relative_error": result.error_report()["mean_relative_error"],
         "dropped": dict(result.dropped),
+        "module_ranks": dict(result.module_ranks),
+        "warnings": list(result.warnings),
         "modules_merged": result.modules_merged,
         "wall_seconds": round(result.wall_seconds, 3),
         "evaluations": evaluations,
     }
     if json_output:
+        for warning in result.warnings:
+            err_console.print(f"[yellow]warning: {warning}[/]")
         print_json(payload)
         return
     _print_summary(payload)
@@ -257,6 +261,11 @@ def _print_summary(payload: dict[str, Any]) -> None:
     console.print(f"merged {', '.join(payload['parents'])} with {payload['method']} → [bold]{where}[/] ({fidelity}, {payload['wall_seconds']:.1f} s)")
     if payload["full_model_dir"] and payload["ref"]:
         console.print(f"full model written to {payload['full_model_dir']} and registered as {payload['ref']}")
+    if payload["output"] == "lora" and not payload["exact"] and payload["module_ranks"]:
+        ranks = sorted(payload["module_ranks"].values())
+        console.print(f"rank per module: min {ranks[0]}, median {ranks[len(ranks) // 2]}, max {ranks[-1]} (all in the lineage)")
+    for warning in payload["warnings"]:
+        console.print(f"[yellow]warning: {warning}[/]")
     if payload["dropped"]:
         console.print(f"[yellow]not expressible as LoRA and left out: {', '.join(payload['dropped'])}[/]")
     if payload["evaluations"]:

@@ -15,9 +15,13 @@ Design decisions:
 - Randomness (DARE, DELLA) uses a generator seeded from (seed, weight name), so the result
   does not depend on the order weights are visited, and a seed reproduces a merge exactly.
 - LoRA output: exact rank concatenation when the method is linear and every input is a
-  plain LoRA, otherwise truncated SVD per module to `rank`, or to an `energy` share; the
-  default rank is the sum of the inputs' ranks of that module (what a linear merge of them
-  would need). Every module's relative Frobenius error goes into the result and the lineage.
+  plain LoRA, otherwise truncated SVD per module to `rank`, or to an `energy` share. With
+  neither given, each module gets the smallest rank keeping `DEFAULT_ENERGY` (0.99) of its
+  squared singular values: a fixed rank silently lost most of a TIES or TSV ΔW (whose rank
+  is far above its inputs'), while an energy bounds every module's error at √(1 − energy).
+  Every module's rank and relative Frobenius error go into the result and the lineage, with
+  `warnings` when the LoRA is a poor (error above `WARN_RELATIVE_ERROR`) or pointless (as many
+  parameters as the full matrices) stand-in for a `--full-model` output, which is exact.
   Weights a LoRA cannot express (norms, biases changed by full-model inputs) are listed in
   `dropped` with their merged change relative to the base weight, never silently lost.
 - Output is built in a temporary sibling directory and renamed into place at the end.
@@ -64,7 +68,9 @@ if TYPE_CHECKING:
     import torch
 
 MERGE_REPORT = "merge_report.json"
-DEFAULT_RANK_FOR_DENSE_INPUTS = 16
+DEFAULT_ENERGY = 0.99
+WARN_RELATIVE_ERROR = 0.2  # a module's ΔW error above this: the LoRA misses a fifth of the merge there
+WARN_PARAMETER_SHARE = 0.5  # LoRA factors holding at least half the parameters of the matrices they replace
 
 ProgressCallback = Callable[[int, int, str], None]
 
@@ -84,6 +90,8 @@ class MergeResult:
     rank: int | None = None
     module_errors: Mapping[str, float] = field(default_factory=dict)
     dropped: Mapping[str, float] = field(default_factory=dict)
+    module_ranks: Mapping[str, int] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
     @property
     def max_relative_error(self) -> float:
@@ -98,7 +106,9 @@ class MergeResult:
             "max_relative_error": max(errors, default=0.0),
             "mean_relative_error": statistics.fmean(errors) if errors else 0.0,
             "modules": dict(self.module_errors),
+            "module_ranks": dict(self.module_ranks),
             "dropped": dict(self.dropped),
+            "warnings": list(self.warnings),
         }
 
     def lineage_details(self) -> dict[str, Any]:
@@ -112,6 +122,32 @@ class MergeResult:
             "wall_seconds": round(self.wall_seconds, 3),
             "adapterhub_version": __version__,
         }
+
+
+def lora_output_warnings(errors: Mapping[str, float], shapes: Mapping[str, tuple[int, ...]], rank: int) -> tuple[str, ...]:
+    """Why this LoRA output may be the wrong choice next to an exact `--full-model` output.
+
+    Two cases: modules whose ΔW the factors miss by more than `WARN_RELATIVE_ERROR` (the
+    merge the user asked for is not the one written), and an output rank so high that the
+    zero-padded factors hold `WARN_PARAMETER_SHARE` of the full matrices' parameters (a LoRA
+    then saves nothing and still carries the SVD's error).
+    """
+    warnings = []
+    worse = sorted(((e, m) for m, e in errors.items() if e > WARN_RELATIVE_ERROR), reverse=True)
+    if worse:
+        shown = ", ".join(f"{m} {e:.2f}" for e, m in worse[:3]) + (f" and {len(worse) - 3} more" if len(worse) > 3 else "")
+        warnings.append(
+            f"{len(worse)} of {len(errors)} modules lose more than {WARN_RELATIVE_ERROR:.0%} of their merged ΔW "
+            f"as a LoRA (relative error {shown}); write a full model (--full-model) or raise --rank/--energy"
+        )
+    full = sum(shape[0] * shape[1] for shape in shapes.values())
+    factors = sum(rank * (shape[0] + shape[1]) for shape in shapes.values())
+    if full and factors >= WARN_PARAMETER_SHARE * full:
+        warnings.append(
+            f"the LoRA output (rank {rank}) holds {factors / full:.0%} of the parameters of the matrices it "
+            "replaces; a full model (--full-model) is exact for little more"
+        )
+    return tuple(warnings)
 
 
 def module_seed(seed: int, weight_name: str) -> int:
@@ -333,6 +369,7 @@ class _Merger:
         load = self._base_loader()
         factored: dict[str, tuple[LowRank, bool]] = {}
         errors: dict[str, float] = {}
+        ranks: dict[str, int] = {}
         dropped: dict[str, float] = {}
         for index, name in enumerate(names):
             touching = self._touching(name)
@@ -351,16 +388,14 @@ class _Merger:
                     low_rank = None
                 else:
                     oriented = merged.T if transpose else merged
-                    if self.energy is not None:
-                        low_rank = truncated_svd(oriented, energy=self.energy)
+                    if self.rank is not None:
+                        low_rank = truncated_svd(oriented, rank=self.rank, seed=module_seed(self.global_params.seed, name))
                     else:
-                        low_rank = truncated_svd(
-                            oriented, rank=self.rank or self._default_rank(name, touching),
-                            seed=module_seed(self.global_params.seed, name),
-                        )
+                        low_rank = truncated_svd(oriented, energy=self.energy if self.energy is not None else DEFAULT_ENERGY)
             if low_rank is not None:
                 factored[name] = (low_rank, transpose)
                 errors[name.removesuffix(".weight")] = low_rank.relative_error
+                ranks[name.removesuffix(".weight")] = low_rank.rank
             if self.progress:
                 self.progress(index + 1, len(names), name)
         if not factored:
@@ -379,7 +414,11 @@ class _Merger:
                 tensors[f"{module}.lora_B.weight"] = b.to(out_dtype).contiguous()
         self._write_lora_files(out_dir, tensors, sorted(factored), spec, out_rank)
         exact = all(low_rank.exact or low_rank.relative_error == 0.0 for low_rank, _ in factored.values())
-        return {"modules_merged": len(factored), "exact": exact, "rank": out_rank, "module_errors": errors, "dropped": dropped}
+        shapes = {name.removesuffix(".weight"): tuple(self.base.info(name).shape) for name in factored}
+        return {
+            "modules_merged": len(factored), "exact": exact, "rank": out_rank, "module_errors": errors,
+            "dropped": dropped, "module_ranks": ranks, "warnings": lora_output_warnings(errors, shapes, out_rank),
+        }
 
     def _any_embedding(self, name: str) -> bool:
         return any(model.is_embedding(name) for model in self.inputs)
@@ -399,12 +438,6 @@ class _Merger:
                 factors.append(f)
                 kept.append(coefficients[i])
         return concatenate_ranks(factors, kept) if factors else None
-
-    def _default_rank(self, name: str, touching: list[int]) -> int:
-        ranks = [self.inputs[i].rank_of(name) for i in touching]
-        if any(r is None for r in ranks):
-            return max(DEFAULT_RANK_FOR_DENSE_INPUTS, sum(r for r in ranks if r is not None))
-        return sum(r for r in ranks if r is not None)
 
     def _write_lora_files(
         self, out_dir: Path, tensors: dict[str, torch.Tensor], weight_names: list[str], spec: BaseModelSpec, rank: int

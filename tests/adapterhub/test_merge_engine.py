@@ -183,6 +183,51 @@ def test_svd_output_error_is_within_the_reported_figure(option: dict, tiny_base:
             assert reported <= (1 - option["energy"]) ** 0.5 + 1e-6
 
 
+def test_default_lora_output_rank_is_the_smallest_keeping_the_default_energy_per_module(
+    tiny_base: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    from adapterhub.merge.engine import DEFAULT_ENERGY
+
+    recipe = _recipe("ties", [(adapters["a"], {"density": 0.5}), (adapters["b"], {"density": 0.5})])
+    lora = merge(recipe, base_dir=tiny_base, out_dir=tmp_path / "lora")
+    merge(recipe, base_dir=tiny_base, out_dir=tmp_path / "full", full_model=True)
+    full, base = _state(tmp_path / "full"), LazyTensorReader(tiny_base)
+    assert set(lora.module_ranks) == set(lora.module_errors) and lora.rank == max(lora.module_ranks.values())
+    for name in _lora_deltas(tmp_path / "lora"):
+        module = name.removesuffix(".weight")
+        singular = torch.linalg.svdvals((full[name] - base.get(name)).double())
+        captured = torch.cumsum(singular**2, 0) / (singular**2).sum()
+        chosen = lora.module_ranks[module]
+        assert captured[chosen - 1] >= DEFAULT_ENERGY - 1e-9  # the rank keeps the energy …
+        assert chosen == 1 or captured[chosen - 2] < DEFAULT_ENERGY  # … and no smaller one does
+        assert lora.module_errors[module] <= (1 - DEFAULT_ENERGY) ** 0.5 + 1e-6
+    assert lora.rank > 12  # a TIES ΔW needs more than the inputs' 4 + 8: the old default lost it
+    report = json.loads((tmp_path / "lora" / MERGE_REPORT).read_text())["error_report"]
+    assert report["module_ranks"] == dict(lora.module_ranks) and report["warnings"] == list(lora.warnings)
+
+
+def test_a_lora_output_much_worse_than_a_full_model_warns_and_suggests_it(
+    tiny_base: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    recipe = _recipe("ties", [(adapters["a"], {"density": 0.5}), (adapters["b"], {"density": 0.5})])
+    lora = merge(recipe, base_dir=tiny_base, out_dir=tmp_path / "lora", rank=1)
+    assert any("--full-model" in w and "lose more than 20%" in w for w in lora.warnings), lora.warnings
+    exact = merge(_recipe("linear", [(adapters["a"], {}), (adapters["b"], {})]), base_dir=tiny_base, out_dir=tmp_path / "exact")
+    assert exact.exact and exact.warnings == ()
+
+
+def test_lora_output_warnings_name_the_worst_modules_and_a_pointless_rank() -> None:
+    from adapterhub.merge.engine import lora_output_warnings
+
+    errors = {"q": 0.5, "k": 0.05, "v": 0.3}
+    shapes = {"q": (64, 64), "k": (64, 64), "v": (64, 64)}
+    (lossy,) = lora_output_warnings(errors, shapes, rank=2)
+    assert lossy.startswith("2 of 3 modules") and "q 0.50, v 0.30" in lossy
+    assert lora_output_warnings({"q": 0.01}, {"q": (64, 64)}, rank=8) == ()
+    (pointless,) = lora_output_warnings({"q": 0.0}, {"q": (64, 64)}, rank=16)  # 16·128 = 50% of 64·64
+    assert "holds 50% of the parameters" in pointless and "--full-model" in pointless
+
+
 def test_random_methods_are_reproducible_and_seeded(tiny_base: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
     def run(seed: int, out: str) -> dict[str, torch.Tensor]:
         recipe = _recipe("dare_ties", [(adapters["a"], {"density": 0.4}), (adapters["b"], {"density": 0.4})], seed=seed)

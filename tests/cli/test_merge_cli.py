@@ -63,6 +63,7 @@ def test_merge_options_register_a_lora_with_lineage(registry: Registry) -> None:
     payload = json.loads(result.stdout)
     assert payload["ref"] == "both:1" and payload["parents"] == ["math:1", "chat:1"]
     assert payload["rank"] == 8 and not payload["exact"] and 0 < payload["max_relative_error"] < 1
+    assert set(payload["module_ranks"].values()) == {8} and isinstance(payload["warnings"], list)
 
     record = registry.get("both")
     assert record.peft_type == "LORA" and record.rank == 8 and record.tags == ("merged",)
@@ -72,6 +73,7 @@ def test_merge_options_register_a_lora_with_lineage(registry: Registry) -> None:
     assert details["recipe"]["models"][1] == {"model": "chat:1", "parameters": {"weight": 0.4}}  # ref resolved to its version
     assert details["recipe"]["parameters"]["seed"] == 5 and details["recipe"]["base_model"] == "tiny"
     assert details["error_report"]["max_relative_error"] == payload["max_relative_error"]
+    assert details["error_report"]["module_ranks"] == payload["module_ranks"]
     assert len(details["error_report"]["modules"]) == 6  # q and v of math, q and k of chat, 2 layers: q, k, v each
     assert "merge_report.json" in record.files
 
