@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "tune": "train",
     "eval": "evaluate",
     "merge": "merge",
+    "extract": "extract",
     "push": "hub",
     "pull": "hub",
     "serve": "serve",

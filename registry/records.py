@@ -18,7 +18,7 @@ from typing import Any, Literal
 from adapterhub.formats import BaseModelSpec
 from adapterhub.kinds import AdapterKind, get_kind, kind_of
 
-LineageKind = Literal["trained", "merged", "imported"]
+LineageKind = Literal["trained", "merged", "imported", "extracted"]
 HubDirection = Literal["push", "pull"]
 
 
