@@ -202,6 +202,11 @@ ADAPTER_CASES: tuple[tuple[str, str, dict[str, Any], float, float, tuple[str, ..
     ("mean (w=1/8)", "task_arithmetic", {}, 0.125, 1.0, ("cat", "linear")),
     ("ties (density 0.5, w=1)", "ties", {}, 1.0, 0.5, ("ties_svd", "ties")),
     ("dare_ties (density 0.5, w=1)", "dare_ties", {"normalize": True}, 1.0, 0.5, ("dare_ties_svd",)),
+    # Subspace methods (docs/merging.md); PEFT has no counterpart.
+    ("tsv (w=1)", "tsv", {}, 1.0, 1.0, ()),
+    ("iso_c (w=1)", "iso_c", {}, 1.0, 1.0, ()),
+    ("iso_cts (w=1)", "iso_cts", {}, 1.0, 1.0, ()),
+    ("knots (density 0.5, w=1)", "knots", {}, 1.0, 0.5, ()),
 )
 
 
@@ -269,6 +274,15 @@ def _weight_space(merged: dict[str, Any], reference: dict[str, Any], parents: li
         "retention_min": min(retention),
         "retention_mean": sum(retention) / len(retention),
     }
+
+
+def retained_gain(merged: dict[str, float], base: dict[str, float], single: dict[str, float]) -> dict[str, float]:
+    """Per task, the share of its adapter's gain the merge keeps: (merged − base) / (adapter − base).
+
+    A task its adapter did not improve has no gain to keep and is left out (NaN would hide
+    the other tasks' figures in a min).
+    """
+    return {t: (merged[t] - base[t]) / (single[t] - base[t]) for t in merged if single.get(t, 0) - base.get(t, 0) > 0}
 
 
 class _Scorer:
@@ -391,6 +405,8 @@ def part_adapters(base: Path, work: Path, *, seed: int, steps: int, heldout: int
             scorer.model.delete_adapter(adapter_name)
     for row in rows:
         row["mean_exact_match"] = sum(row["exact_match"].values()) / len(tasks)
+        row["retained_gain"] = retained_gain(row["exact_match"], base_scores, single_scores)
+        row["worst_retained_gain"] = min(row["retained_gain"].values(), default=float("nan"))
     return {
         "tasks": tasks, "train_steps": steps, "heldout_per_task": heldout, "rank": LORA_RANK,
         "base": base_scores, "single": single_scores, "merges": rows,
@@ -419,7 +435,7 @@ def print_tables(full_rows: list[dict[str, Any]], adapters: dict[str, Any] | Non
             f"exact match on {adapters['heldout_per_task']} held-out rows per task"
         )
         head = f"{'case':<30}{'tool':<11}{'type':<30}{'s':>7}{'rank':>5}" + "".join(f"{t[:7]:>8}" for t in tasks)
-        print(head + f"{'mean':>7}{'rel err':>9}{'keep':>7}")
+        print(head + f"{'mean':>7}{'rel err':>9}{'keep':>7}{'worst':>7}")
         base, single = adapters["base"], adapters["single"]
         print(f"{'base model':<30}{'':<11}{'':<30}{'':>7}{'':>5}" + "".join(f"{base[t]:>8.2f}" for t in tasks)
               + f"{sum(base.values()) / len(tasks):>7.2f}")
@@ -430,9 +446,13 @@ def print_tables(full_rows: list[dict[str, Any]], adapters: dict[str, Any] | Non
                 f"{r['case']:<30}{r['tool']:<11}{r['type']:<30}{r['seconds']:>7.2f}{r['rank']:>5}"
                 + "".join(f"{r['exact_match'][t]:>8.2f}" for t in tasks)
                 + f"{r['mean_exact_match']:>7.2f}{r['relative_error']:>9.3f}{r['retention_mean']:>7.2f}"
+                + f"{r['worst_retained_gain']:>7.2f}"
             )
         print("rel err: ‖ΔW − ΔW_definition‖/‖ΔW_definition‖ (random methods: vs the merge without the drop); "
-              "keep: mean over parents of ⟨ΔW, ΔWᵢ⟩/⟨ΔW_definition, ΔWᵢ⟩")
+              "keep: mean over parents of ⟨ΔW, ΔWᵢ⟩/⟨ΔW_definition, ΔWᵢ⟩; "
+              "worst: the smallest share of a task's gain kept, (merged − base)/(adapter − base)")
+        reaching = [r["type"] for r in adapters["merges"] if r["worst_retained_gain"] >= 0.75]
+        print("merges keeping ≥ 75% of every task's gain: " + (", ".join(reaching) if reaching else "none"))
 
 
 def plot(full_rows: list[dict[str, Any]], adapters: dict[str, Any] | None, path: Path) -> None:
