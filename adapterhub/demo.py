@@ -113,8 +113,45 @@ def write_task_data(task: str, out_dir: Path, *, train_rows: int = 240, heldout_
     return paths
 
 
-def plot_quality(scores: Mapping[str, Mapping[str, float]], out: Path, *, metric: str = "exact match") -> Path:
-    """Grouped bars: one group per model, one bar per task."""
+def gain_retention(
+    scores: Mapping[str, Mapping[str, float]], *, base: str, adapter_for_task: Mapping[str, str], merges: Sequence[str],
+) -> dict[str, dict[str, float]]:
+    """Per merge and task, the share of the task's adapter gain the merge keeps.
+
+    retention = (merged − base) / (adapter − base): 1 keeps all of what the adapter learned,
+    0 is back at the base, below 0 worse than the base. A task whose adapter gained nothing
+    has no gain to share and is left out rather than divided by zero.
+    """
+    retention: dict[str, dict[str, float]] = {}
+    for merge in merges:
+        per_task = {}
+        for task, adapter in adapter_for_task.items():
+            gain = scores[adapter][task] - scores[base][task]
+            if gain > 0:
+                per_task[task] = (scores[merge][task] - scores[base][task]) / gain
+        retention[merge] = per_task
+    return retention
+
+
+def retention_verdict(retention: Mapping[str, Mapping[str, float]], *, threshold: float = 0.9) -> str:
+    """One plain sentence: which merges keep `threshold` of every task's gain, or that none does."""
+    reaching = [m for m, per_task in retention.items() if per_task and min(per_task.values()) >= threshold]
+    if reaching:
+        return f"Merges keeping at least {threshold:.0%} of every task's gain: {', '.join(reaching)}."
+    best = max(retention, key=lambda m: min(retention[m].values(), default=float("-inf")), default=None)
+    if best is None or not retention[best]:
+        return "No adapter improved on the base, so no merge has a gain to keep."
+    worst_task = min(retention[best], key=retention[best].__getitem__)
+    return (
+        f"No merge keeps {threshold:.0%} of every task's gain; the best, {best}, keeps "
+        f"{retention[best][worst_task]:.0%} of {worst_task}'s."
+    )
+
+
+def plot_quality(
+    scores: Mapping[str, Mapping[str, float]], out: Path, *, metric: str = "exact match", title: str = "Held-out quality per task",
+) -> Path:
+    """Grouped bars: one group per model, one bar per task (values are shares, drawn as %)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,8 +168,9 @@ def plot_quality(scores: Mapping[str, Mapping[str, float]], out: Path, *, metric
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks(range(len(models)), models, rotation=20, ha="right")
     ax.set_ylabel(f"{metric} (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title("Held-out quality per task")
+    drawn = [100 * v for per_task in scores.values() for v in per_task.values()]
+    ax.set_ylim(min(0.0, *drawn) - 5 if drawn else 0, max(105.0, *drawn) + 5 if drawn else 105)
+    ax.set_title(title)
     ax.legend(title="task")
     fig.tight_layout()
     fig.savefig(out, dpi=120)

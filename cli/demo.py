@@ -25,7 +25,7 @@ from adapterhub.cli.common import console, open_registry
 from adapterhub.errors import AdapterhubError
 
 BASE = "smollm2"
-MERGE_METHODS = ("linear", "ties", "dare_ties")
+MERGE_METHODS = ("linear", "ties", "dare_ties", "tsv", "iso_c")
 
 
 def _cli(*args: str, capture: bool = False) -> str:
@@ -107,7 +107,15 @@ def demo(
     requests_per_model: Annotated[int, typer.Option(help="Requests sent to each served model.")] = 4,
 ) -> None:
     """Run the main job end to end and write a report (Markdown + PNG plots)."""
-    from adapterhub.demo import TASKS, markdown_table, plot_latency, plot_quality, write_task_data
+    from adapterhub.demo import (
+        TASKS,
+        gain_retention,
+        markdown_table,
+        plot_latency,
+        plot_quality,
+        retention_verdict,
+        write_task_data,
+    )
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +141,7 @@ def demo(
         name = f"demo-merge-{method.replace('_', '-')}"
         args = ["merge", "--method", method, "--base", BASE, "--out", name, "--tag", "demo", "--rank", "32"]
         for ref in adapters.values():
-            args += ["--adapter", f"{ref}=1.0" if method == "linear" else f"{ref}=1.0,0.5"]
+            args += ["--adapter", f"{ref}=1.0,0.5" if method in ("ties", "dare_ties") else f"{ref}=1.0"]
         _cli(*args)
         merges[method] = open_registry().get(name).ref
 
@@ -155,6 +163,12 @@ def demo(
     quality_png = plot_quality(scores, out / "quality.png")
     latency_png = plot_latency(served["latencies"], out / "latency.png")
     quality_rows = [[model, *(f"{100 * per_task[t]:.0f}%" for t in TASKS)] for model, per_task in scores.items()]
+    retention = gain_retention(
+        scores, base=BASE, adapter_for_task={t: ref.split(":")[0] for t, ref in adapters.items()},
+        merges=[ref.split(":")[0] for ref in merges.values()],
+    )
+    retention_png = plot_quality(retention, out / "retention.png", metric="share of the adapter's gain kept", title="What each merge keeps of each task")
+    retention_rows = [[merge, *(f"{100 * per_task[t]:.0f}%" if t in per_task else "-" for t in TASKS)] for merge, per_task in retention.items()]
     latency_rows = [
         [model, len(times), f"{1000 * sorted(times)[len(times) // 2]:.0f}", f"{1000 * max(times):.0f}"]
         for model, times in served["latencies"].items()
@@ -166,6 +180,8 @@ def demo(
         f"Base model: SmolLM2-135M-Instruct (`{BASE}`). Adapters: LoRA r=16 on q/k/v/o, {steps} steps each. "
         f"Merges: {', '.join(MERGE_METHODS)} of the two adapters (LoRA output, rank 32). Wall time {time.perf_counter() - started:.0f} s.",
         "## Exact match on held-out examples", markdown_table(["model", *TASKS], quality_rows), f"![quality]({quality_png.name})",
+        "## Share of each adapter's gain each merge keeps, (merged − base) / (adapter − base)",
+        markdown_table(["merge", *TASKS], retention_rows), retention_verdict(retention), f"![retention]({retention_png.name})",
         "## Serving (one endpoint, OpenAI client)",
         f"Models listed by `/v1/models`: {', '.join(served['listed'])}. Server RSS after the run: "
         + (f"{rss / 2**20:.0f} MiB." if rss else "n/a."),
@@ -173,7 +189,7 @@ def demo(
         "## One answer per model", markdown_table(["model", "prompt", "expected", "answer"], sample_rows),
     ])
     (out / "report.md").write_text(report + "\n", encoding="utf-8")
-    (out / "results.json").write_text(json.dumps({"scores": scores, "latencies": served["latencies"], "rss_bytes": rss}, indent=2))
+    (out / "results.json").write_text(json.dumps({"scores": scores, "retention": retention, "latencies": served["latencies"], "rss_bytes": rss}, indent=2))
     console.print(report)
     console.print(f"\n[bold green]report written to {out / 'report.md'}[/]")
 
