@@ -191,6 +191,33 @@ def merge_iso_cts(
     return (merged * global_params.lambda_).to(first.dtype)
 
 
+def _shared_basis(matrices: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """U, S and the blocks Vᵢᵀ of the thin SVD of [M₁ | M₂ | …] (float64, null directions cut).
+
+    When the rows are fewer than the stacked columns (the usual case: T task vectors side by
+    side), U and S² come from the eigendecomposition of the m×m Gram matrix Σ MᵢMᵢᵀ and
+    Vᵢᵀ = S⁻¹UᵀMᵢ: the same factors as the SVD of the m × T·n matrix, about 10× faster for 8
+    SmolLM2-sized modules, and the wide V is never formed. Directions below `_NULL_TOLERANCE`
+    of the largest singular value are cut before the division.
+    """
+    import torch
+
+    rows = matrices[0].shape[0]
+    columns = [m.shape[1] for m in matrices]
+    if rows > sum(columns):
+        u, s, vh = _thin_svd(torch.cat(list(matrices), dim=1))
+        return u, s, list(torch.split(vh, columns, dim=1))
+    gram = sum(m @ m.T for m in matrices[1:]) + matrices[0] @ matrices[0].T
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    order = torch.argsort(eigenvalues, descending=True)
+    s = eigenvalues[order].clamp(min=0).sqrt()
+    if s.numel() == 0 or s[0] <= 0:
+        return eigenvectors[:, :0], s[:0], [m[:0] for m in matrices]
+    keep = order[: int((s > s[0] * _NULL_TOLERANCE).sum())]
+    u, s = eigenvectors[:, keep], s[: keep.numel()]
+    return u, s, [(u.T @ m) / s.unsqueeze(1) for m in matrices]
+
+
 def _define_knots(name: str, *, how: Sparsify, default_rescale: bool, description: str) -> None:
     """Register KnOTS with one sparsification; sign election and disjoint mean as in TIES."""
 
@@ -212,11 +239,9 @@ def _define_knots(name: str, *, how: Sparsify, default_rescale: bool, descriptio
             sparse = [sparsify(tv, how, p, generator, rescale=rescale) for tv, p in zip(task_vectors, params, strict=True)]
             return combine(sparse, params, consensus=consensus, normalize=normalize, lambda_=global_params.lambda_)
         # [τ₁ | τ₂ | …] = U S [V₁ᵀ | V₂ᵀ | …]: U S is shared, Vᵢᵀ holds task i's coefficients.
-        u, s, vh = _thin_svd(torch.cat([tv.double() for tv in task_vectors], dim=1))
+        u, s, coefficients = _shared_basis([tv.double() for tv in task_vectors])
         if s.numel() == 0:
             return torch.zeros_like(first)
-        columns = first.shape[1]
-        coefficients = [vh[:, i * columns : (i + 1) * columns] for i in range(len(task_vectors))]
         sparse = [sparsify(c, how, p, generator, rescale=rescale) for c, p in zip(coefficients, params, strict=True)]
         merged = combine(sparse, params, consensus=consensus, normalize=normalize, lambda_=global_params.lambda_)
         return ((u * s) @ merged).to(first.dtype)

@@ -90,7 +90,7 @@ def test_iso_c_does_not_invent_directions_for_low_rank_inputs() -> None:
     # Two rank-2 "LoRA" updates: their sum has rank 4, and so must the merge.
     generator = torch.Generator().manual_seed(4)
     tvs = [torch.randn(SHAPE[0], 2, generator=generator) @ torch.randn(2, SHAPE[1], generator=generator) for _ in range(2)]
-    for name in ("iso_c", "iso_cts", "tsv"):
+    for name in ("iso_c", "iso_cts", "tsv", "knots"):
         merged = _run(name, tvs)
         assert np.linalg.matrix_rank(merged, tol=1e-4) <= 4, name
 
@@ -139,12 +139,13 @@ def _ties_reference(vs: list[np.ndarray], weights: list[float], densities: list[
     return out
 
 
-def test_knots_matches_the_reference_formula() -> None:
-    tvs = _tvs(3, seed=7)
+@pytest.mark.parametrize("shape", [SHAPE, (40, 6)])  # wide stack (Gram eigendecomposition) and tall (SVD)
+def test_knots_matches_the_reference_formula(shape: tuple[int, int]) -> None:
+    tvs = _tvs(3, seed=7, shape=shape)
     weights, densities = [1.0, 0.8, 1.2], [0.4, 0.6, 0.5]
     xs = _np(tvs)
     u, s, vt = np.linalg.svd(np.concatenate(xs, axis=1), full_matrices=False)
-    cols = SHAPE[1]
+    cols = shape[1]
     blocks = [vt[:, i * cols : (i + 1) * cols] for i in range(3)]
     expected = u @ np.diag(s) @ _ties_reference(blocks, weights, densities)
     merged = _run("knots", tvs, [InputParams(weight=w, density=d) for w, d in zip(weights, densities)])
