@@ -62,3 +62,34 @@ def test_blocks_unfreeze_from_the_top_and_frozen_weights_do_not_change(tmp_path:
     assert changed_by_step[3] == [False, False, True, True]
     assert changed_by_step[4] == [False, True, True, True]
     assert unfreezing.record() == {"start_blocks": 1, "unfreeze_every": 2, "total_blocks": 4, "schedule": [[0, 1], [2, 2], [4, 3]]}
+
+
+def test_layerwise_run_unfreezes_and_records_the_schedule(tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
+    """`--method layerwise --unfreeze-every N` through the trainer: the bottom block moves only after its turn."""
+    from safetensors.torch import load_file
+
+    from adapterhub.errors import ValidationError
+    from adapterhub.train import load_config, train
+
+    with pytest.raises(ValidationError, match="unfreeze_every only applies to layerwise, not lora"):
+        load_config({"data": sft_jsonl, "method": "lora", "unfreeze_every": 2})
+    config = load_config(
+        {"data": sft_jsonl, "method": "layerwise", "layerwise_top_k": 1, "unfreeze_every": 2, "max_steps": 3,
+         "batch_size": 4, "validation_split": 0.2, "eval_steps": 3, "learning_rate": 1e-2}
+    )
+    result = train(config, base_dir=tiny_base, output_dir=tmp_path / "run", progress=False)
+    details = result.lineage_details()
+    assert details["unfreezing"] == {"start_blocks": 1, "unfreeze_every": 2, "total_blocks": 2, "schedule": [[0, 1], [2, 2]]}
+    assert details["config"]["unfreeze_every"] == 2
+    before = load_file(tiny_base / "model.safetensors")
+    after = load_file(result.output_path / "model.safetensors")
+    for block in (0, 1):  # both blocks trained by the end (block 0 from step 2 on)
+        name = f"model.layers.{block}.mlp.down_proj.weight"
+        assert not torch_equal(before[name], after[name]), name
+    assert torch_equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+
+
+def torch_equal(a: object, b: object) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))  # type: ignore[arg-type]
