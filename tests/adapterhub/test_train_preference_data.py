@@ -125,3 +125,25 @@ def test_shaped_pairs_tokenize_with_trl_and_the_chat_template(tiny_base: Path, t
     rendered = apply_chat_template(example, tokenizer)
     assert "2+2?" in rendered["prompt"] and "four" not in rendered["prompt"]
     assert "four" in rendered["chosen"] and "five" in rendered["rejected"]
+
+
+def test_shaped_pairs_train_with_trl_dpo_on_a_lora_adapter(tiny_base: Path, tmp_path: Path) -> None:
+    """The shapes feed TRL's DPOTrainer as they are; with a PEFT model its reference is the base, adapter disabled."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    rows = [{"prompt": f"say {w}", "chosen": w, "rejected": f"not {w}"} for w in ("fox", "dog", "cat", "owl")]
+    examples = normalise_preference_rows(read_rows(write_jsonl(tmp_path / "p.jsonl", rows)), PreferenceShape.PAIRS, chat=chat)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    args = DPOConfig(
+        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, beta=0.1,
+        report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, max_length=64,
+    )
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all(any(k.startswith("rewards/") for k in entry) for entry in logged)
