@@ -152,6 +152,9 @@ class TrainConfig(BaseModel):
 
     # Layer-wise fine-tuning: train only the top-k transformer blocks.
     layerwise_top_k: int = Field(2, ge=1, description="layerwise: train the top K transformer blocks")
+    unfreeze_every: int | None = Field(
+        None, ge=1, description="layerwise: gradual unfreezing, one more block from the top trains every N steps (starting from the top K)"
+    )
 
     # Classification.
     labels: list[str] | None = Field(None, description="classification/setfit: comma-separated label set (else inferred from the data, sorted)")
@@ -268,6 +271,8 @@ def combination_problems(config: TrainConfig) -> list[str]:
         problems.append(f"classification needs at least two labels, got {config.labels}")
     if config.early_stopping_patience is not None and config.validation_data is None and config.validation_split == 0:
         problems.append("early stopping needs validation data: set validation_split > 0 or validation_data")
+    if config.unfreeze_every is not None and method != Method.LAYERWISE:
+        problems.append(f"unfreeze_every only applies to layerwise, not {method.value}")
     if config.warmup_ratio and config.warmup_steps:
         problems.append("set warmup_ratio or warmup_steps, not both")
     return problems

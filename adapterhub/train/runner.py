@@ -70,6 +70,8 @@ class TrainResult:
     supervision: dict[str, Any] | None = None
     # Whether and where early stopping ended the run (runs with early_stopping_patience).
     early_stopping: dict[str, Any] | None = None
+    # Gradual unfreezing's rule and the schedule it applied (layerwise runs with unfreeze_every).
+    unfreezing: dict[str, Any] | None = None
 
     def lineage_details(self, *, base_fingerprint: str | None = None) -> dict[str, Any]:
         details: dict[str, Any] = {
@@ -83,6 +85,8 @@ class TrainResult:
             details["supervision"] = self.supervision
         if self.early_stopping is not None:
             details["early_stopping"] = self.early_stopping
+        if self.unfreezing is not None:
+            details["unfreezing"] = self.unfreezing
         if base_fingerprint is not None:
             details["base_fingerprint"] = base_fingerprint
         return details
@@ -486,6 +490,14 @@ def train(
     if config.early_stopping_patience is not None:
         early_stopping = EarlyStoppingCallback(config.early_stopping_patience, config.early_stopping_threshold)
         trainer_callbacks.append(early_stopping)
+    unfreezing = None
+    if config.unfreeze_every is not None:
+        from adapterhub.train.methods import transformer_blocks
+        from adapterhub.train.unfreezing import GradualUnfreezing
+
+        unfreezing = GradualUnfreezing(transformer_blocks(model), start=config.layerwise_top_k, every=config.unfreeze_every)
+        trainer_callbacks.append(unfreezing)
+        trainable, total = trainable_parameters(model)  # every block that will train, as the optimizer holds them
     trainer = _build_trainer(config, model, tokenizer, data, args, trainer_callbacks)
     # Ours replace transformers' log dicts printed to stdout (see adapterhub.train.progress).
     trainer.remove_callback(PrinterCallback)
@@ -577,6 +589,7 @@ def train(
         notes=notes,
         supervision=None if config.task == Task.CLASSIFICATION else supervision(config, trainer.train_dataset, chat=chat),
         early_stopping=early_stopping_record,
+        unfreezing=unfreezing.record() if unfreezing is not None else None,
     )
 
 
