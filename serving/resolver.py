@@ -260,6 +260,7 @@ class RegistryResolver:
                     aliases=aliases,
                     meta={
                         "peft_type": record.peft_type,
+                        "kind": record.kind,
                         "task_type": record.task_type,
                         "rank": record.rank,
                         "size_bytes": record.size_bytes,

@@ -355,6 +355,11 @@ class Backend(abc.ABC):
     async def health(self) -> HealthStatus:
         """Whether the engine is running and how busy it is."""
 
+    def prometheus_registry(self) -> Any | None:
+        """A prometheus_client registry of the engine's own series, which `/metrics` appends to the
+        server's (vLLM's `vllm:*`); None: the engine exports none of its own."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Engine settings worth showing clients (`/v1/models` puts them on the base card)."""
         return {}

