@@ -421,3 +421,92 @@ def _vllm_cpu() -> bool:
         return bool(current_platform.is_cpu())
     except Exception:  # noqa: BLE001 - describing the device must not fail a listing
         return True
+
+
+# ----------------------------------------------------------------- plain vLLM's resolver plugin
+
+
+class RegistryLoRAResolver:
+    """A vLLM `LoRAResolver` answering from the adapterhub registry, for a plain vLLM server.
+
+    vLLM's OpenAI server asks its resolvers about a `model` it does not know (only with
+    `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`), passing the served model's path or id as
+    `base_model_name`. This answers a `LoRARequest` for the materialized files of the registry
+    adapter the name refers to, when that adapter was registered against that base; None (vLLM
+    then answers 404) for text that is not a valid ref, an unknown adapter, or an adapter of
+    another base. The registry (ADAPTERHUB_HOME / ADAPTERHUB_DATABASE_URL, as for the CLI) is
+    opened on the first question, not when vLLM loads its plugins, since every vLLM process loads
+    them. vLLM keeps what a resolver answered for the life of the server: a bare name keeps the
+    version it meant at its first request (name a version, `a:3`, to be explicit).
+    """
+
+    def __init__(self, open_registry: Any = None) -> None:
+        self._open_registry = open_registry
+        self._registry: Any = None
+        self._bases: dict[str, str] = {}  # vLLM's base_model_name -> registry base name
+        self._lock = threading.Lock()
+
+    def _get_registry(self) -> Any:
+        with self._lock:
+            if self._registry is None:
+                if self._open_registry is None:
+                    from adapterhub.registry import Registry
+
+                    self._registry = Registry.open()
+                else:
+                    self._registry = self._open_registry()
+            return self._registry
+
+    def registry_base(self, base_model_name: str) -> str | None:
+        """The registry base vLLM serves: by path (the usual `--model DIR`), name, fingerprint or Hub id."""
+        if base_model_name in self._bases:
+            return self._bases[base_model_name]
+        given = Path(base_model_name).expanduser()
+        resolved = given.resolve() if given.exists() else None
+        for record in self._get_registry().list_base_models():
+            named = base_model_name in (record.name, record.fingerprint, record.hub_id)
+            if named or (resolved is not None and Path(record.path).resolve() == resolved):
+                self._bases[base_model_name] = record.name
+                return record.name
+        return None
+
+    def lookup(self, base_model_name: str, lora_name: str) -> Path | None:
+        """The materialized directory of the adapter `lora_name` names on this base, or None."""
+        from adapterhub.names import parse_ref
+
+        try:
+            parse_ref(lora_name)
+        except AdapterhubError:
+            logger.info("adapterhub resolver: %r is not an adapter ref; not resolved", lora_name[:80])
+            return None
+        try:
+            base = self.registry_base(base_model_name)
+            if base is None:
+                logger.info("adapterhub resolver: %s is not a base model of the registry", base_model_name)
+                return None
+            registry = self._get_registry()
+            record = registry.resolve(lora_name, base=base)
+            if record is None:
+                return None
+            return Path(registry.materialize(record))
+        except AdapterhubError as exc:  # e.g. an ambiguous sha prefix: vLLM answers 404
+            logger.warning("adapterhub resolver: %s", exc)
+            return None
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
+        path = await asyncio.to_thread(self.lookup, base_model_name, lora_name)
+        if path is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        # vLLM replaces the id with its own counter's; the name is the one the client used.
+        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
+
+
+def register_registry_resolver() -> None:
+    """vLLM plugin entry point (group `vllm.general_plugins`, name `adapterhub`): registers
+    `RegistryLoRAResolver` as vLLM's LoRA resolver `adapterhub`."""
+    from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+
+    LoRAResolver.register(RegistryLoRAResolver)  # a virtual subclass: this module imports vllm lazily
+    LoRAResolverRegistry.register_resolver("adapterhub", RegistryLoRAResolver())
