@@ -30,7 +30,7 @@ bench_app = typer.Typer(help="Benchmarks that print a table and write JSON + PNG
 
 
 def serve(
-    base: Annotated[str, typer.Option("--base", help="Registered base model name, or a transformers model directory.")],
+    base: Annotated[str, typer.Option("--base", help="Registered base model name, a registered full model (a `merge --full-model --out` ref), or a transformers model directory.")],
     backend: Annotated[str, typer.Option(help="Engine: torch (embedded, CPU or CUDA) or vllm (vLLM's AsyncLLM in-process).")] = "torch",
     max_lora_rank: Annotated[
         Optional[int], typer.Option(help="vllm: LoRA slot rank (default: the smallest vLLM accepts covering the base's registered adapters).")
@@ -89,9 +89,10 @@ def serve(
         try:
             record = registry.get_base_model(base)
         except NotFoundError:
-            raise AdapterhubError(f"no base model {base!r} in the registry and no such directory (see `adapterhub models list`)") from None
-        model_dir, base_name = Path(record.path), record.name
-        resolver = RegistryResolver(registry, record.name)
+            model_dir, base_name = _full_model_base(registry, base)
+        else:
+            model_dir, base_name = Path(record.path), record.name
+            resolver = RegistryResolver(registry, record.name)
     if adapter_dir is not None:
         if resolver is not None:
             raise AdapterhubError("--adapter-dir serves adapters of a base given as a directory; registry bases use the registry")
@@ -117,6 +118,20 @@ def serve(
     )
     typer.secho(f"serving {base_name} and its adapters at http://{host}:{port}/v1", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+
+
+def _full_model_base(registry: object, ref: str) -> tuple[Path, str]:
+    """A merged or fine-tuned full model of the registry (`merge --full-model --out NAME`) as the
+    served base: its materialized directory, served under its ref. It has no adapters of its own
+    (adapters are registered against base models), so only it is served."""
+    from adapterhub.registry import Registry
+
+    assert isinstance(registry, Registry)
+    record = registry.resolve(ref)
+    if record is None or not record.is_full_model:
+        what = "is an adapter, not a full model" if record is not None else "is no base model, full model or directory"
+        raise AdapterhubError(f"{ref!r} {what} (see `adapterhub models list` and `adapterhub list`)")
+    return Path(registry.materialize(record)), record.ref
 
 
 def _torch_engine(

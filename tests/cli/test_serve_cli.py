@@ -231,3 +231,44 @@ def test_serve_warns_when_it_listens_beyond_loopback_without_a_key(adapterhub_ho
         assert exposure_warnings(host, api_key="k3y", allow_lora_path=False, adapter_dir=None) == [], host
     below = exposure_warnings("127.0.0.1", api_key=None, allow_lora_path=True, adapter_dir=Path("/srv/adapters"))
     assert len(below) == 1 and "below /srv/adapters" in below[0]
+
+
+def test_serve_a_registered_full_model_as_the_base(tiny_home: Path, tmp_path: Path) -> None:
+    """`serve --base REF` of a merged full model (`merge --full-model --out`) serves it under its
+    ref, with the outputs transformers gives for its materialized directory; an adapter ref as
+    --base is refused by name."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterhub.registry import Registry
+
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text("merge_method: task_arithmetic\nbase_model: tiny\nmodels:\n  - model: greeter\n    parameters: {weight: 1.0}\n")
+    merged = subprocess.run([*CLI, "merge", str(recipe), "--full-model", str(tmp_path / "full"), "--out", "greeter-full"],
+                            env=_env(tiny_home), capture_output=True, text=True, timeout=300)
+    assert merged.returncode == 0, merged.stderr
+    refused = subprocess.run([*CLI, "serve", "--base", "greeter"], env=_env(tiny_home), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "'greeter' is an adapter, not a full model" in refused.stderr
+
+    model_dir = Registry.open(home=tiny_home).materialize("greeter-full:1")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer("hello there", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = AutoModelForCausalLM.from_pretrained(model_dir).generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    port = _free_port()
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen([*CLI, "serve", "--base", "greeter-full:1", "--port", str(port), "--log-level", "warning"],
+                                  env=_env(tiny_home), stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(server, url, log_path)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0, timeout=60)
+        assert [card.id for card in client.models.list().data] == ["greeter-full:1"]
+        answer = client.completions.create(model="greeter-full:1", prompt="hello there", max_tokens=6, temperature=0)
+        assert answer.choices[0].text == expected
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
