@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, String, create_engine, delete, event, func, insert, select, type_coerce, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from adapterhub import settings
@@ -380,6 +381,12 @@ class Registry:
         sizes: Mapping[str, int], tags: Sequence[str], lineage: Lineage | None,
     ) -> PutResult:
         with self._write() as conn:
+            # The name's row is locked first (FOR UPDATE): on PostgreSQL a second writer of this
+            # name waits here until the first commits, then sees its version and its content
+            # (SQLite's BEGIN IMMEDIATE already serialises writers; SQLAlchemy leaves the clause
+            # out there). A name new to two writers at once is settled by its primary key: the
+            # loser's IntegrityError retries and finds the row.
+            last = conn.execute(select(_N.c.last_version).where(_N.c.name == name).with_for_update()).scalar_one_or_none()
             existing = conn.execute(
                 select(_A.c.version).where(_A.c.name == name, _A.c.sha256 == sha256).order_by(_A.c.version.desc())
             ).first()
@@ -389,7 +396,6 @@ class Registry:
             else:
                 created = True
                 base_id = conn.execute(select(_B.c.id).where(_B.c.name == base_record.name)).scalar_one()
-                last = conn.execute(select(_N.c.last_version).where(_N.c.name == name)).scalar_one_or_none()
                 if last is None:
                     conn.execute(insert(_N).values(name=name, last_version=0))
                     last = 0
@@ -821,13 +827,18 @@ def _parse_timestamp(text: Any) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
 
 
+def _json_value(raw: Any) -> Any:
+    # SQLite hands the raw column back as text; psycopg decodes PostgreSQL's json type itself.
+    return json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+
+
 def _summary_record(row: tuple[Any, ...], tags: tuple[str, ...]) -> AdapterRecord:
     (_, name, version, sha256, peft_type, task_type, rank, alpha, targets, size, origin, base_name, base_print,
      created, *flags) = row
     return AdapterRecord(
         name=name, version=version, sha256=sha256, base_name=base_name, base_fingerprint=base_print,
         peft_type=peft_type, task_type=task_type, rank=rank, alpha=alpha,
-        target_modules=tuple(json.loads(targets)) if targets else (), size_bytes=size,
+        target_modules=tuple(_json_value(targets)) if targets else (), size_bytes=size,
         created_at=_parse_timestamp(created), tags=tags, origin=origin,
         kind=kind_of(peft_type, dict(zip(variant_flags(), map(bool, flags)))).name,
     )
@@ -835,7 +846,7 @@ def _summary_record(row: tuple[Any, ...], tags: tuple[str, ...]) -> AdapterRecor
 
 def _create_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(_with_driver(url), pool_pre_ping=True)
     engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
@@ -860,6 +871,17 @@ def _create_engine(url: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _with_driver(url: str) -> str:
+    """A plain `postgresql://` (or `postgres://`) URL goes through psycopg 3, the `postgres` extra.
+
+    SQLAlchemy would pick psycopg2 for a URL without a driver, which adapterhub does not ship.
+    """
+    parsed = make_url(url.replace("postgres://", "postgresql://", 1) if url.startswith("postgres://") else url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
 
 
 @contextlib.contextmanager
