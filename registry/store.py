@@ -150,10 +150,13 @@ class Registry:
     def __init__(self, home: Path, engine: Engine) -> None:
         self.home = home
         self.engine = engine
-        self.blobs = BlobStore(home / "blobs")
-        self.models_dir = home / "models"
+        # A shared store (ADAPTERHUB_BLOB_DIR, an NFS mount say) holds the blobs and the base
+        # models of every home on the database; the cache of hard links stays in this home.
+        shared = settings.blob_dir()
+        self.blobs = BlobStore(shared if shared is not None else home / "blobs")
+        self.models_dir = shared / "models" if shared is not None else home / "models"
         self.cache_dir = home / "cache"
-        self.models_dir.mkdir(exist_ok=True)
+        self.models_dir.mkdir(parents=True, exist_ok=True)
         self.cache_dir.mkdir(exist_ok=True)
 
     # ------------------------------------------------------------------ opening
@@ -239,7 +242,9 @@ class Registry:
         try:
             with self._write() as conn:
                 conn.execute(insert(_B).values(
-                    name=name, fingerprint=fingerprint, architecture=spec.architecture, path=str(target),
+                    # Relative to the models directory: a home that mounts the shared store
+                    # elsewhere finds the files at its own mount point (`_base_path`).
+                    name=name, fingerprint=fingerprint, architecture=spec.architecture, path=target.name,
                     spec=spec.to_json(), source=source or str(model_dir), size_bytes=_dir_size(target), created_at=_now(),
                     hub_id=hub_id,
                 ))
@@ -257,7 +262,7 @@ class Registry:
         with self._read() as conn:
             row = self._base_row(conn, name_or_fingerprint, prefix=prefix)
             evaluations = self._evaluations(conn, _E.c.base_model_id == row.id)
-        return _base_record(row, evaluations)
+        return _base_record(row, evaluations, self.models_dir)
 
     def _base_row(self, conn: Connection, wanted: str, *, prefix: bool) -> Any:
         row = conn.execute(select(_B).where((_B.c.name == wanted) | (_B.c.fingerprint == wanted.lower()))).first()
@@ -290,12 +295,12 @@ class Registry:
         """The base models registered with this Hub id (compared without case, as the Hub does), by name."""
         with self._read() as conn:
             rows = conn.execute(select(_B).where(func.lower(_B.c.hub_id) == hub_id.lower()).order_by(_B.c.name)).all()
-        return [_base_record(row, ()) for row in rows]
+        return [_base_record(row, (), self.models_dir) for row in rows]
 
     def list_base_models(self) -> list[BaseModelRecord]:
         with self._read() as conn:
             rows = conn.execute(select(_B).order_by(_B.c.name)).all()
-        return [_base_record(row, ()) for row in rows]
+        return [_base_record(row, (), self.models_dir) for row in rows]
 
     def remove_base_model(self, name: str) -> BaseModelRecord:
         """Remove a base model named exactly (name or full fingerprint); refused while adapters use it.
@@ -303,7 +308,7 @@ class Registry:
         No prefix matching here: deleting a model directory takes the model's own name.
         """
         with self._read() as conn:
-            record = _base_record(self._base_row(conn, name, prefix=False), ())
+            record = _base_record(self._base_row(conn, name, prefix=False), (), self.models_dir)
         with self._write() as conn:
             row_id = conn.execute(select(_B.c.id).where(_B.c.name == record.name)).scalar_one()
             users = conn.execute(select(_A.c.name, _A.c.version).where(_A.c.base_model_id == row_id).limit(6)).all()
@@ -793,9 +798,11 @@ def _not_found_message(what: str, wanted: str, candidates: Iterable[str], *, hin
     return f"no {what} named {wanted!r}; none registered yet (see {hint})"
 
 
-def _base_record(row: Any, evaluations: tuple[Evaluation, ...]) -> BaseModelRecord:
+def _base_record(row: Any, evaluations: tuple[Evaluation, ...], models_dir: Path) -> BaseModelRecord:
+    # Bases registered since the shared store name their directory relative to the models
+    # directory; older rows hold the absolute path of the machine that added them.
     return BaseModelRecord(
-        name=row.name, fingerprint=row.fingerprint, architecture=row.architecture, path=Path(row.path),
+        name=row.name, fingerprint=row.fingerprint, architecture=row.architecture, path=models_dir / row.path,
         spec=BaseModelSpec.from_json(row.spec), source=row.source, size_bytes=row.size_bytes,
         created_at=_as_utc(row.created_at), evaluations=evaluations, hub_id=row.hub_id,
     )

@@ -195,6 +195,7 @@ def adapterhub_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     """An empty ADAPTERHUB_HOME for one test (and no database URL leaking in)."""
     home = tmp_path / "home"
     monkeypatch.setenv("ADAPTERHUB_HOME", str(home))
+    monkeypatch.delenv("ADAPTERHUB_BLOB_DIR", raising=False)
     monkeypatch.delenv("ADAPTERHUB_DATABASE_URL", raising=False)
     yield home
 

@@ -32,6 +32,7 @@ def adapterhub_home(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch:
     """An empty ADAPTERHUB_HOME; for `postgresql`, its metadata in a fresh PostgreSQL database."""
     home = tmp_path / "home"
     monkeypatch.setenv("ADAPTERHUB_HOME", str(home))
+    monkeypatch.delenv("ADAPTERHUB_BLOB_DIR", raising=False)
     if request.param == "postgresql":
         monkeypatch.setenv("ADAPTERHUB_DATABASE_URL", request.getfixturevalue("postgres_url"))
     else:
