@@ -13,9 +13,11 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Any fixed 64-bit number; every adapterhub process migrating one PostgreSQL database takes it.
+_MIGRATION_LOCK_KEY = 0x61646170746572
 
 
 def alembic_config(engine: Engine) -> Config:
@@ -34,5 +36,12 @@ def upgrade_to_head(engine: Engine) -> None:
     if current == head:
         return
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Homes on other machines share this database, so the registry's file lock does not
+            # cover them: a transaction-scoped advisory lock does. PostgreSQL's DDL is
+            # transactional, so a migration that fails leaves the previous schema whole.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            if MigrationContext.configure(conn).get_current_revision() == head:
+                return
         config.attributes["connection"] = conn
         command.upgrade(config, "head")

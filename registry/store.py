@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, String, create_engine, delete, event, func, insert, select, type_coerce, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from adapterhub import settings
@@ -149,10 +150,13 @@ class Registry:
     def __init__(self, home: Path, engine: Engine) -> None:
         self.home = home
         self.engine = engine
-        self.blobs = BlobStore(home / "blobs")
-        self.models_dir = home / "models"
+        # A shared store (ADAPTERHUB_BLOB_DIR, an NFS mount say) holds the blobs and the base
+        # models of every home on the database; the cache of hard links stays in this home.
+        shared = settings.blob_dir()
+        self.blobs = BlobStore(shared if shared is not None else home / "blobs")
+        self.models_dir = shared / "models" if shared is not None else home / "models"
         self.cache_dir = home / "cache"
-        self.models_dir.mkdir(exist_ok=True)
+        self.models_dir.mkdir(parents=True, exist_ok=True)
         self.cache_dir.mkdir(exist_ok=True)
 
     # ------------------------------------------------------------------ opening
@@ -238,7 +242,9 @@ class Registry:
         try:
             with self._write() as conn:
                 conn.execute(insert(_B).values(
-                    name=name, fingerprint=fingerprint, architecture=spec.architecture, path=str(target),
+                    # Relative to the models directory: a home that mounts the shared store
+                    # elsewhere finds the files at its own mount point (`_base_path`).
+                    name=name, fingerprint=fingerprint, architecture=spec.architecture, path=target.name,
                     spec=spec.to_json(), source=source or str(model_dir), size_bytes=_dir_size(target), created_at=_now(),
                     hub_id=hub_id,
                 ))
@@ -256,7 +262,7 @@ class Registry:
         with self._read() as conn:
             row = self._base_row(conn, name_or_fingerprint, prefix=prefix)
             evaluations = self._evaluations(conn, _E.c.base_model_id == row.id)
-        return _base_record(row, evaluations)
+        return _base_record(row, evaluations, self.models_dir)
 
     def _base_row(self, conn: Connection, wanted: str, *, prefix: bool) -> Any:
         row = conn.execute(select(_B).where((_B.c.name == wanted) | (_B.c.fingerprint == wanted.lower()))).first()
@@ -289,12 +295,12 @@ class Registry:
         """The base models registered with this Hub id (compared without case, as the Hub does), by name."""
         with self._read() as conn:
             rows = conn.execute(select(_B).where(func.lower(_B.c.hub_id) == hub_id.lower()).order_by(_B.c.name)).all()
-        return [_base_record(row, ()) for row in rows]
+        return [_base_record(row, (), self.models_dir) for row in rows]
 
     def list_base_models(self) -> list[BaseModelRecord]:
         with self._read() as conn:
             rows = conn.execute(select(_B).order_by(_B.c.name)).all()
-        return [_base_record(row, ()) for row in rows]
+        return [_base_record(row, (), self.models_dir) for row in rows]
 
     def remove_base_model(self, name: str) -> BaseModelRecord:
         """Remove a base model named exactly (name or full fingerprint); refused while adapters use it.
@@ -302,7 +308,7 @@ class Registry:
         No prefix matching here: deleting a model directory takes the model's own name.
         """
         with self._read() as conn:
-            record = _base_record(self._base_row(conn, name, prefix=False), ())
+            record = _base_record(self._base_row(conn, name, prefix=False), (), self.models_dir)
         with self._write() as conn:
             row_id = conn.execute(select(_B.c.id).where(_B.c.name == record.name)).scalar_one()
             users = conn.execute(select(_A.c.name, _A.c.version).where(_A.c.base_model_id == row_id).limit(6)).all()
@@ -380,6 +386,12 @@ class Registry:
         sizes: Mapping[str, int], tags: Sequence[str], lineage: Lineage | None,
     ) -> PutResult:
         with self._write() as conn:
+            # The name's row is locked first (FOR UPDATE): on PostgreSQL a second writer of this
+            # name waits here until the first commits, then sees its version and its content
+            # (SQLite's BEGIN IMMEDIATE already serialises writers; SQLAlchemy leaves the clause
+            # out there). A name new to two writers at once is settled by its primary key: the
+            # loser's IntegrityError retries and finds the row.
+            last = conn.execute(select(_N.c.last_version).where(_N.c.name == name).with_for_update()).scalar_one_or_none()
             existing = conn.execute(
                 select(_A.c.version).where(_A.c.name == name, _A.c.sha256 == sha256).order_by(_A.c.version.desc())
             ).first()
@@ -389,7 +401,6 @@ class Registry:
             else:
                 created = True
                 base_id = conn.execute(select(_B.c.id).where(_B.c.name == base_record.name)).scalar_one()
-                last = conn.execute(select(_N.c.last_version).where(_N.c.name == name)).scalar_one_or_none()
                 if last is None:
                     conn.execute(insert(_N).values(name=name, last_version=0))
                     last = 0
@@ -787,9 +798,11 @@ def _not_found_message(what: str, wanted: str, candidates: Iterable[str], *, hin
     return f"no {what} named {wanted!r}; none registered yet (see {hint})"
 
 
-def _base_record(row: Any, evaluations: tuple[Evaluation, ...]) -> BaseModelRecord:
+def _base_record(row: Any, evaluations: tuple[Evaluation, ...], models_dir: Path) -> BaseModelRecord:
+    # Bases registered since the shared store name their directory relative to the models
+    # directory; older rows hold the absolute path of the machine that added them.
     return BaseModelRecord(
-        name=row.name, fingerprint=row.fingerprint, architecture=row.architecture, path=Path(row.path),
+        name=row.name, fingerprint=row.fingerprint, architecture=row.architecture, path=models_dir / row.path,
         spec=BaseModelSpec.from_json(row.spec), source=row.source, size_bytes=row.size_bytes,
         created_at=_as_utc(row.created_at), evaluations=evaluations, hub_id=row.hub_id,
     )
@@ -821,13 +834,18 @@ def _parse_timestamp(text: Any) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
 
 
+def _json_value(raw: Any) -> Any:
+    # SQLite hands the raw column back as text; psycopg decodes PostgreSQL's json type itself.
+    return json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+
+
 def _summary_record(row: tuple[Any, ...], tags: tuple[str, ...]) -> AdapterRecord:
     (_, name, version, sha256, peft_type, task_type, rank, alpha, targets, size, origin, base_name, base_print,
      created, *flags) = row
     return AdapterRecord(
         name=name, version=version, sha256=sha256, base_name=base_name, base_fingerprint=base_print,
         peft_type=peft_type, task_type=task_type, rank=rank, alpha=alpha,
-        target_modules=tuple(json.loads(targets)) if targets else (), size_bytes=size,
+        target_modules=tuple(_json_value(targets)) if targets else (), size_bytes=size,
         created_at=_parse_timestamp(created), tags=tags, origin=origin,
         kind=kind_of(peft_type, dict(zip(variant_flags(), map(bool, flags)))).name,
     )
@@ -835,7 +853,7 @@ def _summary_record(row: tuple[Any, ...], tags: tuple[str, ...]) -> AdapterRecor
 
 def _create_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(_with_driver(url), pool_pre_ping=True)
     engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
@@ -860,6 +878,17 @@ def _create_engine(url: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _with_driver(url: str) -> str:
+    """A plain `postgresql://` (or `postgres://`) URL goes through psycopg 3, the `postgres` extra.
+
+    SQLAlchemy would pick psycopg2 for a URL without a driver, which adapterhub does not ship.
+    """
+    parsed = make_url(url.replace("postgres://", "postgresql://", 1) if url.startswith("postgres://") else url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,10 @@ Design decisions:
   queries (~0.9 ms here, plus a worker-thread hop) and used to run on every request. Answers
   are cached, and each kind of ref is trusted as long as it can be:
   - `name:version` never changes its meaning (versions are never reused, the registry's
-    `adapter_names.last_version` sees to that): cached for good.
+    `adapter_names.last_version` sees to that), but it can be removed (`adapterhub rm` on any
+    replica's database): trusted while no commit happened, then checked by one indexed query
+    (does the `(name, version)` row still exist), so a removed version is a 404 on the next
+    request and its resident weights are not served.
   - `name` (the latest version) and `name@sha` change when another process imports or removes
     a version. On SQLite, the answer is trusted while the database's change counter,
     `PRAGMA data_version` on a connection of the resolver's own, has not moved: SQLite bumps
@@ -191,6 +194,7 @@ class RegistryResolver:
 
         adapters = AdapterRow.__table__
         self._latest_version = lambda name: select(func.max(adapters.c.version)).where(adapters.c.name == name)
+        self._version_exists = lambda name, version: select(adapters.c.id).where(adapters.c.name == name, adapters.c.version == version)
 
     def cached(self, base: str, name: str) -> AdapterSpec | None:
         with self._cache_lock:
@@ -198,8 +202,6 @@ class RegistryResolver:
             if hit is None or hit.spec is None:
                 return None
             self._cache.move_to_end(name)
-        if _is_versioned(name):
-            return hit.spec  # a version's meaning never changes
         if self._counter is not None and hit.stamp is not None and self._counter.read() == hit.stamp:
             return hit.spec  # nothing was committed since it was read
         return None
@@ -211,12 +213,16 @@ class RegistryResolver:
         stamp = self._counter.read() if self._counter is not None else None  # before anything is read
         with self._cache_lock:
             hit = self._cache.get(name)
-        if hit is not None and hit.spec is not None and hit.version is not None and _is_bare(name):
-            # Something was committed, or no counter tells: the latest version says whether the
-            # name still means the same record (versions are never reused).
+        if hit is not None and hit.spec is not None and hit.version is not None and (_is_bare(name) or _is_versioned(name)):
+            # Something was committed, or no counter tells: the latest version says whether a
+            # bare name still means the same record (versions are never reused); a version is
+            # still right while its row exists.
             with self.registry.engine.connect() as conn:
-                latest = conn.execute(self._latest_version(name.strip())).scalar()
-            if latest == hit.version:
+                if _is_bare(name):
+                    still_right = conn.execute(self._latest_version(name.strip())).scalar() == hit.version
+                else:
+                    still_right = conn.execute(self._version_exists(name.strip().split(":")[0], hit.version)).first() is not None
+            if still_right:
                 self._remember(name, _Resolved(hit.spec, stamp, hit.version))
                 return hit.spec
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,7 @@ def adapterhub_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     """An empty ADAPTERHUB_HOME for one test (and no database URL leaking in)."""
     home = tmp_path / "home"
     monkeypatch.setenv("ADAPTERHUB_HOME", str(home))
+    monkeypatch.delenv("ADAPTERHUB_BLOB_DIR", raising=False)
     monkeypatch.delenv("ADAPTERHUB_DATABASE_URL", raising=False)
     yield home
 
@@ -203,3 +205,48 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A real PostgreSQL 16 for the session, started by `pgserver` in a temp dir (about a second).
+
+    The data directory is not under pytest's basetemp: a concurrent pytest run on the same
+    machine prunes old basetemps, which would pull the data out from under the server.
+
+    `pgserver` and `psycopg` come with the `dev` extra (`make test` installs it); without them
+    the PostgreSQL half of the suite is skipped, and `-ra` says so.
+    """
+    pgserver = pytest.importorskip("pgserver", reason="PostgreSQL tests need the dev extra: pip install -e '.[dev]'")
+    pytest.importorskip("psycopg", reason="PostgreSQL tests need the dev extra: pip install -e '.[dev]'")
+    import shutil
+    import tempfile
+
+    data_dir = Path(tempfile.mkdtemp(prefix="adapterhub-pg-"))
+    server = pgserver.get_server(data_dir, cleanup_mode="stop")
+    try:
+        yield server
+    finally:
+        server.cleanup()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture()
+def postgres_url(postgres_server: Any) -> Iterator[str]:
+    """The URL of a fresh, empty database on the session's PostgreSQL, dropped after the test."""
+    import uuid
+
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine(_psycopg_url(postgres_server.get_uri()), isolation_level="AUTOCOMMIT")
+    database = f"t_{uuid.uuid4().hex[:16]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{database}"')
+    yield _psycopg_url(postgres_server.get_uri(database))
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    admin.dispose()
+
+
+def _psycopg_url(uri: str) -> str:
+    return uri.replace("postgresql://", "postgresql+psycopg://", 1)

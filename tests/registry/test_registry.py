@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 import torch
 
 from adapterhub.errors import AdapterhubError, AmbiguousRefError, CorruptBlobError, NotFoundError
@@ -82,7 +83,7 @@ def test_ambiguous_prefix_error_lists_every_match(registry: Registry, lora_dir: 
     # Force a shared prefix by rewriting one record's hash: the ambiguity logic, not sha256, is under test.
     with registry.engine.begin() as conn:
         first = registry.get("a:1").sha256
-        conn.exec_driver_sql("UPDATE adapters SET sha256 = ? WHERE version = 2", (first[:6] + "f" * 58,))
+        conn.execute(sqlalchemy.text("UPDATE adapters SET sha256 = :sha WHERE version = 2"), {"sha": first[:6] + "f" * 58})
     with pytest.raises(AmbiguousRefError, match=r"matches 2 records: a:2 .*a:1"):
         registry.get(f"a@{first[:6]}")
 
@@ -218,7 +219,11 @@ def test_reopening_keeps_everything_and_schema_is_migrated(adapterhub_home: Path
         assert reg.get("a").ref == "a:1"
         with reg.engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"
-            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            if conn.dialect.name == "sqlite":
+                assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            else:
+                assert conn.dialect.name == "postgresql"  # the home's registry.db is not used at all
+                assert not (adapterhub_home / "registry.db").exists()
 
 
 def test_database_url_setting(tmp_path: Path, tiny_base: Path, lora_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

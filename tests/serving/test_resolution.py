@@ -78,9 +78,10 @@ def test_resident_adapters_cost_no_registry_read_and_bare_names_follow_other_pro
         assert complete("hot:1") == expected["task-1"]
         assert complete("hot") == expected["task-1"]
     watching = "change-counter" in request.node.callspec.id
-    # With SQLite's change counter: nothing at all. Without: one indexed query per bare name.
-    assert len(statements) == (0 if watching else 3), statements
-    assert all("max(adapters.version)" in s for s in statements)
+    # With SQLite's change counter: nothing at all. Without: one indexed query per request (a
+    # bare name's latest version, a version's row still existing).
+    assert len(statements) == (0 if watching else 6), statements
+    assert all("max(adapters.version)" in s or "adapters.version =" in s for s in statements)
 
     _in_another_process(home, f"registry.put_adapter(name='hot', source_dir={str(adapter_fleet.dirs['task-2'])!r}, base={BASE_NAME!r})")
     assert complete("hot") == expected["task-2"]  # the very next request after the import's commit
@@ -91,3 +92,9 @@ def test_resident_adapters_cost_no_registry_read_and_bare_names_follow_other_pro
 
     _in_another_process(home, "registry.remove('hot:2')")
     assert complete("hot") == expected["task-1"]  # the latest is version 1 again
+
+    # A removed version is refused on the next request, though its weights are still resident.
+    _in_another_process(home, "registry.remove('hot:1')")
+    for model in ("hot:1", "hot"):
+        with pytest.raises(openai.NotFoundError):
+            complete(model)
