@@ -233,6 +233,11 @@ def _print_summary(result: Any, put: Any, *, json_output: bool) -> None:
         "eval_loss": metrics.get("eval_loss"),
         "accuracy_before": metrics.get("initial_eval_accuracy"),
         "accuracy": metrics.get("eval_accuracy"),
+        # Preference tasks (dpo/orpo/kto/reward): held-out pairs, see adapterhub.train.preference.
+        "preference_accuracy_before": metrics.get("initial_preference_accuracy"),
+        "preference_accuracy": metrics.get("preference_accuracy"),
+        "reward_margin_before": metrics.get("initial_reward_margin"),
+        "reward_margin": metrics.get("reward_margin"),
         "wall_time_s": round(result.wall_time_s, 2),
         "tokens_per_second": metrics.get("tokens_per_second"),
         "peak_memory_bytes": result.peak_memory_bytes,

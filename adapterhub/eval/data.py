@@ -39,7 +39,7 @@ _ROLES = ("system", "user", "assistant", "tool")
 # Shown when a file's columns fit no shape, so the user sees every accepted layout at once.
 _SHAPES_HELP = (
     "expected rows with 'prompt' and 'completion', chat 'messages' (last turn from the assistant), "
-    "'text' and 'label' (classification), or 'text' alone (perplexity)"
+    "'text' and 'label' (classification), 'text' alone (perplexity), or 'prompt', 'chosen' and 'rejected' (preference pairs)"
 )
 
 
@@ -49,6 +49,7 @@ class EvalKind(str, enum.Enum):
     GENERATION = "generation"
     CLASSIFICATION = "classification"
     TEXT = "text"
+    PREFERENCE = "preference"
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class EvalRow:
     prompt: str | None = None
     messages: tuple[Mapping[str, str], ...] = ()
     text: str | None = None
+    # Preference rows: `reference` is the chosen answer, this the rejected one.
+    rejected: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,8 @@ def detect_kind(records: Sequence[Mapping[str, Any]], subject: str) -> EvalKind:
     fields: set[str] = set()
     for record in records:
         fields.update(key for key, value in record.items() if value is not None)
+    if "chosen" in fields or "rejected" in fields:
+        return EvalKind.PREFERENCE
     if "messages" in fields:
         return EvalKind.GENERATION
     if "prompt" in fields or "completion" in fields:
@@ -204,6 +209,16 @@ def _parse_row(kind: EvalKind, number: int, record: Mapping[str, Any]) -> tuple[
         if text is None or label is None:
             return None, problems
         return EvalRow(line=number, reference=label, text=text), problems
+    if kind is EvalKind.PREFERENCE:
+        prompt = _nonempty_string(record, "prompt", problems)
+        chosen = _nonempty_string(record, "chosen", problems)
+        rejected = _nonempty_string(record, "rejected", problems)
+        if prompt is None or chosen is None or rejected is None:
+            return None, problems
+        if chosen.strip() == rejected.strip():
+            return None, ["chosen and rejected answers are identical"]
+        messages = ({"role": "user", "content": prompt},)
+        return EvalRow(line=number, reference=chosen, prompt=prompt, messages=messages, rejected=rejected), []
     if "messages" in record:
         return _parse_messages(number, record["messages"])
     prompt = _nonempty_string(record, "prompt", problems)

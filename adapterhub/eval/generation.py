@@ -49,6 +49,8 @@ class LikelihoodResult:
     total_nll: float
     token_count: int
     truncated: int
+    # Each sequence's own summed NLL, in the order given (None where nothing could be scored).
+    per_sequence: tuple[float | None, ...] = ()
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -183,8 +185,9 @@ def sequence_nll(
     pad_id = _pad_token_id(tokenizer)
     limit = context_length(model, tokenizer)
     items: list[tuple[list[int], int]] = []  # token ids, index of the first scored token
+    positions: list[int] = []  # where each item is in `sequences`
     truncated = 0
-    for context, target in sequences:
+    for position, (context, target) in enumerate(sequences):
         if context:
             context_ids = tokenizer(context, add_special_tokens=not chat_formatted)["input_ids"]
             target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
@@ -198,10 +201,12 @@ def sequence_nll(
             ids = ids[:limit]
         if first < len(ids):
             items.append((ids, first))
+            positions.append(position)
     if on_batch is not None and len(items) < len(sequences):
         on_batch(len(sequences) - len(items))  # rows with nothing to score count as done
     device = _model_device(model)
     total_nll, token_count = 0.0, 0
+    per_sequence: list[float | None] = [None] * len(sequences)
     model.eval()
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]), reverse=True)
     for batch in _batches(order, batch_size):
@@ -223,10 +228,12 @@ def sequence_nll(
         ).view(len(batch), width - 1)
         scored = score_mask[:, 1:]
         total_nll += float(token_nll[scored].sum())
+        for row, index in enumerate(batch):
+            per_sequence[positions[index]] = float(token_nll[row][scored[row]].sum())
         token_count += int(scored.sum())
         if on_batch is not None:
             on_batch(len(batch))
-    return LikelihoodResult(total_nll=total_nll, token_count=token_count, truncated=truncated)
+    return LikelihoodResult(total_nll=total_nll, token_count=token_count, truncated=truncated, per_sequence=tuple(per_sequence))
 
 
 def classify(

@@ -56,6 +56,10 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("bleu", ("bleu",), ("generation",), True, "corpus BLEU, 0-100 (sacrebleu)"),
         MetricSpec("perplexity", ("perplexity",), ("text", "generation"), False,
                    "exp(mean token NLL); on generation data, of the reference given the prompt"),
+        MetricSpec("preference_accuracy", ("preference_accuracy",), ("preference",), True,
+                   "share of pairs whose chosen answer the model finds more likely than the rejected one"),
+        MetricSpec("preference_margin", ("preference_margin",), ("preference",), True,
+                   "mean log-probability of the chosen answer minus the rejected one's (nats)"),
     )
 }
 
@@ -88,6 +92,19 @@ def resolve_metrics(requested: Sequence[str] | None, kind: str, *, default: Sequ
     if problems:
         raise ValidationError("--metrics", problems)
     return tuple(dict.fromkeys(names))
+
+
+def preference_scores(chosen_nll: Sequence[float], rejected_nll: Sequence[float]) -> dict[str, float]:
+    """Preference accuracy and margin of pairs from the summed NLL of each answer given its prompt.
+
+    A lower NLL is a higher log-probability: the chosen answer wins a pair when its NLL is lower
+    (a tie is no win). The margin is log p(chosen) - log p(rejected), averaged over the pairs.
+    """
+    if len(chosen_nll) != len(rejected_nll) or not chosen_nll:
+        raise ValueError("preference scores need as many chosen as rejected answers, at least one")
+    wins = sum(1 for c, r in zip(chosen_nll, rejected_nll) if c < r)
+    margin = sum(r - c for c, r in zip(chosen_nll, rejected_nll)) / len(chosen_nll)
+    return {"preference_accuracy": wins / len(chosen_nll), "preference_margin": margin}
 
 
 def normalize_text(text: str) -> str:

@@ -284,6 +284,8 @@ def default_metrics(dataset: EvalDataset) -> tuple[str, ...]:
     """The metrics measured when none are asked for, from the data's shape."""
     if dataset.kind is EvalKind.TEXT:
         return ("perplexity",)
+    if dataset.kind is EvalKind.PREFERENCE:
+        return ("preference_accuracy", "preference_margin")
     if dataset.kind is EvalKind.CLASSIFICATION:
         return metric_fns.CLASSIFICATION_METRICS
     generation = ("exact_match", "rouge", "bleu")
@@ -438,6 +440,17 @@ def score_loaded(
     examples: list[ExampleResult] = []
     needs_answers = any(name != "perplexity" for name in metric_names)
 
+    if dataset.kind is EvalKind.PREFERENCE:
+        chosen_nll, rejected_nll = _pair_likelihoods(loaded, dataset.rows, batch_size, _phase(progress, "scoring pairs", 2 * len(dataset.rows)))
+        scores = metric_fns.preference_scores(chosen_nll, rejected_nll)
+        results.update({name: value for name, value in scores.items() if name in metric_names})
+        details["pairs"] = len(chosen_nll)
+        examples = [
+            ExampleResult(row.line, str(row.prompt), row.reference, "chosen" if c < r else "rejected")
+            for row, c, r in zip(dataset.rows, chosen_nll, rejected_nll)
+        ]
+        needs_answers = False
+
     if needs_answers and loaded.is_classifier:
         from adapterhub.eval.generation import classify
 
@@ -518,6 +531,22 @@ def _likelihood(
         for row in rows
     ]
     return sequence_nll(loaded.model, loaded.tokenizer, pairs, batch_size=batch_size, chat_formatted=chat, on_batch=on_batch)
+
+
+def _pair_likelihoods(
+    loaded: LoadedModel, rows: Sequence[EvalRow], batch_size: int, on_batch: BatchCallback | None = None
+) -> tuple[list[float], list[float]]:
+    """Summed NLL of each pair's chosen and of its rejected answer given the rendered prompt.
+
+    Scored as `perplexity` scores a reference reply (`sequence_nll`: the answer followed by the
+    eos token), so the log-probabilities compared are those the model gives whole answers.
+    """
+    chat = has_chat_template(loaded.tokenizer)
+    prompts = [render_prompt(loaded.tokenizer, row.messages, str(row.prompt)) for row in rows]
+    pairs = [(p, row.reference) for p, row in zip(prompts, rows)] + [(p, str(row.rejected)) for p, row in zip(prompts, rows)]
+    likelihood = sequence_nll(loaded.model, loaded.tokenizer, pairs, batch_size=batch_size, chat_formatted=chat, on_batch=on_batch)
+    scored = [value if value is not None else 0.0 for value in likelihood.per_sequence]
+    return scored[:len(rows)], scored[len(rows):]
 
 
 def _heldout_perplexity(

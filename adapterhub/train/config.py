@@ -49,6 +49,25 @@ class Task(str, Enum):
     CAUSAL_LM = "causal_lm"
     CLASSIFICATION = "classification"
     SETFIT = "setfit"
+    DPO = "dpo"
+    ORPO = "orpo"
+    KTO = "kto"
+    REWARD = "reward"
+
+
+# Tasks that learn from preferences (TRL's DPO/ORPO/KTO/Reward trainers on adapterhub.train.preference_data rows).
+PREFERENCE_TASKS = frozenset({Task.DPO, Task.ORPO, Task.KTO, Task.REWARD})
+# Preference tasks whose rows are prompt/chosen/rejected pairs (KTO reads labelled single completions).
+PAIR_TASKS = frozenset({Task.DPO, Task.ORPO, Task.REWARD})
+# The loss variants TRL 1.16 offers, per task (DPOConfig/KTOConfig `loss_type`); the first is TRL's default.
+LOSS_TYPES: dict[Task, tuple[str, ...]] = {
+    Task.DPO: (
+        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+        "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+    ),
+    Task.KTO: ("kto", "apo_zero_unpaired"),
+}
+DEFAULT_BETA = 0.1
 
 
 # Methods whose result is a whole model directory instead of a PEFT adapter.
@@ -156,6 +175,16 @@ class TrainConfig(BaseModel):
         None, ge=1, description="layerwise: gradual unfreezing, one more block from the top trains every N steps (starting from the top K)"
     )
 
+    # Preference tasks.
+    beta: float | None = Field(
+        None, gt=0, description=f"dpo/orpo/kto: strength of the pull towards the reference (orpo: weight of the odds-ratio term); "
+        f"when not given, TRL's {DEFAULT_BETA:g}"
+    )
+    loss_type: str | None = Field(
+        None, description="dpo/kto: TRL's loss variant (dpo: sigmoid, ipo, hinge, robust, apo_zero, ...; kto: kto, apo_zero_unpaired); "
+        "when not given, TRL's default (sigmoid, kto)"
+    )
+
     # Classification.
     labels: list[str] | None = Field(None, description="classification/setfit: comma-separated label set (else inferred from the data, sorted)")
 
@@ -232,6 +261,10 @@ class TrainConfig(BaseModel):
         return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATES[self.method]
 
     @property
+    def resolved_beta(self) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA
+
+    @property
     def produces_full_model(self) -> bool:
         return self.method in FULL_MODEL_METHODS or self.task == Task.SETFIT
 
@@ -239,6 +272,10 @@ class TrainConfig(BaseModel):
         """The config as JSON-able data with defaults filled in (stored in the lineage)."""
         data = self.model_dump(mode="json")
         data["learning_rate"] = self.resolved_learning_rate
+        if self.task in (Task.DPO, Task.ORPO, Task.KTO):
+            data["beta"] = self.resolved_beta
+        if self.task in LOSS_TYPES and self.loss_type is None:
+            data["loss_type"] = LOSS_TYPES[self.task][0]
         return data
 
 
@@ -273,6 +310,21 @@ def combination_problems(config: TrainConfig) -> list[str]:
         problems.append("early stopping needs validation data: set validation_split > 0 or validation_data")
     if config.unfreeze_every is not None and method != Method.LAYERWISE:
         problems.append(f"unfreeze_every only applies to layerwise, not {method.value}")
+    if task in PREFERENCE_TASKS:
+        if config.packing:
+            problems.append(f"packing only applies to sft and causal_lm, not {task.value} (a preference pair is scored as a whole)")
+        if method in SOFT_PROMPT_METHODS:
+            problems.append(
+                f"task {task.value} trains with lora, qlora, dora, ia3, full or layerwise, not {method.value} "
+                "(TRL's preference trainers score completion tokens by position, which virtual tokens shift)"
+            )
+    if config.beta is not None and task not in (Task.DPO, Task.ORPO, Task.KTO):
+        problems.append(f"beta only applies to dpo, orpo and kto, not {task.value}")
+    if config.loss_type is not None:
+        if task not in LOSS_TYPES:
+            problems.append(f"loss_type only applies to dpo and kto, not {task.value}")
+        elif config.loss_type not in LOSS_TYPES[task]:
+            problems.append(f"loss_type {config.loss_type!r} is not one of TRL's {task.value} losses: {', '.join(LOSS_TYPES[task])}")
     if config.warmup_ratio and config.warmup_steps:
         problems.append("set warmup_ratio or warmup_steps, not both")
     return problems

@@ -33,7 +33,7 @@ from typing import Any
 
 from adapterhub.datafiles import Row, describe_value, file_fingerprint, read_data_file
 from adapterhub.errors import NotFoundError, ValidationError
-from adapterhub.train.config import Task, TrainConfig
+from adapterhub.train.config import PAIR_TASKS, PREFERENCE_TASKS, Task, TrainConfig
 
 _MAX_REPORTED = 20
 
@@ -153,6 +153,12 @@ def _check_rows(
     rows: list[Row], config: TrainConfig, *, chat: bool, labels: list[str] | None
 ) -> tuple[list[dict[str, Any]], list[str] | None, list[str]]:
     """The task's examples, the label set, and one problem per bad row in file order."""
+    if config.task in PREFERENCE_TASKS:
+        from adapterhub.train.preference_data import PreferenceShape, check_preference_rows
+
+        shape = PreferenceShape.PAIRS if config.task in PAIR_TASKS else PreferenceShape.KTO
+        pairs, pair_problems = check_preference_rows(rows, shape, chat=chat)
+        return pairs, None, pair_problems
     # (position in the file, message): rows are checked in more than one pass for classification.
     found: list[tuple[int, str]] = []
     examples: list[dict[str, Any]] = []

@@ -226,8 +226,29 @@ def build_model(
     labels: list[str] | None = None,
 ) -> Any:
     """Load the base and make it trainable for `config.method` and `config.task`."""
+    from peft import get_peft_model
+
+    model, peft_config = build_base(config, base_dir, tokenizer=tokenizer, precision=precision, labels=labels)
+    return model if peft_config is None else get_peft_model(model, peft_config)
+
+
+def build_base(
+    config: TrainConfig,
+    base_dir: Path,
+    *,
+    tokenizer: Any,
+    precision: str,
+    labels: list[str] | None = None,
+) -> tuple[Any, Any | None]:
+    """The loaded base, ready for `config.method`, and the PEFT config to wrap it in (None for full/layerwise).
+
+    Kept apart from the wrapping because TRL's preference trainers take the base and the PEFT
+    config separately: DPOTrainer then uses the base with the adapter switched off as its
+    reference (no second copy), where a model wrapped beforehand gets a copied "ref" adapter.
+    A reward model is a sequence classifier with one output (the score).
+    """
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     dtype = _torch_dtype(precision)
@@ -239,6 +260,7 @@ def build_model(
             from accelerate import PartialState
 
             load_kwargs["device_map"] = {"": PartialState().local_process_index}
+    sequence_classifier = config.task in (Task.CLASSIFICATION, Task.REWARD)
     if config.task == Task.CLASSIFICATION:
         assert labels is not None
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -248,11 +270,13 @@ def build_model(
             label2id={label: i for i, label in enumerate(labels)},
             **load_kwargs,
         )
-        model.config.pad_token_id = tokenizer.pad_token_id
-        task_type = "SEQ_CLS"
+    elif config.task == Task.REWARD:
+        model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1, **load_kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs)
-        task_type = "CAUSAL_LM"
+    if sequence_classifier:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    task_type = "SEQ_CLS" if sequence_classifier else "CAUSAL_LM"
     if config.method == Method.QLORA:
         keep_4bit_layers_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
@@ -262,11 +286,11 @@ def build_model(
             blocks = transformer_blocks(model)
             for block in list(blocks)[-config.layerwise_top_k:]:
                 block.requires_grad_(True)
-            if config.task == Task.CLASSIFICATION:
+            if sequence_classifier:
                 # The head is new (randomly initialised): it must train with the top blocks.
                 classification_head(model).requires_grad_(True)
-        return model
-    return get_peft_model(model, _peft_config(config, task_type, tokenizer, base_dir))
+        return model, None
+    return model, _peft_config(config, task_type, tokenizer, base_dir)
 
 
 def classification_head(model: Any) -> Any:

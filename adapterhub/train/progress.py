@@ -109,23 +109,47 @@ def loss_history(log_history: list[dict[str, Any]]) -> dict[str, list[list[float
     train = [[entry["step"], entry["loss"]] for entry in log_history if "loss" in entry and "step" in entry]
     validation = [[entry["step"], entry["eval_loss"]] for entry in log_history if "eval_loss" in entry and "step" in entry]
     rates = [[entry["step"], entry["learning_rate"]] for entry in log_history if "learning_rate" in entry and "step" in entry]
-    return {"train_loss": train, "eval_loss": validation, "learning_rate": rates}
+    history = {"train_loss": train, "eval_loss": validation, "learning_rate": rates}
+    # Preference trainers (TRL's DPO, ORPO, KTO) log the mean reward of chosen and rejected answers.
+    for key in ("rewards/chosen", "rewards/rejected"):
+        points = [[entry["step"], entry[key]] for entry in log_history if key in entry and "step" in entry]
+        if points:
+            history[key] = points
+    return history
 
 
 def plot_learning_curve(history: dict[str, list[list[float]]], path: Path, *, title: str) -> Path:
-    """Write the learning curve (train and validation loss against the step) as a PNG."""
+    """Write the learning curve (train and validation loss against the step) as a PNG.
+
+    A preference run's chosen and rejected rewards get a second panel below the loss: their
+    drifting apart is what preference tuning is for, and a loss alone does not show it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.2), dpi=110)
+    rewards = [key for key in ("rewards/chosen", "rewards/rejected") if history.get(key)]
+    if rewards:
+        figure, (axis, reward_axis) = plt.subplots(2, 1, figsize=(7, 6.4), dpi=110, sharex=True)
+        for key in rewards:
+            points = [(s, v) for s, v in history[key] if v is not None and math.isfinite(v)]
+            if points:
+                steps, values = zip(*points)
+                reward_axis.plot(steps, values, "-", label=key.split("/")[1])
+        reward_axis.set_xlabel("optimizer step")
+        reward_axis.set_ylabel("reward (train)")
+        reward_axis.grid(alpha=0.3)
+        reward_axis.legend()
+    else:
+        figure, axis = plt.subplots(figsize=(7, 4.2), dpi=110)
     for key, label, style in (("train_loss", "train", "-"), ("eval_loss", "validation", "o-")):
         points = [(s, v) for s, v in history.get(key, []) if v is not None and math.isfinite(v)]
         if points:
             steps, values = zip(*points)
             axis.plot(steps, values, style, label=label, markersize=4)
-    axis.set_xlabel("optimizer step")
+    if not rewards:
+        axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss")
     axis.set_title(title)
     axis.grid(alpha=0.3)

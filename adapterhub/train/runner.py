@@ -38,9 +38,9 @@ from typing import Any
 
 from adapterhub.errors import AdapterhubError, ValidationError
 from adapterhub.train.batching import keeps_packed_rows, packed_rows_collator, padding_free_collator, uses_padding_free_batches
-from adapterhub.train.config import Method, Task, TrainConfig
+from adapterhub.train.config import PREFERENCE_TASKS, Method, Task, TrainConfig
 from adapterhub.train.data import PreparedData, prepare_data
-from adapterhub.train.methods import build_model, environment_problems, resolve_precision, trainable_parameters
+from adapterhub.train.methods import build_base, environment_problems, resolve_precision, trainable_parameters
 from adapterhub.train.progress import CURVE_FILE, LogLines, RichProgressBar, loss_history, plot_learning_curve, write_metrics
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -114,7 +114,8 @@ def load_tokenizer(base_dir: Path) -> Any:
 
 def count_truncated(examples: Sequence[dict[str, Any]], tokenizer: Any, config: TrainConfig) -> int:
     """How many examples are longer than `max_length` tokens once formatted as the trainer does."""
-    if not examples:
+    if not examples or config.task in PREFERENCE_TASKS:
+        # TRL's preference trainers truncate while collating; counted there is not counted here.
         return 0
     texts: list[str] = []
     for example in examples:
@@ -238,7 +239,7 @@ def _training_arguments(
     precision: str,
     has_validation: bool,
     estimated_steps: int,
-    sft: bool,
+    task: Task,
 ) -> Any:
     import torch
     from transformers import TrainingArguments
@@ -296,7 +297,11 @@ def _training_arguments(
         include_num_input_tokens_seen="all" if uses_padding_free_batches(config) else "non_padding",
         ddp_find_unused_parameters=False,
     )
-    if sft:
+    if task in PREFERENCE_TASKS:
+        from adapterhub.train.preference import preference_arguments
+
+        return preference_arguments(config, kwargs)
+    if task in (Task.SFT, Task.CAUSAL_LM):
         return SFTConfig(
             **kwargs,
             max_length=config.max_length,
@@ -326,6 +331,7 @@ def _classification_metrics(prediction: Any) -> dict[str, float]:
 def _build_trainer(
     config: TrainConfig,
     model: Any,
+    peft_config: Any | None,
     tokenizer: Any,
     data: PreparedData,
     args: Any,
@@ -335,6 +341,10 @@ def _build_trainer(
     from trl import SFTTrainer
 
     train_dataset, eval_dataset = data.to_datasets()
+    if config.task in PREFERENCE_TASKS:
+        from adapterhub.train.preference import build_preference_trainer
+
+        return build_preference_trainer(config, model, peft_config, tokenizer, train_dataset, eval_dataset, args, callbacks)
     if config.task == Task.CLASSIFICATION:
         train_dataset = _tokenize_for_classification(train_dataset, tokenizer, config.max_length)
         if eval_dataset is not None:
@@ -365,7 +375,7 @@ def _build_trainer(
     return trainer
 
 
-def _evaluate_before_training(trainer: Any, output_dir: Path, *, resuming: bool, is_main: bool) -> dict[str, Any]:
+def _evaluate_before_training(config: TrainConfig, trainer: Any, output_dir: Path, *, resuming: bool, is_main: bool) -> dict[str, Any]:
     """Validation metrics of the model before its first step, so a run reports before and after.
 
     For adapters that is the base model's behaviour (LoRA's B and DoRA's delta start at zero;
@@ -376,7 +386,12 @@ def _evaluate_before_training(trainer: Any, output_dir: Path, *, resuming: bool,
     path = output_dir / INITIAL_EVAL_FILE
     if resuming and path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
-    metrics = {key: value for key, value in trainer.evaluate().items() if key in ("eval_loss", "eval_accuracy")}
+    if config.task in PREFERENCE_TASKS:
+        from adapterhub.train.preference import score_pairs
+
+        metrics = score_pairs(config, trainer)
+    else:
+        metrics = {key: value for key, value in trainer.evaluate().items() if key in ("eval_loss", "eval_accuracy")}
     if is_main:
         path.write_text(json.dumps(metrics) + "\n", encoding="utf-8")
     return metrics
@@ -440,7 +455,7 @@ def train(
     # up gloo DDP (MULTI_CPU) instead of silently running each process as a separate job.
     state = PartialState(cpu=not torch.cuda.is_available())
     tokenizer = load_tokenizer(base_dir)
-    chat = config.task == Task.SFT and bool(getattr(tokenizer, "chat_template", None))
+    chat = (config.task == Task.SFT or config.task in PREFERENCE_TASKS) and bool(getattr(tokenizer, "chat_template", None))
     data = prepare_data(config, chat=chat)
     if not data.train:
         raise ValidationError("training data", ["no training examples left after the validation split"])
@@ -473,15 +488,19 @@ def train(
         notes.append(f"gradient checkpointing is off for {config.method.value} (its prefix is a key/value cache that recomputation drops)")
 
     set_seed(config.seed)
-    model = build_model(config, base_dir, tokenizer=tokenizer, precision=precision, labels=data.labels)
-    trainable, total = trainable_parameters(model)
+    model, peft_config = build_base(config, base_dir, tokenizer=tokenizer, precision=precision, labels=data.labels)
+    if peft_config is not None and config.task not in PREFERENCE_TASKS:
+        # TRL's preference trainers wrap the base themselves (their reference is then the base, adapter off).
+        from peft import get_peft_model
+
+        model, peft_config = get_peft_model(model, peft_config), None
     args = _training_arguments(
         config,
         checkpoints_dir=checkpoints_dir,
         precision=precision,
         has_validation=bool(data.validation),
         estimated_steps=_estimated_steps(config, len(data.train), state.num_processes),
-        sft=config.task != Task.CLASSIFICATION,
+        task=config.task,
     )
     trainer_callbacks: list[Any] = list(callbacks)
     description = f"{config.method.value}/{config.task.value}"
@@ -497,14 +516,16 @@ def train(
 
         unfreezing = GradualUnfreezing(transformer_blocks(model), start=config.layerwise_top_k, every=config.unfreeze_every)
         trainer_callbacks.append(unfreezing)
-        trainable, total = trainable_parameters(model)  # every block that will train, as the optimizer holds them
-    trainer = _build_trainer(config, model, tokenizer, data, args, trainer_callbacks)
+    trainer = _build_trainer(config, model, peft_config, tokenizer, data, args, trainer_callbacks)
+    # Counted on the trainer's model: preference trainers add the adapter themselves; with gradual
+    # unfreezing every block that will train counts, as the optimizer holds them.
+    trainable, total = trainable_parameters(trainer.model)
     # Ours replace transformers' log dicts printed to stdout (see adapterhub.train.progress).
     trainer.remove_callback(PrinterCallback)
 
     initial_metrics: dict[str, Any] = {}
     if data.validation:
-        initial_metrics = _evaluate_before_training(trainer, output_dir, resuming=checkpoint is not None, is_main=state.is_main_process)
+        initial_metrics = _evaluate_before_training(config, trainer, output_dir, resuming=checkpoint is not None, is_main=state.is_main_process)
     # Taken from the trainer's model, after the trainer was built: TRL casts QLoRA adapter weights to bf16 then.
     fingerprint_before, trainable_names = trainable_fingerprint(trainer.accelerator.unwrap_model(trainer.model))
     started = time.perf_counter()
@@ -514,7 +535,11 @@ def train(
     if trainable_fingerprint(trained, trainable_names)[0] == fingerprint_before:
         refuse_untrained(config, trainer.state.log_history, parameters=trainable)
     final_metrics: dict[str, Any] = {}
-    if data.validation:
+    if data.validation and config.task in PREFERENCE_TASKS:
+        from adapterhub.train.preference import score_pairs
+
+        final_metrics = score_pairs(config, trainer)
+    elif data.validation:
         final_metrics = trainer.evaluate()
 
     # The callback counts validations without improvement; reaching the patience is what stopped the run.
@@ -564,6 +589,16 @@ def train(
         "eval_loss_history": history["eval_loss"],
         "learning_rate_history": history["learning_rate"],
     }
+    if config.task in PREFERENCE_TASKS:
+        # Held-out preference figures before and after (adapterhub.train.preference.score_pairs).
+        for key in sorted(set(initial_metrics) | set(final_metrics)):
+            if key in ("eval_loss", "eval_accuracy"):
+                continue
+            name = key.removeprefix("eval_").replace("/", "_")
+            metrics[f"initial_{name}"] = initial_metrics.get(key)
+            metrics[name] = final_metrics.get(key)
+        metrics["chosen_reward_history"] = history.get("rewards/chosen", [])
+        metrics["rejected_reward_history"] = history.get("rewards/rejected", [])
     final_dir = output_dir / FINAL_DIR
     is_full = config.produces_full_model
     if state.is_main_process:
@@ -587,7 +622,7 @@ def train(
         peak_memory_bytes=peak_memory_bytes(),
         is_main_process=state.is_main_process,
         notes=notes,
-        supervision=None if config.task == Task.CLASSIFICATION else supervision(config, trainer.train_dataset, chat=chat),
+        supervision=None if config.task == Task.CLASSIFICATION or config.task in PREFERENCE_TASKS else supervision(config, trainer.train_dataset, chat=chat),
         early_stopping=early_stopping_record,
         unfreezing=unfreezing.record() if unfreezing is not None else None,
     )

@@ -251,3 +251,46 @@ def test_several_adapters_side_by_side_on_one_base(registry_with_lora: Registry,
         failed = runner.invoke(app, ["eval", *args, *common])
         assert isinstance(failed.exception, AdapterhubError) and message in str(failed.exception), failed.output
     assert len(registry_with_lora.get("rev").evaluations) == 2  # the failed calls stored nothing
+
+
+def test_eval_compare_on_preference_pairs_scores_both_sides_by_log_probability(
+    registry_with_lora: Registry, tiny_base: Path, tmp_path: Path
+) -> None:
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "reverse: fox dog", "chosen": "dog fox", "rejected": "fox dog"},
+        {"prompt": "reverse: cat owl", "chosen": "owl cat", "rejected": "cat owl cat owl"},
+        {"prompt": "reverse: bee elk", "chosen": "elk bee", "rejected": "bee"},
+    ])
+    result = runner.invoke(app, ["eval", "rev", "--data", str(pairs), "--compare", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    adapter, base = payload["adapter"]["metrics"], payload["base"]["metrics"]
+    assert set(adapter) == {"preference_accuracy", "preference_margin"} and payload["adapter"]["dataset"]["kind"] == "preference"
+    assert adapter["preference_accuracy"] in (0, 1 / 3, 2 / 3, 1) and adapter["preference_margin"] != base["preference_margin"]
+    assert payload["deltas"]["preference_margin"] == pytest.approx(adapter["preference_margin"] - base["preference_margin"])
+    stored = {e.metric: e for e in registry_with_lora.get("rev").evaluations}
+    assert stored["preference_accuracy"].details["base_value"] == pytest.approx(base["preference_accuracy"])
+
+    # The margin is log p(chosen) - log p(rejected) as `perplexity` scores a reply: checked on one pair by hand.
+    from adapterhub.eval import evaluate_model
+    from adapterhub.eval.generation import render_prompt, sequence_nll
+    from adapterhub.eval.loading import load_causal
+
+    one = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "reverse: fox dog", "chosen": "dog fox", "rejected": "fox dog"}])
+    report = evaluate_model(model_dir=tiny_base, data=one)
+    loaded = load_causal(tiny_base)
+    prompt = render_prompt(loaded.tokenizer, [{"role": "user", "content": "reverse: fox dog"}], "reverse: fox dog")
+    nll = sequence_nll(loaded.model, loaded.tokenizer, [(prompt, "dog fox"), (prompt, "fox dog")], batch_size=2, chat_formatted=True)
+    assert report.metrics["preference_margin"] == pytest.approx(nll.per_sequence[1] - nll.per_sequence[0], rel=1e-4)
+
+
+def test_eval_preference_row_problems_named_by_line(registry_with_lora: Registry, tmp_path: Path) -> None:
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "a"},
+        {"prompt": "p", "chosen": "same", "rejected": "same"},
+    ])
+    result = runner.invoke(app, ["eval", "rev", "--data", str(pairs)])
+    assert result.exit_code != 0
+    text = str(result.exception) + result.output
+    assert "line 2" in text and "'rejected'" in text and "line 3" in text and "identical" in text

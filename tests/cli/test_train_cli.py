@@ -370,3 +370,29 @@ def test_runs_under_accelerate_launch_with_two_processes(registry: Registry, sft
     assert [r.ref for r in records] == ["ddp:1"]  # only the main process registered
     metrics = registry.get("ddp:1").lineage.details["metrics"]  # type: ignore[union-attr]
     assert metrics["world_size"] == 2 and metrics["global_step"] == 3
+
+
+def test_train_dpo_registers_the_adapter_with_preference_figures(registry: Registry, tmp_path: Path) -> None:
+    words = ["fox", "dog", "cat", "owl", "bee", "elk", "ant", "yak", "emu", "cod"]
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"say {w}", "chosen": w, "rejected": f"no {w} here"} for w in words])
+    result = runner.invoke(app, [
+        "train", "--base", "tiny", "--data", str(data), "--task", "dpo", "--name", "pref", "--beta", "0.3", "--loss-type", "sigmoid",
+        "--max-steps", "2", "--batch-size", "2", "--validation-split", "0.3", "--learning-rate", "0.01", "--json", "--no-progress",
+    ])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["ref"] == "pref:1" and summary["kind"] == "lora"
+    assert summary["reward_margin_before"] == 0 and summary["reward_margin"] != 0
+    assert 0 <= summary["preference_accuracy"] <= 1
+    details = registry.get("pref").lineage.details
+    assert details["config"]["task"] == "dpo" and details["config"]["beta"] == 0.3
+    assert details["metrics"]["held_out_pairs"] == 3 and "initial_preference_accuracy" in details["metrics"]
+
+
+def test_train_with_a_bad_preference_row_registers_nothing(registry: Registry, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}])
+    result = runner.invoke(app, ["train", "--base", "tiny", "--data", str(data), "--task", "orpo", "--name", "bad", "--no-progress"])
+    assert isinstance(result.exception, ValidationError), result.output
+    assert "line 2" in str(result.exception) and "rejected missing" in str(result.exception)
+    with pytest.raises(NotFoundError):
+        registry.get("bad")
