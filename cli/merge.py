@@ -122,6 +122,7 @@ def merge_command(
     search: Annotated[bool, typer.Option("--search", help="Find the method, weights and densities by scoring merges on each task's --eval rows (worst task's retained gain).")] = False,
     trials: Annotated[int, typer.Option("--trials", help="--search: number of merges tried.")] = 12,
     eval_rows: Annotated[int, typer.Option("--eval-rows", help="--search: held-out rows scored per task and trial (the first N of each file).")] = 16,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="--search: tokens generated per scored row (cover the longest answer).")] = 32,
     json_output: JsonOption = False,
 ) -> None:
     """Merge adapters or fine-tuned models on one base into a new LoRA or a full model."""
@@ -132,7 +133,8 @@ def merge_command(
         _search_command(
             method=method, base=base, adapters=list(adapters or ()), recipe_file=recipe_file, params=list(params or ()),
             seed=seed, out=out, rank=rank, energy=energy, full_model=full_model, tags=list(tags or ()),
-            eval_specs=list(eval_specs or ()), trials=trials, eval_rows=eval_rows, json_output=json_output,
+            eval_specs=list(eval_specs or ()), trials=trials, eval_rows=eval_rows, max_new_tokens=max_new_tokens,
+            json_output=json_output,
         )
         return
     problems: list[str] = []
@@ -213,7 +215,7 @@ def merge_command(
 def _search_command(
     *, method: str | None, base: str | None, adapters: list[str], recipe_file: Path | None, params: list[str],
     seed: int | None, out: str | None, rank: int | None, energy: float | None, full_model: Path | None,
-    tags: list[str], eval_specs: list[str], trials: int, eval_rows: int, json_output: bool,
+    tags: list[str], eval_specs: list[str], trials: int, eval_rows: int, max_new_tokens: int, json_output: bool,
 ) -> None:
     """`merge --search`: score candidate merges on each task's rows, register the best with every trial.
 
@@ -240,6 +242,8 @@ def _search_command(
         problems.append(f"--trials must be at least 1, got {trials}")
     if eval_rows < 1:
         problems.append(f"--eval-rows must be at least 1, got {eval_rows}")
+    if max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if len(adapters) < 2:
         problems.append(f"--search merges at least two --adapter inputs, got {len(adapters)}")
     refs = []
@@ -263,7 +267,7 @@ def _search_command(
     if full:
         raise ValidationError("merge --search", [f"{ref} is a full model: --search merges LoRA adapters" for ref in full])
     tasks, adapter_for_task = _eval_tasks(eval_specs, records, refs)
-    scorer = TaskScorer(base_dir=Path(base_record.path), tasks=tasks, max_examples=eval_rows)
+    scorer = TaskScorer(base_dir=Path(base_record.path), tasks=tasks, max_examples=eval_rows, max_new_tokens=max_new_tokens)
     input_dirs = {record.ref: registry.materialize(record) for record in records}
 
     with err_console.status("scoring the base and each adapter on its task …") as status:
@@ -284,6 +288,7 @@ def _search_command(
         "objective": "min over tasks of (merged - base) / (adapter - base)",
         "methods": methods,
         "trials_requested": trials,
+        "max_new_tokens": max_new_tokens,
         "seed": seed if seed is not None else 0,
         "tasks": {task: info | {"adapter": adapter_for_task[task]} for task, info in scorer.dataset_info().items()},
         "base_scores": base_scores,

@@ -160,3 +160,18 @@ def test_bad_search_input_is_one_error_and_registers_nothing(
     text = str(outcome.exception)
     assert "give --out NAME" in text and "chooses weights and densities" in text
     assert [r.ref for r in registry.list()] == before
+
+
+def test_the_demos_search_step_runs_on_tiny_inputs(registry: Registry, tasks: dict[str, tuple[Path, Path]]) -> None:
+    from adapterhub.cli.demo import search_merge_args
+
+    args = search_merge_args(
+        {"first": "alpha:1", "second": "beta:1"}, {"first": tasks["alpha"][1], "second": tasks["beta"][1]},
+        base="tiny", out="demo-merge-search", trials=2, rows=3, max_new_tokens=32,
+    )
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = registry.get("demo-merge-search")
+    search = record.lineage.details["search"]
+    assert len(search["trials"]) == 2 and record.tags == ("demo",)
+    assert {task: info["rows"] for task, info in search["tasks"].items()} == {"alpha": 3, "beta": 3}
