@@ -226,6 +226,7 @@ def _search_command(
     """
     from adapterhub.eval import TaskScorer
     from adapterhub.merge import MergeRecipe, merge
+    from adapterhub.merge.methods import get_method
     from adapterhub.merge.search import DEFAULT_SEARCH_METHODS, search_merge
     from adapterhub.registry import Lineage
 
@@ -253,6 +254,14 @@ def _search_command(
             problems.append(f"--adapter {text}: --search chooses weights and densities; give the reference alone")
         refs.append(ref)
     methods = [m.strip() for m in method.split(",") if m.strip()] if method else list(DEFAULT_SEARCH_METHODS)
+    for name in methods:  # checked here, before any model loads, not at the first trial
+        try:
+            chosen = get_method(name)
+        except AdapterhubError as exc:
+            problems.append(f"--method: {exc}")
+            continue
+        if len(adapters) < chosen.min_inputs or (chosen.max_inputs is not None and len(adapters) > chosen.max_inputs):
+            problems.append(f"--method: {name} cannot merge {len(adapters)} inputs")
     if not eval_specs:
         problems.append("--search scores each trial on held-out rows: give --eval FILE[:TASK] once per input adapter")
     if problems:

@@ -152,6 +152,7 @@ def test_bad_search_input_is_one_error_and_registers_nothing(
         (["--eval", alpha, "--eval", beta, "--trials", "0"], "--trials must be at least 1, got 0"),
         (["--eval", str(perplexity), "--eval", beta], "holds text rows (perplexity)"),
         (["--eval", f"{alpha}:alpha", "--eval", f"{beta}:alpha"], "task alpha already has an eval file"),
+        (["--eval", alpha, "--eval", beta, "--method", "ties,tie"], "unknown merge method 'tie'"),
     )
     for extra, expected in cases:
         outcome = runner.invoke(app, ["merge", "--search", "--adapter", "alpha", "--adapter", "beta", *extra, "--out", "bad"])
