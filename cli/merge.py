@@ -302,7 +302,7 @@ def _search_command(
         "tasks": {task: info | {"adapter": adapter_for_task[task]} for task, info in scorer.dataset_info().items()},
         "base_scores": base_scores,
         "adapter_scores": single_scores,
-        "best_trial": next(row["trial"] for row in found.trials if row["objective"] == found.best_objective),
+        "best_trial": found.best_trial,
         "best_objective": found.best_objective,
         "best_retention": dict(found.best_retention),
         "trials": [dict(row) for row in found.trials],

@@ -99,6 +99,7 @@ def test_search_registers_the_best_with_its_trials_and_loads_the_base_once(
         assert row["objective"] == min(row["retention"].values())
         assert row["retention"] == {t: row["scores"][t] for t in ("alpha", "beta")}  # base 0, adapter 1
     assert search["best_objective"] == max(row["objective"] for row in search["trials"])
+    assert search["trials"][search["best_trial"]]["objective"] == search["best_objective"]
     best = next(row for row in search["trials"] if row["trial"] == search["best_trial"])
     assert payload["method"] == best["params"]["method"]
     assert search["tasks"]["alpha"]["adapter"] == "alpha:1" and search["tasks"]["alpha"]["rows"] >= 3
