@@ -254,6 +254,8 @@ def _search_command(
             problems.append(f"--adapter {text}: --search chooses weights and densities; give the reference alone")
         refs.append(ref)
     methods = [m.strip() for m in method.split(",") if m.strip()] if method else list(DEFAULT_SEARCH_METHODS)
+    if not methods:
+        problems.append(f"--method {method!r}: name at least one method to search over, comma-separated")
     for name in methods:  # checked here, before any model loads, not at the first trial
         try:
             chosen = get_method(name)

@@ -154,6 +154,7 @@ def test_bad_search_input_is_one_error_and_registers_nothing(
         (["--eval", str(perplexity), "--eval", beta], "holds text rows (perplexity)"),
         (["--eval", f"{alpha}:alpha", "--eval", f"{beta}:alpha"], "task alpha already has an eval file"),
         (["--eval", alpha, "--eval", beta, "--method", "ties,tie"], "unknown merge method 'tie'"),
+        (["--eval", alpha, "--eval", beta, "--method", ","], "name at least one method to search over"),
     )
     for extra, expected in cases:
         outcome = runner.invoke(app, ["merge", "--search", "--adapter", "alpha", "--adapter", "beta", *extra, "--out", "bad"])
