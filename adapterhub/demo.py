@@ -96,21 +96,44 @@ def _example(task: str, rng: random.Random) -> dict[str, str]:
     return {"prompt": prompt, "completion": completion}
 
 
-def write_task_data(task: str, out_dir: Path, *, train_rows: int = 240, heldout_rows: int = 40, seed: int = 0) -> tuple[Path, Path]:
-    """Write `<task>-train.jsonl` and `<task>-heldout.jsonl` (no prompt in both); returns their paths."""
+def _unique_rows(task: str, count: int, seed: int) -> list[dict[str, str]]:
+    """The first `count` examples of a task with distinct prompts, always in the same order."""
     rng = random.Random(f"{task}-{seed}")
     seen: set[str] = set()
     rows: list[dict[str, str]] = []
-    while len(rows) < train_rows + heldout_rows:
+    while len(rows) < count:
         example = _example(task, rng)
         if example["prompt"] not in seen:
             seen.add(example["prompt"])
             rows.append(example)
+    return rows
+
+
+def _write_jsonl(path: Path, rows: Sequence[Mapping[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_task_data(task: str, out_dir: Path, *, train_rows: int = 240, heldout_rows: int = 40, seed: int = 0) -> tuple[Path, Path]:
+    """Write `<task>-train.jsonl` and `<task>-heldout.jsonl` (no prompt in both); returns their paths."""
+    rows = _unique_rows(task, train_rows + heldout_rows, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = out_dir / f"{task}-train.jsonl", out_dir / f"{task}-heldout.jsonl"
-    for path, part in zip(paths, (rows[:train_rows], rows[train_rows:])):
-        path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
-    return paths
+    return (_write_jsonl(out_dir / f"{task}-train.jsonl", rows[:train_rows]),
+            _write_jsonl(out_dir / f"{task}-heldout.jsonl", rows[train_rows:]))
+
+
+def write_search_rows(
+    task: str, out_dir: Path, *, rows: int, train_rows: int = 240, heldout_rows: int = 40, seed: int = 0,
+) -> Path:
+    """Write `<task>-search.jsonl`: rows for a merge search to score, in neither the training nor the held-out file.
+
+    Why a third file: a search that picks its merge on the held-out rows would report a score
+    it was selected on. These rows continue the same sequence `write_task_data` draws from,
+    so they share no prompt with either of its files (same `train_rows`, `heldout_rows`, `seed`).
+    """
+    drawn = _unique_rows(task, train_rows + heldout_rows + rows, seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _write_jsonl(out_dir / f"{task}-search.jsonl", drawn[train_rows + heldout_rows:])
 
 
 def gain_retention(

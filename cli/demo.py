@@ -3,7 +3,8 @@
 Each stage runs the real `adapterhub` CLI in a subprocess (so training and serving memory is
 returned between stages, and the demo exercises exactly the user's path), then reads results
 back from the registry. Stages: provision SmolLM2 → write two toy tasks → train a LoRA per
-task → evaluate base vs adapters → merge them with several methods → evaluate what each merge
+task → evaluate base vs adapters → merge them with several methods and one `merge --search`
+(a few trials scored on rows kept apart from the held-out ones) → evaluate what each merge
 keeps of each task → serve base + adapters + merges from one endpoint and query it with the
 official `openai` client → write a report (Markdown tables + PNG plots).
 """
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,6 +47,23 @@ def _latest_metric(ref: str, dataset_file: Path, metric: str, *, base_model: boo
     if not matching:
         raise AdapterhubError(f"no {metric} of {ref} on {dataset_file.name} was recorded")
     return matching[-1].value
+
+
+def search_merge_args(
+    adapters: Mapping[str, str], search_files: Mapping[str, Path], *, base: str, out: str, trials: int, rows: int,
+    max_new_tokens: int = 12,
+) -> list[str]:
+    """The `adapterhub merge --search` command line of the demo's searched merge.
+
+    Each adapter's task is scored on its own search file (rows in neither its training nor
+    its held-out file, so the held-out figures stay unselected-on); `trials` × `rows` is kept
+    small so the search adds about a minute to the demo on CPU.
+    """
+    args = ["merge", "--search", "--trials", str(trials), "--eval-rows", str(rows), "--max-new-tokens", str(max_new_tokens),
+            "--base", base, "--out", out, "--tag", "demo"]
+    for task, ref in adapters.items():
+        args += ["--adapter", ref, "--eval", f"{search_files[task]}:{ref.split(':')[0]}"]
+    return args
 
 
 def _free_port() -> int:
@@ -105,6 +124,8 @@ def demo(
     steps: Annotated[int, typer.Option(help="Training steps per adapter.")] = 40,
     heldout: Annotated[int, typer.Option(help="Held-out examples scored per task.")] = 30,
     requests_per_model: Annotated[int, typer.Option(help="Requests sent to each served model.")] = 4,
+    search_trials: Annotated[int, typer.Option(help="Trials of the searched merge (merge --search).")] = 6,
+    search_rows: Annotated[int, typer.Option(help="Rows per task each search trial is scored on (not the held-out rows).")] = 8,
 ) -> None:
     """Run the main job end to end and write a report (Markdown + PNG plots)."""
     from adapterhub.demo import (
@@ -114,6 +135,7 @@ def demo(
         plot_latency,
         plot_quality,
         retention_verdict,
+        write_search_rows,
         write_task_data,
     )
 
@@ -144,6 +166,9 @@ def demo(
             args += ["--adapter", f"{ref}=1.0,0.5" if method in ("ties", "dare_ties") else f"{ref}=1.0"]
         _cli(*args)
         merges[method] = open_registry().get(name).ref
+    search_files = {task: write_search_rows(task, out / "data", rows=search_rows, heldout_rows=heldout) for task in TASKS}
+    _cli(*search_merge_args(adapters, search_files, base=BASE, out="demo-merge-search", trials=search_trials, rows=search_rows))
+    merges["search"] = open_registry().get("demo-merge-search").ref
 
     console.rule("5. evaluate base, adapters and merges on both tasks")
     scores: dict[str, dict[str, float]] = {BASE: {}}
@@ -178,7 +203,9 @@ def demo(
     report = "\n\n".join([
         "# adapterhub demo report",
         f"Base model: SmolLM2-135M-Instruct (`{BASE}`). Adapters: LoRA r=16 on q/k/v/o, {steps} steps each. "
-        f"Merges: {', '.join(MERGE_METHODS)} of the two adapters (LoRA output, rank 32). Wall time {time.perf_counter() - started:.0f} s.",
+        f"Merges: {', '.join(MERGE_METHODS)} of the two adapters (LoRA output, rank 32), and `demo-merge-search`: "
+        f"`merge --search`, {search_trials} trials over method, weights and densities, each scored on {search_rows} rows per task "
+        f"that are in neither the training nor the held-out file (the trial table is in its lineage: `adapterhub show demo-merge-search`). Wall time {time.perf_counter() - started:.0f} s.",
         "## Exact match on held-out examples", markdown_table(["model", *TASKS], quality_rows), f"![quality]({quality_png.name})",
         "## Share of each adapter's gain each merge keeps, (merged − base) / (adapter − base)",
         markdown_table(["merge", *TASKS], retention_rows), retention_verdict(retention), f"![retention]({retention_png.name})",

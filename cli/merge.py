@@ -118,14 +118,29 @@ def merge_command(
     energy: Annotated[Optional[float], typer.Option("--energy", help="LoRA output: smallest rank per module keeping this share of the squared singular values (default 0.99 unless --rank).")] = None,
     full_model: Annotated[Optional[Path], typer.Option("--full-model", help="Write base + merged delta as a full model to DIR (registered too with --out).")] = None,
     tags: Annotated[Optional[list[str]], typer.Option("--tag", "-t", help="Tag for the registered result (repeatable).")] = None,
-    eval_file: Annotated[Optional[Path], typer.Option("--eval", help="Evaluate the result and its parents on this file and store the figures.")] = None,
+    eval_specs: Annotated[Optional[list[str]], typer.Option("--eval", help="Evaluate the result and its parents on this file and store the figures; with --search, FILE[:TASK] once per input adapter (TASK names the input whose task the file holds).")] = None,
+    search: Annotated[bool, typer.Option("--search", help="Find the method, weights and densities by scoring merges on each task's --eval rows (worst task's retained gain).")] = False,
+    trials: Annotated[int, typer.Option("--trials", help="--search: number of merges tried.")] = 12,
+    eval_rows: Annotated[int, typer.Option("--eval-rows", help="--search: held-out rows scored per task and trial (the first N of each file).")] = 16,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="--search: tokens generated per scored row (cover the longest answer).")] = 32,
     json_output: JsonOption = False,
 ) -> None:
     """Merge adapters or fine-tuned models on one base into a new LoRA or a full model."""
     from adapterhub.merge import MergeRecipe, merge
     from adapterhub.registry import Lineage
 
+    if search:
+        _search_command(
+            method=method, base=base, adapters=list(adapters or ()), recipe_file=recipe_file, params=list(params or ()),
+            seed=seed, out=out, rank=rank, energy=energy, full_model=full_model, tags=list(tags or ()),
+            eval_specs=list(eval_specs or ()), trials=trials, eval_rows=eval_rows, max_new_tokens=max_new_tokens,
+            json_output=json_output,
+        )
+        return
     problems: list[str] = []
+    if len(eval_specs or ()) > 1:
+        problems.append("--eval: give one file (several, one per task, only with --search)")
+    eval_file = Path(eval_specs[0]) if eval_specs else None
     if out is None and full_model is None:
         problems.append("give --out NAME (register the result) and/or --full-model DIR")
     if out is not None:
@@ -195,6 +210,219 @@ def merge_command(
         print_json(payload)
         return
     _print_summary(payload)
+
+
+def _search_command(
+    *, method: str | None, base: str | None, adapters: list[str], recipe_file: Path | None, params: list[str],
+    seed: int | None, out: str | None, rank: int | None, energy: float | None, full_model: Path | None,
+    tags: list[str], eval_specs: list[str], trials: int, eval_rows: int, max_new_tokens: int, json_output: bool,
+) -> None:
+    """`merge --search`: score candidate merges on each task's rows, register the best with every trial.
+
+    Why here and not in the core: the search (`adapterhub.merge.search`) only sees a scorer
+    callable; this wires it to `adapterhub.eval.TaskScorer`, which loads the base once and
+    attaches each trial's LoRA to it, and to the registry for inputs and the result. Every
+    check runs before any model loads, and nothing is registered unless the search finished.
+    """
+    from adapterhub.eval import TaskScorer
+    from adapterhub.merge import MergeRecipe, merge
+    from adapterhub.merge.methods import get_method
+    from adapterhub.merge.search import DEFAULT_SEARCH_METHODS, search_merge
+    from adapterhub.registry import Lineage
+
+    problems: list[str] = []
+    if out is None:
+        problems.append("--search registers the best merge: give --out NAME")
+    else:
+        problems.extend(f"--out: {p}" for p in name_problems(out))
+    for tag in tags:
+        problems.extend(f"--tag: {p}" for p in name_problems(tag))
+    if recipe_file is not None or params:
+        problems.append("--search chooses the recipe: give the inputs as --adapter REF, without a RECIPE file or --param")
+    if trials < 1:
+        problems.append(f"--trials must be at least 1, got {trials}")
+    if eval_rows < 1:
+        problems.append(f"--eval-rows must be at least 1, got {eval_rows}")
+    if max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if len(adapters) < 2:
+        problems.append(f"--search merges at least two --adapter inputs, got {len(adapters)}")
+    refs = []
+    for text in adapters:
+        ref, parameters = parse_adapter_option(text)
+        if parameters:
+            problems.append(f"--adapter {text}: --search chooses weights and densities; give the reference alone")
+        refs.append(ref)
+    methods = [m.strip() for m in method.split(",") if m.strip()] if method else list(DEFAULT_SEARCH_METHODS)
+    if not methods:
+        problems.append(f"--method {method!r}: name at least one method to search over, comma-separated")
+    for name in methods:  # checked here, before any model loads, not at the first trial
+        try:
+            chosen = get_method(name)
+        except AdapterhubError as exc:
+            problems.append(f"--method: {exc}")
+            continue
+        if len(adapters) < chosen.min_inputs or (chosen.max_inputs is not None and len(adapters) > chosen.max_inputs):
+            problems.append(f"--method: {name} cannot merge {len(adapters)} inputs")
+    if not eval_specs:
+        problems.append("--search scores each trial on held-out rows: give --eval FILE[:TASK] once per input adapter")
+    if problems:
+        raise ValidationError("merge --search", problems)
+
+    data: dict[str, Any] = {"merge_method": methods[0], "models": [{"model": ref} for ref in refs]}
+    if base is not None:
+        data["base_model"] = base
+    registry = open_registry()
+    records, base_record = _resolve_inputs(registry, MergeRecipe.from_dict(data, source="merge options"))
+    full = [r.ref for r in records if r.is_full_model]
+    if full:
+        raise ValidationError("merge --search", [f"{ref} is a full model: --search merges LoRA adapters" for ref in full])
+    tasks, adapter_for_task = _eval_tasks(eval_specs, records, refs)
+    scorer = TaskScorer(base_dir=Path(base_record.path), tasks=tasks, max_examples=eval_rows, max_new_tokens=max_new_tokens)
+    input_dirs = {record.ref: registry.materialize(record) for record in records}
+
+    with err_console.status("scoring the base and each adapter on its task …") as status:
+        base_scores = scorer.score(None)
+        single_scores = {task: scorer.score(input_dirs[ref], tasks=[task])[task] for task, ref in adapter_for_task.items()}
+
+        def score(adapter_dir: Path) -> dict[str, float]:
+            status.update(f"merge search: trial {scorer.calls - len(single_scores)}/{trials} …")
+            return scorer.score(adapter_dir)
+
+        found = search_merge(
+            [r.ref for r in records], base_dir=Path(base_record.path), input_dirs=input_dirs, score=score,
+            base_scores=base_scores, single_scores=single_scores, trials=trials, methods=methods,
+            seed=seed if seed is not None else 0, energy=energy,
+        )
+    best_recipe = MergeRecipe.from_dict(found.best_recipe.to_json() | {"base_model": base_record.name}, source="merge search")
+    search_details = {
+        "objective": "min over tasks of (merged - base) / (adapter - base)",
+        "methods": methods,
+        "trials_requested": trials,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed if seed is not None else 0,
+        "tasks": {task: info | {"adapter": adapter_for_task[task]} for task, info in scorer.dataset_info().items()},
+        "base_scores": base_scores,
+        "adapter_scores": single_scores,
+        "best_trial": found.best_trial,
+        "best_objective": found.best_objective,
+        "best_retention": dict(found.best_retention),
+        "trials": [dict(row) for row in found.trials],
+        "base_loads": scorer.base_loads,
+        "models_scored": scorer.calls,
+    }
+    with tempfile.TemporaryDirectory(prefix="adapterhub-merge-") as scratch:
+        out_dir = full_model if full_model is not None else Path(scratch) / "merged"
+        result = merge(best_recipe, out_dir=out_dir, base_dir=Path(base_record.path), input_dirs=input_dirs,
+                       full_model=full_model is not None, rank=rank, energy=energy)
+        details = dict(result.lineage_details()) | {"search": search_details}
+        lineage = Lineage(kind="merged", parents=tuple(r.ref for r in records), details=details)
+        assert out is not None
+        registered = registry.put_adapter(name=out, source_dir=out_dir, base=base_record.name, tags=tuple(tags), lineage=lineage).record
+    payload = {
+        "ref": registered.ref, "output": result.output, "full_model_dir": str(full_model) if full_model else None,
+        "method": result.method, "parents": [r.ref for r in records], "base": base_record.name, "exact": result.exact,
+        "rank": result.rank, "max_relative_error": result.max_relative_error,
+        "mean_relative_error": result.error_report()["mean_relative_error"], "dropped": dict(result.dropped),
+        "module_ranks": dict(result.module_ranks), "warnings": list(result.warnings),
+        "modules_merged": result.modules_merged, "wall_seconds": round(result.wall_seconds, 3), "evaluations": {},
+        "recipe": best_recipe.to_json(), "search": search_details,
+    }
+    if json_output:
+        print_json(payload)
+        return
+    _print_search(search_details)
+    _print_summary(payload)
+
+
+def _eval_tasks(
+    specs: list[str], records: list[Any], typed_refs: list[str]
+) -> tuple[dict[str, tuple[Path, Any]], dict[str, str]]:
+    """`FILE[:TASK]` options → ({task: (file, rows of that task)}, {task: adapter ref}).
+
+    TASK names the input whose task the file holds (its name, its ref, or the reference as
+    typed); without it the files pair with the inputs in order. When a file's rows carry a
+    `task` field, only the rows whose task is the input's name are scored, so one mixed file
+    can serve every input.
+    """
+    from adapterhub.datafiles import read_data_file
+    from adapterhub.eval import RowSubset
+
+    lookup: dict[str, Any] = {}
+    for typed, record in zip(typed_refs, records):
+        for key in (typed, record.ref, record.name):
+            lookup.setdefault(key, record)
+    problems: list[str] = []
+    if len(specs) != len(records):
+        problems.append(f"--search needs one --eval FILE[:TASK] per input adapter ({len(records)}), got {len(specs)}")
+    tasks: dict[str, tuple[Path, Any]] = {}
+    adapter_for_task: dict[str, str] = {}
+    for position, text in enumerate(specs):
+        path_text, task = text, None
+        if not Path(text).is_file() and ":" in text:
+            path_text, _, task = text.rpartition(":")
+        path = Path(path_text)
+        if task is not None:
+            record = lookup.get(task)
+            if record is None:
+                problems.append(f"--eval {text}: unknown task {task!r}: name one of the inputs ({', '.join(r.name for r in records)})")
+                continue
+        elif position < len(records):
+            record = records[position]
+        else:
+            continue
+        label = record.name
+        if label in adapter_for_task:
+            problems.append(f"--eval {text}: task {label} already has an eval file")
+            continue
+        if not path.is_file():
+            problems.append(f"--eval {text}: {path} is not a file")
+            continue
+        try:
+            rows = [row for row in read_data_file(path) if row.problem is None]
+        except AdapterhubError as exc:
+            problems.append(f"--eval {text}: {exc}")
+            continue
+        subset = None
+        if any("task" in row.values for row in rows):
+            indices = frozenset(i for i, row in enumerate(rows) if str(row.values.get("task")) == label)
+            if not indices:
+                present = sorted({str(row.values.get("task")) for row in rows})
+                problems.append(f"--eval {text}: {path.name} has no rows of task {label!r} (its rows' task field holds {', '.join(present)})")
+                continue
+            subset = RowSubset(name=f"task {label}", indices=indices)
+        elif not rows:
+            problems.append(f"--eval {text}: {path.name} holds no rows")
+            continue
+        tasks[label] = (path, subset)
+        adapter_for_task[label] = record.ref
+    for record in records:
+        if record.name not in adapter_for_task and not problems:
+            problems.append(f"no --eval file for input {record.ref}")
+    if problems:
+        raise ValidationError("merge --search", problems)
+    return tasks, adapter_for_task
+
+
+def _print_search(search: dict[str, Any]) -> None:
+    """The trial table (best marked), then the base's and each adapter's score per task."""
+    tasks = list(search["tasks"])
+    table = Table("TRIAL", "METHOD", "WEIGHTS", "DENSITIES", *[t.upper() for t in tasks], "WORST KEPT",
+                  title=f"merge search: {len(search['trials'])} trials, objective = worst task's retained gain")
+    for row in search["trials"]:
+        params = row["params"]
+        weights = ", ".join(f"{v:.2f}" for k, v in sorted(params.items()) if k.startswith("weight_"))
+        densities = ", ".join(f"{v:.2f}" for k, v in sorted(params.items()) if k.startswith("density_")) or "-"
+        best = row["trial"] == search["best_trial"]
+        cells = [str(row["trial"]) + (" *" if best else ""), params["method"], weights, densities,
+                 *[f"{row['scores'][t]:.3f}" for t in tasks], f"{row['objective']:.0%}"]
+        table.add_row(*cells, style="bold green" if best else None)
+    console.print(table)
+    base = ", ".join(f"{t} {search['base_scores'][t]:.3f}" for t in tasks)
+    single = ", ".join(f"{t} {search['adapter_scores'][t]:.3f}" for t in tasks)
+    console.print(f"base: {base}; each adapter on its task: {single}")
+    kept = ", ".join(f"{t} {v:.0%}" for t, v in search["best_retention"].items())
+    console.print(f"best trial {search['best_trial']} keeps {kept} of each task's gain")
 
 
 def _resolve_inputs(registry: Any, recipe: Any) -> tuple[list[Any], Any]:

@@ -7,6 +7,8 @@ Public API (the CLI, the merge engine and the demo build on these):
   the adapter on the same rows, with differences and an optional forgetting check.
 - `evaluate_adapters(base_dir=, adapter_dirs=[...], data=, include_base=True)`: many adapters of
   one base on the same rows, the base loaded once.
+- `TaskScorer(base_dir=, tasks={task: (file, subset)})`: the base and many LoRA candidates on
+  several tasks' rows, one metric per task, the base loaded once (the merge search's judge).
 - `forgetting_check(model_dir=, adapter_dir=, heldout=None) -> ForgettingReport`: perplexity on
   general held-out text (shipped in `adapterhub/eval/data/`) before and after.
 - `adapterhub.eval.metrics`: the metric functions on fixed strings (no model), by name.
@@ -23,7 +25,14 @@ from __future__ import annotations
 
 from adapterhub.eval.data import RowSubset
 from adapterhub.eval.report import Comparison, DatasetInfo, EvalReport, ExampleResult, ForgettingReport
-from adapterhub.eval.runner import GENERAL_HELDOUT_PATH, compare, evaluate_adapters, evaluate_model, forgetting_check
+from adapterhub.eval.runner import (
+    GENERAL_HELDOUT_PATH,
+    TaskScorer,
+    compare,
+    evaluate_adapters,
+    evaluate_model,
+    forgetting_check,
+)
 
 __all__ = [
     "GENERAL_HELDOUT_PATH",
@@ -33,6 +42,7 @@ __all__ = [
     "ExampleResult",
     "ForgettingReport",
     "RowSubset",
+    "TaskScorer",
     "compare",
     "evaluate_adapters",
     "evaluate_model",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -561,3 +561,99 @@ def _dataset_info(dataset: EvalDataset) -> DatasetInfo:
         path=str(dataset.path), sha256=dataset.sha256, kind=dataset.kind.value,
         num_rows=dataset.num_rows, num_evaluated=len(dataset.rows), split=dataset.split,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Many candidates, several tasks, one base load
+
+
+# The one figure a task's retention is computed from: higher is better on both shapes.
+TASK_METRIC = {EvalKind.GENERATION: "exact_match", EvalKind.CLASSIFICATION: "accuracy"}
+
+
+class TaskScorer:
+    """Scores the base and any number of LoRA candidates on several tasks' rows, loading the base once.
+
+    Why: a merge search judges tens of candidates; reloading the base for each would cost more
+    than the merges themselves. The base is loaded on first use and kept; each candidate is
+    attached (PEFT injects its layers in place), scored on every task and detached again, so
+    the base's weights are never touched. Each task is scored by one metric (`TASK_METRIC`: exact
+    match for generation rows, accuracy for text/label rows asked of the causal LM, as
+    `evaluate_model` scores them), so retention = (merged − base) / (adapter − base) reads the
+    same for every task. Every file is validated in the constructor, before any model loads.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_dir: Path,
+        tasks: Mapping[str, tuple[Path, RowSubset | None]],
+        max_examples: int | None = None,
+        max_new_tokens: int = 32,
+        batch_size: int = 8,
+        device: str | None = None,
+        dtype: str | None = None,
+    ) -> None:
+        _check_settings(max_new_tokens=max_new_tokens, batch_size=batch_size)
+        if not tasks:
+            raise AdapterhubError("a task scorer needs at least one task")
+        self.base_dir = Path(base_dir)
+        check_paths(self.base_dir, None)
+        self.datasets: dict[str, EvalDataset] = {}
+        problems: list[str] = []
+        for task, (path, subset) in tasks.items():
+            try:
+                dataset = load_eval_dataset(Path(path), max_examples=max_examples, subset=subset)
+            except AdapterhubError as exc:
+                problems.append(f"task {task}: {exc}")
+                continue
+            if dataset.kind not in TASK_METRIC:
+                problems.append(f"task {task}: {Path(path).name} holds {dataset.kind.value} rows (perplexity); a task needs "
+                                "prompt/completion, messages or text/label rows to score")
+                continue
+            self.datasets[task] = dataset
+        if problems:
+            raise ValidationError("task evaluation", problems)
+        self.metrics = {task: TASK_METRIC[dataset.kind] for task, dataset in self.datasets.items()}
+        self._settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+        self._options = LoadOptions(device=device, dtype=dtype, tokenizer_dir=self.base_dir)
+        self._base: LoadedModel | None = None
+        self.calls = 0  # models scored (the base alone counts as one)
+        self.base_loads = 0  # how often the base was read from disk: 1 however many calls
+
+    def _loaded_base(self) -> LoadedModel:
+        if self._base is None:
+            self._base = load_causal(self.base_dir, options=self._options)
+            self.base_loads += 1
+        return self._base
+
+    def score(self, adapter_dir: Path | None = None, tasks: Sequence[str] | None = None) -> dict[str, float]:
+        """{task: metric} of the base (`adapter_dir=None`) or the base with this LoRA attached."""
+        names = list(tasks) if tasks is not None else list(self.datasets)
+        unknown = [t for t in names if t not in self.datasets]
+        if unknown:
+            raise AdapterhubError(f"unknown task(s): {', '.join(unknown)}; known: {', '.join(self.datasets)}")
+        if adapter_dir is not None:
+            check_paths(self.base_dir, Path(adapter_dir))
+            if wants_classifier(self.base_dir, Path(adapter_dir)) or has_tokenizer(Path(adapter_dir)):
+                raise AdapterhubError(f"{adapter_dir}: a task scorer attaches language-model LoRAs without their own tokenizer")
+        base = self._loaded_base()
+        self.calls += 1
+        candidate = base if adapter_dir is None else _wrap_loaded_base(base, Path(adapter_dir))
+        try:
+            scores = {}
+            for task in names:
+                report = score_loaded(candidate, self.datasets[task], (self.metrics[task],), model_dir=self.base_dir,
+                                      adapter_dir=adapter_dir, **self._settings)
+                scores[task] = report.metrics[self.metrics[task]]
+            return scores
+        finally:
+            if adapter_dir is not None:
+                base.model = detach_adapter(candidate.model)
+
+    def dataset_info(self) -> dict[str, dict[str, Any]]:
+        """Per task: the file, its sha256, the rows scored and the metric (for a lineage)."""
+        return {
+            task: {"data": str(d.path), "sha256": d.sha256, "rows": len(d.rows), "split": d.split, "metric": self.metrics[task]}
+            for task, d in self.datasets.items()
+        }

@@ -41,6 +41,7 @@ class SearchResult:
     best_objective: float
     best_retention: Mapping[str, float]
     trials: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+    best_trial: int = 0  # the number of the trial `best_recipe` comes from (Optuna's pick among ties)
 
 
 def retention(scores: Mapping[str, float], base: Mapping[str, float], single: Mapping[str, float]) -> dict[str, float]:
@@ -114,4 +115,7 @@ def search_merge(
         shutil.rmtree(scratch, ignore_errors=True)
     best = study.best_trial.number
     best_row = next(row for row in table if row["trial"] == best)
-    return SearchResult(best_recipe=recipes[best], best_objective=best_row["objective"], best_retention=best_row["retention"], trials=tuple(table))
+    return SearchResult(
+        best_recipe=recipes[best], best_objective=best_row["objective"], best_retention=best_row["retention"],
+        trials=tuple(table), best_trial=best,
+    )

@@ -44,3 +44,20 @@ def test_the_verdict_names_the_merges_reaching_the_threshold_or_says_none_does()
 def test_the_retention_plot_draws_negative_shares(tmp_path: Path) -> None:
     out = plot_quality(_retention(), tmp_path / "retention.png", metric="share kept", title="kept")
     assert out.stat().st_size > 1000
+
+
+def test_search_rows_are_in_neither_the_training_nor_the_heldout_file(tmp_path: Path) -> None:
+    import json
+
+    from adapterhub.demo import write_search_rows, write_task_data
+
+    train, heldout = write_task_data("reverse", tmp_path, train_rows=30, heldout_rows=10)
+    before = train.read_text(), heldout.read_text()
+    search = write_search_rows("reverse", tmp_path, rows=6, train_rows=30, heldout_rows=10)
+
+    def prompts(path: Path) -> set[str]:
+        return {json.loads(line)["prompt"] for line in path.read_text().splitlines()}
+
+    assert len(prompts(search)) == 6
+    assert not prompts(search) & (prompts(train) | prompts(heldout))
+    assert (train.read_text(), heldout.read_text()) == before  # the demo's other files are unchanged

@@ -58,6 +58,7 @@ def test_search_maximizes_the_worst_task_and_keeps_every_trial(tiny_base: Path, 
     )
     assert len(result.trials) == 8
     assert result.best_objective == max(row["objective"] for row in result.trials)
+    assert result.trials[result.best_trial]["objective"] == result.best_objective
     for row in result.trials:
         assert row["objective"] == min(row["retention"].values())
     # Plain average keeps about half of each task; the search must do better than that.
