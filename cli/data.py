@@ -1,8 +1,9 @@
-"""`adapterhub data inspect|clean|dedup|balance|split|mix`: data preparation from the shell.
+"""`adapterhub data inspect|clean|dedup|balance|split|mix|list|show`: data preparation from the shell.
 
 Design decisions:
 - The commands own no logic: each calls one verb of `adapterhub.data` and prints its card's
   statistics (a table, or `--json`); a user error (bad row, bad weight) is one line, exit 1.
+- Every file a verb writes is registered as a dataset record with its parents (`data_records.py`).
 - `inspect` exits 1 when any row is bad, after printing the report, so a script can gate on it.
 - `--base` names a registered base model whose tokenizer measures lengths in tokens; without
   it lengths are characters (no model is loaded).
@@ -170,4 +171,8 @@ def mix_command(
 
 
 def register(app: typer.Typer) -> None:
+    from adapterhub.cli.data_records import list_command, show_command
+
+    data_app.command("list")(list_command)
+    data_app.command("show")(show_command)
     app.add_typer(data_app, name="data")

@@ -62,3 +62,21 @@ def test_bad_weight_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     result = run_cli(tmp_path / "home", "data", "mix", "--data", f"{a}:0.5", "--data", f"{a}:heavy", "--out", str(tmp_path / "m.jsonl"))
     assert result.returncode == 1 and "weight 'heavy' is not a number" in result.stderr
     assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_outputs_become_records_with_their_parents(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    source = write_jsonl(tmp_path / "raw.jsonl", rows_of(20) + rows_of(2))
+    assert run_cli(home, "data", "clean", str(source), "--out", str(tmp_path / "clean.jsonl")).returncode == 0
+    assert run_cli(home, "data", "dedup", str(tmp_path / "clean.jsonl"), "--out", str(tmp_path / "dedup.jsonl")).returncode == 0
+    again = run_cli(home, "data", "dedup", str(tmp_path / "clean.jsonl"), "--out", str(tmp_path / "dedup.jsonl"), "--json")
+    assert json.loads(again.stdout)["records"] == ["dedup:1"]  # same bytes: the same record
+    listed = json.loads(run_cli(home, "data", "list", "--json").stdout)
+    assert [(r["ref"], r["verb"], r["rows"]) for r in listed] == [("dedup:1", "dedup", 20), ("clean:1", "clean", 22), ("raw:1", "source", 22)]
+    shown = json.loads(run_cli(home, "data", "show", "dedup", "--json").stdout)
+    assert shown["file_matches"] is True and shown["stats"]["exact_removed"] == 2
+    assert [(p["depth"], p["ref"]) for p in shown["parents"]] == [(1, "clean:1"), (2, "raw:1")]
+    (tmp_path / "dedup.jsonl").write_text("changed\n")
+    assert "changed since it was registered" in run_cli(home, "data", "show", "dedup:1").stdout
+    missing = run_cli(home, "data", "show", "nothing")
+    assert missing.returncode == 1 and "no dataset 'nothing'" in missing.stderr
