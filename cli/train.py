@@ -217,8 +217,26 @@ def _run_dir(registry: Any, name: str, output_dir: Path | None, *, resume: bool,
 def _register(registry: Any, config: TrainConfig, base: Any, result: Any, tags: list[str]) -> Any:
     from adapterhub.registry import Lineage
 
-    lineage = Lineage(kind="trained", details=result.lineage_details(base_fingerprint=base.fingerprint))
+    details = result.lineage_details(base_fingerprint=base.fingerprint)
+    details["datasets"] = _dataset_records(registry, config)
+    lineage = Lineage(kind="trained", details=details)
     return registry.put_adapter(name=config.name, source_dir=result.output_path, base=base.name, tags=tuple(tags), lineage=lineage)
+
+
+def _dataset_records(registry: Any, config: TrainConfig) -> list[dict[str, str]]:
+    """The dataset records of the run's files (registered as `source` when not yet records), for the lineage.
+
+    `adapterhub show` follows them to the datasets they were made from (`adapterhub data show`).
+    """
+    from adapterhub.cli.data_records import register_file
+
+    files = [("train", config.data)] + ([("validation", config.validation_data)] if config.validation_data else [])
+    records = []
+    for role, path in files:
+        if path is not None:
+            record = register_file(registry, Path(path))
+            records.append({"role": role, "ref": record.ref, "sha256": record.sha256})
+    return records
 
 
 def _print_summary(result: Any, put: Any, *, json_output: bool) -> None:
