@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,9 @@ class Row:
     number: int
     values: dict[str, Any]
     problem: str | None = None
+    # The JSONL line as read (streaming reader only), so a verb that keeps a row unchanged can
+    # write it back without re-serializing it.
+    raw: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def where(self) -> str:
@@ -137,7 +140,8 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
             except RecursionError:
                 yield Row("line", number, {}, "not valid JSON (nested too deeply)")
                 continue
-            yield _object_row("line", number, value)
+            row = _object_row("line", number, value)
+            yield Row("line", number, row.values, raw=line.rstrip("\r\n")) if row.problem is None else row
 
 
 def _iter_with_datasets(path: Path, kind: str) -> Iterator[Row]:

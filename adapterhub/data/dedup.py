@@ -126,7 +126,7 @@ def dedup_file(
                     if lsh is not None:
                         lsh.insert(row.where, minhash)
                         excerpts[row.where] = _excerpt(key)
-                    write_row(handle, row.values)
+                    write_row(handle, row.values, row.raw)
                     kept += 1
                     continue
                 if kind == "leak":

@@ -115,9 +115,9 @@ class StagedOutputs:
         self._staged.clear()
 
 
-def write_row(handle: TextIO, values: Mapping[str, Any]) -> None:
-    """One JSONL line (UTF-8 kept as is, not \\u-escaped)."""
-    handle.write(json.dumps(values, ensure_ascii=False, default=str))
+def write_row(handle: TextIO, values: Mapping[str, Any], raw: str | None = None) -> None:
+    """One JSONL line (UTF-8 kept as is, not \\u-escaped); `raw`, the row's line as read, is written as it is."""
+    handle.write(raw if raw is not None else json.dumps(values, ensure_ascii=False, default=str))
     handle.write("\n")
 
 

@@ -115,7 +115,7 @@ def balance_file(
         for row, fmt in checked_rows(path):
             label = label_of(row.values, fmt) or ""
             for _ in range(choices[label].copies(seen[label])):
-                write_row(handle, row.values)
+                write_row(handle, row.values, row.raw)
                 written[label] += 1
             seen[label] += 1
         _check_same(path, counts, seen)
@@ -166,7 +166,7 @@ def split_file(
             seen[label] += 1
             in_validation, in_test = held[label]
             name = "validation" if position in in_validation else "test" if position in in_test else "train"
-            write_row(handles[name], row.values)
+            write_row(handles[name], row.values, row.raw)
             written[name][label_of(row.values, fmt) or ""] += 1
         _check_same(path, counts, seen)
         result = VerbResult(
