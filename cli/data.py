@@ -18,6 +18,7 @@ import typer
 from rich.table import Table
 
 from adapterhub.cli.common import JsonOption, console, print_json, print_table
+from adapterhub.cli.data_records import list_command, show_command
 
 data_app = typer.Typer(help="Inspect, clean, deduplicate, balance, split and mix training data.", no_args_is_help=True)
 
@@ -170,9 +171,9 @@ def mix_command(
     _finish(mix_files([parse_source(text) for text in data], out, temperature=temperature, rows=rows, seed=seed), json_output)
 
 
-def register(app: typer.Typer) -> None:
-    from adapterhub.cli.data_records import list_command, show_command
+data_app.command("list")(list_command)
+data_app.command("show")(show_command)
 
-    data_app.command("list")(list_command)
-    data_app.command("show")(show_command)
+
+def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
