@@ -38,7 +38,8 @@ from pathlib import Path
 path, work = Path(sys.argv[1]), Path(sys.argv[2])
 limit = int(sys.argv[3])
 def start():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter()
+    import psutil  # the resident size now: a transient peak while importing would hide the task's growth
+    return psutil.Process().memory_info().rss / 2**20, time.perf_counter()
 def done(rss0, t0, rows):
     print(json.dumps({"seconds": time.perf_counter() - t0, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0, "rows": rows}))
 """
