@@ -16,14 +16,17 @@ Design decisions:
 - A file that is not UTF-8 is refused rather than decoded with replacement characters: a
   model would otherwise be trained or scored on text the file does not hold.
 - No torch here, and `datasets` is imported only for CSV and Parquet.
+- `iter_data_file` is the streaming twin of `read_data_file` (same rows, same locations, same
+  messages) for data preparation on files larger than memory: JSONL is read line by line from
+  the open file, CSV and Parquet through `datasets`' streaming mode, so memory stays flat.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,9 @@ class Row:
     number: int
     values: dict[str, Any]
     problem: str | None = None
+    # The JSONL line as read (streaming reader only), so a verb that keeps a row unchanged can
+    # write it back without re-serializing it.
+    raw: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def where(self) -> str:
@@ -84,6 +90,75 @@ def read_data_file(path: Path) -> list[Row]:
     if path.stat().st_size == 0:
         return []
     return _read_with_datasets(path, kind)
+
+
+def iter_data_file(path: Path) -> Iterator[Row]:
+    """The rows of `read_data_file`, one at a time, in file order, without holding the file.
+
+    Whole-file problems (missing, unsupported suffix, unreadable CSV/Parquet) are raised before
+    the first row; a JSONL line that is not UTF-8 raises `ValidationError` naming its line when
+    the reading reaches it (callers write to a temp file, so nothing half-done is left).
+    """
+    path = Path(path)
+    subject = f"data {path}"
+    if not path.exists():
+        raise ValidationError(subject, ["file not found"])
+    if not path.is_file():
+        raise ValidationError(subject, ["not a file"])
+    kind = SUPPORTED_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        shown = path.suffix or "(no suffix)"
+        raise ValidationError(subject, [f"unsupported format {shown}: use {', '.join(SUPPORTED_SUFFIXES)}"])
+    if kind == "json":
+        if path.suffix.lower() == ".json" and _starts_with_bracket(path):
+            return iter(_read_json(path))  # a JSON array is one document: it parses whole
+        return _iter_jsonl(path)
+    if path.stat().st_size == 0:
+        return iter(())
+    return _iter_with_datasets(path, kind)
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(4096).lstrip().startswith(b"[")
+
+
+def _iter_jsonl(path: Path) -> Iterator[Row]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValidationError(f"data {path}", [f"line {number}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield Row("line", number, {}, f"not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            except RecursionError:
+                yield Row("line", number, {}, "not valid JSON (nested too deeply)")
+                continue
+            row = _object_row("line", number, value)
+            yield Row("line", number, row.values, raw=line.rstrip("\r\n")) if row.problem is None else row
+
+
+def _iter_with_datasets(path: Path, kind: str) -> Iterator[Row]:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(kind, data_files=str(path), split="train", streaming=True)
+        rows = iter(dataset)
+        first = next(rows, None)
+    except Exception as exc:  # pandas/pyarrow raise many types for unreadable files; the message is what matters
+        raise ValidationError(f"data {path}", [f"cannot read as {kind}: {type(exc).__name__}: {exc}"]) from None
+    if first is None:
+        return
+    unit, offset = ("line", 2) if kind == "csv" else ("row", 1)  # CSV line 1 is the header
+    yield Row(unit, offset, dict(first))
+    for i, row in enumerate(rows, 1):
+        yield Row(unit, i + offset, dict(row))
 
 
 def describe_value(value: Any) -> str:

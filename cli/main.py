@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "export": "registry_cmds",
     "rm": "registry_cmds",
     "gc": "registry_cmds",
+    "data": "data",
     "train": "train",
     "tune": "train",
     "eval": "evaluate",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Column, Table
@@ -154,6 +154,22 @@ def list_adapters(
     console.print(f"{len(records)} record(s)")
 
 
+def _print_dataset_chain(registry: Any, dataset: Any) -> None:
+    """`data (train): clean:2 (clean, 900 rows) ← raw:1 (source, 1000 rows)`, from the dataset records."""
+    from adapterhub.cli.data_records import dataset_chain
+
+    if not isinstance(dataset, dict) or "sha256" not in dataset:
+        return
+    chain = dataset_chain(registry, dataset["sha256"])
+    if not chain:
+        console.print(f"data ({dataset.get('role', 'train')}): {dataset.get('ref', '?')} (record removed)", markup=False)
+        return
+    for step in chain:
+        arrow = "  " * step["depth"] + ("← " if step["depth"] else "")
+        label = f"data ({dataset.get('role', 'train')}): " if step["depth"] == 0 else "  "
+        console.print(f"{label}{arrow}{step['ref']} ({step['verb']}, {step['rows']} rows) {step['path']}", markup=False)
+
+
 def show(ref: Annotated[str, typer.Argument(help="name, name:version or name@sha-prefix")], json_output: JsonOption = False) -> None:
     """Show one record: its config, lineage and evaluations."""
     registry = open_registry()
@@ -162,7 +178,14 @@ def show(ref: Annotated[str, typer.Argument(help="name, name:version or name@sha
     removed_parents = registry.removed_parents(record.ref)
     uses = _uses(record)
     if json_output:
-        print_json(record.to_json() | {"children": [c.ref for c in children], "removed_parents": list(removed_parents), "uses": uses})
+        from adapterhub.cli.data_records import dataset_chain
+
+        datasets = {
+            d.get("role", "train"): dataset_chain(registry, d["sha256"])
+            for d in ((record.lineage.details.get("datasets") or []) if record.lineage else []) if isinstance(d, dict) and "sha256" in d
+        }
+        print_json(record.to_json() | {"children": [c.ref for c in children], "removed_parents": list(removed_parents), "uses": uses,
+                                       "datasets": datasets})
         return
     console.print(f"[bold]{record.ref}[/]  {_kind(record)}  on {record.base_name} ({record.base_fingerprint[:12]})")
     for use, reason in uses.items():
@@ -181,6 +204,8 @@ def show(ref: Annotated[str, typer.Argument(help="name, name:version or name@sha
         for key, value in lineage.details.items():
             text = str(value)
             console.print(f"  {key}: {text if len(text) < 160 else text[:157] + '…'}")
+    for dataset in (record.lineage.details.get("datasets") or []) if record.lineage else []:
+        _print_dataset_chain(registry, dataset)
     if children:
         console.print(f"derived: {', '.join(c.ref for c in children)}")
     for transfer in record.hub:

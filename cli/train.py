@@ -96,6 +96,11 @@ def _option_for_field(name: str, field: Any) -> inspect.Parameter:
     help_text = _help_text(field.description or "", _default_text(field.default))
     decls: tuple[str, ...] = (setting_flag(name),)
     metavar: str | None = None
+    if name == "data":
+        # Repeatable: several FILE[:WEIGHT] are mixed into one multi-task file first (`_mixed_data`).
+        help_text += "; repeat as FILE:WEIGHT to train on a mix of tasks (as `adapterhub data mix`)"
+        option = typer.Option(setting_flag(name), help=help_text, metavar="FILE[:WEIGHT]", rich_help_panel=SETTINGS_PANEL, show_default=False)
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[list[str]], option])
     if annotation is bool:
         decls = (f"{setting_flag(name)}/--no-{name.replace('_', '-')}",)
         metavar = ""  # a flag takes no value
@@ -144,6 +149,43 @@ def former_flag_options() -> list[inspect.Parameter]:
     return parameters
 
 
+def _mixed_data(texts: list[str], seed: Any) -> str:
+    """The one data file a run reads: the file given, or the mix of several `FILE:WEIGHT` (registered).
+
+    The mix is written under `$ADAPTERHUB_HOME/datasets/`, named by the sources' bytes, weights
+    and seed, and registered as a dataset record whose parents are the sources, so the adapter's
+    lineage leads to each task's file.
+    """
+    import hashlib
+
+    from adapterhub.data import mix_files, parse_source
+    from adapterhub.datafiles import file_fingerprint
+
+    sources = [parse_source(text) for text in texts]
+    if len(sources) == 1:
+        if sources[0].weight is not None:
+            raise AdapterhubError(f"--data {texts[0]}: a weight needs two or more --data files to mix")
+        return str(sources[0].path)
+    for source in sources:
+        if not source.path.is_file():
+            raise AdapterhubError(f"--data {source.path}: file not found")
+    seed_value = int(seed) if seed is not None else 0
+    identity = hashlib.sha256(
+        "".join(f"{file_fingerprint([s.path])}:{s.weight}\n" for s in sources).encode() + str(seed_value).encode()
+    ).hexdigest()[:12]
+    from adapterhub.settings import adapterhub_home
+
+    target_dir = adapterhub_home() / "datasets"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    out = target_dir / f"mix-{identity}.jsonl"
+    from adapterhub.cli.data_records import register_outputs
+
+    result = mix_files(sources, out, seed=seed_value)
+    register_outputs(result)
+    err_console.print(f"mixed {', '.join(f'{s.path.name}:{s.weight}' for s in sources)} into {out} ({result.outputs[out]} rows)")
+    return str(out)
+
+
 def with_training_settings(command: Callable[..., None]) -> Callable[..., None]:
     """`command(settings, **its own options)` as a Typer command that also takes every training setting.
 
@@ -163,6 +205,10 @@ def with_training_settings(command: Callable[..., None]) -> Callable[..., None]:
             for key, value in options.items() if key in setting_names and value is not None
         }
         own_options = {key: value for key, value in options.items() if key not in setting_names and key not in former_names}
+        if not settings.get("data"):
+            settings.pop("data", None)
+        else:
+            settings["data"] = _mixed_data(settings["data"], settings.get("seed"))
         command(settings, **own_options)
 
     run.__signature__ = inspect.Signature(own + training_setting_options() + former)  # type: ignore[attr-defined]
@@ -217,8 +263,26 @@ def _run_dir(registry: Any, name: str, output_dir: Path | None, *, resume: bool,
 def _register(registry: Any, config: TrainConfig, base: Any, result: Any, tags: list[str]) -> Any:
     from adapterhub.registry import Lineage
 
-    lineage = Lineage(kind="trained", details=result.lineage_details(base_fingerprint=base.fingerprint))
+    details = result.lineage_details(base_fingerprint=base.fingerprint)
+    details["datasets"] = _dataset_records(registry, config)
+    lineage = Lineage(kind="trained", details=details)
     return registry.put_adapter(name=config.name, source_dir=result.output_path, base=base.name, tags=tuple(tags), lineage=lineage)
+
+
+def _dataset_records(registry: Any, config: TrainConfig) -> list[dict[str, str]]:
+    """The dataset records of the run's files (registered as `source` when not yet records), for the lineage.
+
+    `adapterhub show` follows them to the datasets they were made from (`adapterhub data show`).
+    """
+    from adapterhub.cli.data_records import register_file
+
+    files = [("train", config.data)] + ([("validation", config.validation_data)] if config.validation_data else [])
+    records = []
+    for role, path in files:
+        if path is not None:
+            record = register_file(registry, Path(path))
+            records.append({"role": role, "ref": record.ref, "sha256": record.sha256})
+    return records
 
 
 def _print_summary(result: Any, put: Any, *, json_output: bool) -> None:

@@ -13,8 +13,9 @@ from adapterhub.registry.records import (
     PutResult,
     RemoveResult,
 )
+from adapterhub.registry.datasets import DatasetRecord
 from adapterhub.registry.store import Registry
 
 __all__ = [
-    "AdapterRecord", "BaseModelRecord", "Evaluation", "GcReport", "HubTransfer", "Lineage", "PutResult", "Registry", "RemoveResult",
+    "AdapterRecord", "BaseModelRecord", "DatasetRecord", "Evaluation", "GcReport", "HubTransfer", "Lineage", "PutResult", "Registry", "RemoveResult",
 ]

@@ -49,7 +49,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, String, create_engine, delete, event, func, insert, select, type_coerce, update
 from sqlalchemy.engine import make_url
@@ -101,6 +101,9 @@ _E = EvaluationRow.__table__
 _L = LineageParentRow.__table__
 _N = AdapterNameRow.__table__
 _H = HubTransferRow.__table__
+
+if TYPE_CHECKING:
+    from adapterhub.registry.datasets import DatasetCatalog
 
 # Listing 10,000 records must stay well under a second: summaries skip the JSON documents
 # (config, lineage) and read the timestamp as text, parsed by the C `fromisoformat`.
@@ -176,6 +179,13 @@ class Registry:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @property
+    def datasets(self) -> DatasetCatalog:
+        """The dataset records (`registry/datasets.py`), in the same database."""
+        from adapterhub.registry.datasets import DatasetCatalog
+
+        return DatasetCatalog(self.engine, self._write)
 
     def __enter__(self) -> Registry:
         return self
