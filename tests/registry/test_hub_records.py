@@ -115,5 +115,5 @@ def test_a_0001_database_is_upgraded_and_its_smollm2_gets_its_hub_id(adapterhub_
         assert registry.get_base_model("tiny").hub_id == SMOLLM2_HUB_ID
         assert registry.get("rev").hub == ()
         with registry.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003"
 

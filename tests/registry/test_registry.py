@@ -218,7 +218,7 @@ def test_reopening_keeps_everything_and_schema_is_migrated(adapterhub_home: Path
     with Registry.open(adapterhub_home) as reg:
         assert reg.get("a").ref == "a:1"
         with reg.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003"
             if conn.dialect.name == "sqlite":
                 assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             else:
