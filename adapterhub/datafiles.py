@@ -68,14 +68,9 @@ def file_fingerprint(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def read_data_file(path: Path) -> list[Row]:
-    """Every row of a data file with its location, unreadable ones with their problem.
-
-    Raises `ValidationError` only for what makes the whole file unreadable: missing, not a
-    file, an unsupported suffix, not UTF-8, a JSON array that does not parse, or a CSV/Parquet
-    file `datasets` cannot read. An empty file gives no rows; the caller says what that means.
-    """
-    path = Path(path)
+def _checked_kind(path: Path) -> str:
+    """The reader a data file needs ("json", or a `datasets` builder); refuses a missing path,
+    a directory or an unsupported suffix before anything is read."""
     subject = f"data {path}"
     if not path.exists():
         raise ValidationError(subject, ["file not found"])
@@ -85,6 +80,18 @@ def read_data_file(path: Path) -> list[Row]:
     if kind is None:
         shown = path.suffix or "(no suffix)"
         raise ValidationError(subject, [f"unsupported format {shown}: use {', '.join(SUPPORTED_SUFFIXES)}"])
+    return kind
+
+
+def read_data_file(path: Path) -> list[Row]:
+    """Every row of a data file with its location, unreadable ones with their problem.
+
+    Raises `ValidationError` only for what makes the whole file unreadable: missing, not a
+    file, an unsupported suffix, not UTF-8, a JSON array that does not parse, or a CSV/Parquet
+    file `datasets` cannot read. An empty file gives no rows; the caller says what that means.
+    """
+    path = Path(path)
+    kind = _checked_kind(path)
     if kind == "json":
         return _read_json(path)
     if path.stat().st_size == 0:
@@ -100,15 +107,7 @@ def iter_data_file(path: Path) -> Iterator[Row]:
     the reading reaches it (callers write to a temp file, so nothing half-done is left).
     """
     path = Path(path)
-    subject = f"data {path}"
-    if not path.exists():
-        raise ValidationError(subject, ["file not found"])
-    if not path.is_file():
-        raise ValidationError(subject, ["not a file"])
-    kind = SUPPORTED_SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        shown = path.suffix or "(no suffix)"
-        raise ValidationError(subject, [f"unsupported format {shown}: use {', '.join(SUPPORTED_SUFFIXES)}"])
+    kind = _checked_kind(path)
     if kind == "json":
         if path.suffix.lower() == ".json" and _starts_with_bracket(path):
             return iter(_read_json(path))  # a JSON array is one document: it parses whole
