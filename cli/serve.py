@@ -128,9 +128,16 @@ def _full_model_base(registry: object, ref: str) -> tuple[Path, str]:
 
     assert isinstance(registry, Registry)
     record = registry.resolve(ref)
-    if record is None or not record.is_full_model:
-        what = "is an adapter, not a full model" if record is not None else "is no base model, full model or directory"
-        raise AdapterhubError(f"{ref!r} {what} (see `adapterhub models list` and `adapterhub list`)")
+    if record is None:
+        raise AdapterhubError(
+            f"no base model {ref!r} in the registry, no full model of that name and no such directory "
+            "(see `adapterhub models list` and `adapterhub list`)"
+        )
+    if not record.is_full_model:
+        raise AdapterhubError(
+            f"{ref!r} is an adapter, not a base model or a full model: serve its base ({record.base_name}) "
+            "and name the adapter as the request's model"
+        )
     return Path(registry.materialize(record)), record.ref
 
 

@@ -248,7 +248,7 @@ def test_serve_a_registered_full_model_as_the_base(tiny_home: Path, tmp_path: Pa
                             env=_env(tiny_home), capture_output=True, text=True, timeout=300)
     assert merged.returncode == 0, merged.stderr
     refused = subprocess.run([*CLI, "serve", "--base", "greeter"], env=_env(tiny_home), capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 1 and "'greeter' is an adapter, not a full model" in refused.stderr
+    assert refused.returncode == 1 and "'greeter' is an adapter, not a base model or a full model" in refused.stderr
 
     model_dir = Registry.open(home=tiny_home).materialize("greeter-full:1")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
