@@ -6,9 +6,8 @@ Design decisions:
   configs with `use_dora`/`use_rslora`; PEFT has no type of their own), how its tensors are named
   and shaped (what validation checks), whether and how it merges (or why not), and which serving
   backends serve it (or why not, in words a user can act on). Validation (`formats`), the merge
-  engine and the CLI look kinds up here instead of testing `peft_type` each in their own way,
-  and the server is meant to (`why_not_served`, `describe_kind`, `served_kinds`,
-  `TensorNaming.parse`). Kinds are registered like PEFT's `register_peft_method`: a duplicate
+  engine, the CLI and both serving backends look kinds up here instead of testing `peft_type`
+  each in their own way (`why_not_served`, `describe_kind`, `served_kinds`, `TensorNaming.parse`). Kinds are registered like PEFT's `register_peft_method`: a duplicate
   name or variant is refused, a failed lookup lists the valid names, and every kind states its
   answer for every backend, so adding a backend means deciding what it serves, not inheriting
   a default.

@@ -24,11 +24,12 @@ Design decisions:
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
+from adapterhub import kinds
 from adapterhub.errors import AdapterhubError
 
 FinishReason = Literal["stop", "length"]
@@ -264,6 +265,38 @@ class NullEventListener:
         pass
 
 
+def adapter_kind(peft_type: Any, config: Mapping[str, Any] | None = None) -> kinds.AdapterKind:
+    """The kind of an adapter from its record or config: a registry summary names it (`kind`), a
+    PEFT config has the variant's flags. `kinds.UnknownKindError` (listing the known types) else."""
+    if config and isinstance(config.get("kind"), str):
+        return kinds.get_kind(config["kind"])
+    return kinds.kind_of(peft_type.upper() if isinstance(peft_type, str) else str(peft_type), config)
+
+
+def kind_label(peft_type: Any, task_type: Any = None, config: Mapping[str, Any] | None = None) -> str:
+    """How messages name an adapter: "lora with DoRA", "prompt tuning", "lora, sequence
+    classification head"; "unknown kind" when its PEFT type is not in the table."""
+    try:
+        kind = adapter_kind(peft_type, config)
+    except kinds.UnknownKindError:
+        return f"{peft_type.lower()[:40]}" if isinstance(peft_type, str) and peft_type else "unknown kind"
+    return kinds.describe_kind(kind, {"task_type": task_type, **(config or {})})
+
+
+def why_backend_cannot_serve(
+    backend: str, peft_type: Any, task_type: Any = None, config: Mapping[str, Any] | None = None,
+    tensor_names: Collection[str] = (),
+) -> str | None:
+    """`kinds.why_not_served` for an adapter known by its PEFT type (and config): the table's
+    reason, or that the type is not one adapterhub knows, with what `backend` serves instead."""
+    try:
+        kind = adapter_kind(peft_type, config)
+    except kinds.UnknownKindError as exc:
+        served = ", ".join(k.label for k in kinds.served_kinds(backend))
+        return f"{exc}; the {backend} backend serves {served} adapters"
+    return kinds.why_not_served(kind, backend, {"task_type": task_type, **(config or {})}, tensor_names)
+
+
 class Backend(abc.ABC):
     """An engine that generates for the base model and any number of adapters of it."""
 
@@ -284,10 +317,10 @@ class Backend(abc.ABC):
     #: Most completions (prompts x `n`) one request may ask for; None: no limit. More could never
     #: be queued at once, so the app refuses them with a 400 instead of an endless 429.
     max_request_rows: int | None = None
-    #: PEFT types (`adapter_config.json`'s `peft_type`) this backend can serve. `/v1/models` lists
-    #: only adapters of these types, as vLLM lists only what it can serve; asking for another
-    #: kind by name still gets an `AdapterLoadError` that names the kind.
-    supported_peft_types: frozenset[str] = frozenset({"LORA"})
+    #: This backend's column in the table of adapter kinds (`adapterhub.kinds.BACKENDS`): what
+    #: it serves and why not is read there, so `/v1/models`, load errors, `adapterhub show` and
+    #: the model card say the same thing.
+    kinds_backend: ClassVar[str]
 
     def unservable_reason(
         self, peft_type: str | None, task_type: str | None = None, config: Mapping[str, Any] | None = None
@@ -295,15 +328,10 @@ class Backend(abc.ABC):
         """Why this backend cannot serve an adapter of this kind (None: it can), from what its
         record says, without reading its weights. `/v1/models` lists only adapters this
         returns None for; a request for another gets an `AdapterLoadError` with the reason.
-
-        The default knows `supported_peft_types` and that a classification (or any other
-        non-language-model) head cannot generate text.
         """
-        if peft_type is not None and peft_type.upper() not in self.supported_peft_types:
-            return f"{peft_type} adapters are not served by this backend"
-        if task_type is not None and task_type.upper() != "CAUSAL_LM":
-            return f"it was trained for {task_type}, and this server generates text with the base model's language-model head"
-        return None
+        if peft_type is None:
+            return None
+        return why_backend_cannot_serve(self.kinds_backend, peft_type, task_type, config)
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -54,7 +54,6 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,84 +62,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from adapterhub import kinds
 from adapterhub.formats import read_safetensors_header
-from adapterhub.serving.backends.base import AdapterLoadError
+from adapterhub.serving.backends.base import AdapterLoadError, adapter_kind, kind_label, why_backend_cannot_serve
 
-_PEFT_PREFIX = "base_model.model."
-# `<module>.lora_A.weight`, `<module>.lora_A.<adapter>.weight`, `<module>.lora_magnitude_vector`, `<module>.ia3_l`
-_ADAPTER_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_magnitude_vector|ia3_l)(?:\.[^.]+)*$")
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
 }
-#: PEFT types the gathered-slot engine serves (DoRA is a LoRA config with `use_dora`).
-SERVED_PEFT_TYPES = frozenset({"LORA", "IA3"})
-_SERVED = "it batches LoRA (with or without DoRA) and (IA)³ adapters of a causal language model"
-_KIND_NAMES = {
-    "LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt tuning", "P_TUNING": "p-tuning",
-    "PREFIX_TUNING": "prefix tuning", "FULL": "full model",
-}
-_WHY_NOT_SERVED = {
-    "PROMPT_TUNING": "prompt tuning prepends learned virtual tokens to every request",
-    "P_TUNING": "p-tuning prepends virtual tokens produced by a prompt encoder",
-    "PREFIX_TUNING": "prefix tuning injects a learned key/value prefix into every attention layer",
-    "FULL": "it is a full model, not an adapter of the served base (serve it as its own base model)",
-}
-#: PEFT task types whose adapters end in another head than the base's language-model head.
-_TASK_HEADS = {
-    "SEQ_CLS": "sequence classification head",
-    "TOKEN_CLS": "token classification head",
-    "QUESTION_ANS": "question answering head",
-    "FEATURE_EXTRACTION": "feature extraction (no language-model head)",
-    "SEQ_2_SEQ_LM": "sequence-to-sequence model",
-}
-#: PEFT task types the engine generates text for (None: configs that do not say).
-_GENERATIVE_TASKS = frozenset({"CAUSAL_LM"})
+#: The tensor roles (`adapterhub.kinds.TensorPart.role`) the gathered slots apply.
+_SERVED_ROLES = ("lora_A", "lora_B", "lora_magnitude_vector", "ia3_l")
 #: A PEFT config is a few KB; parsing more is refused (a huge or deeply nested one costs memory).
 MAX_CONFIG_BYTES = 1 << 20
 AdapterKind = Literal["LORA", "DORA", "IA3"]
-
-
-def _upper(value: Any) -> str:
-    return value.upper() if isinstance(value, str) else ""
-
-
-def describe_kind(peft_type: Any, task_type: Any = None, config: Mapping[str, Any] | None = None) -> str:
-    """How messages name an adapter's kind: "lora", "lora with DoRA", "prompt tuning", with the
-    task's head when it is not a language model's: "lora, sequence classification head"."""
-    peft = _upper(peft_type)
-    kind = _KIND_NAMES.get(peft, "unknown kind" if not peft else f"{peft.lower()[:40]}")
-    if peft == "LORA" and config is not None and config.get("use_dora"):
-        kind = "lora with DoRA"
-    head = _TASK_HEADS.get(_upper(task_type))
-    return f"{kind}, {head}" if head else kind
-
-
-def why_not_served(peft_type: Any, task_type: Any = None, config: Mapping[str, Any] | None = None) -> str | None:
-    """Why the torch engine cannot serve an adapter of this kind, or None when it can.
-
-    Decided from what a registry record or an `adapter_config.json` says, before any weight is
-    read, so `/v1/models` lists only what can be served and a request for anything else is
-    refused by kind instead of by the first tensor that does not fit.
-    """
-    peft = _upper(peft_type)
-    if peft not in SERVED_PEFT_TYPES:
-        return f"{_WHY_NOT_SERVED.get(peft, 'it is not a per-layer weight delta')}; {_SERVED}"
-    task = _upper(task_type)
-    if task and task not in _GENERATIVE_TASKS:
-        head = _TASK_HEADS.get(task, f"{task.lower()[:40]} task")
-        return f"it was trained for a {head}, and this server generates text with the base model's language-model head"
-    if config is None:
-        return None
-    saved = config.get("modules_to_save")
-    problems = []
-    if saved:
-        shown = ", ".join(str(m) for m in saved) if isinstance(saved, (list, tuple)) else str(saved)
-        problems.append(f"it replaces whole modules of the base (modules_to_save: {shown[:200]})")
-    if config.get("lora_bias"):
-        problems.append("LoRA bias terms are not supported")
-    if config.get("fan_in_fan_out"):
-        problems.append("fan_in_fan_out (Conv1D layers) is not supported")
-    return "; ".join(problems) or None
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
@@ -198,22 +131,6 @@ class AdapterWeights:
     source: Any = field(default=None, compare=False, repr=False)
 
 
-def _pattern_value(module_name: str, patterns: Mapping[str, Any], default: float) -> float:
-    """PEFT's `rank_pattern`/`alpha_pattern` lookup: a key matches a module-name suffix.
-
-    Raises `ValueError` naming a key that is not a regular expression or a value that is not a
-    finite number (NaN or 1e309 would make every logit of the adapter's requests NaN).
-    """
-    for key, value in patterns.items():
-        try:
-            matched = re.match(rf"(.*\.)?({key})$", module_name)
-        except re.error as exc:
-            raise ValueError(f"pattern key {key!r} is not a regular expression ({exc})") from None
-        if matched:
-            return _finite_number(value, f"pattern {key!r}")
-    return default
-
-
 def _finite_number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{what} is {value!r}, not a finite number")
@@ -261,24 +178,31 @@ def read_adapter_dir(
     """
     if config is None:
         config = read_adapter_config(adapter_dir)
-    peft_type = _upper(config.get("peft_type"))
-    reason = why_not_served(peft_type, config.get("task_type"), config)
+    peft_type, task_type = config.get("peft_type"), config.get("task_type")
+    reason = why_backend_cannot_serve("torch", peft_type, task_type, config)
     if reason is not None:
-        raise AdapterLoadError(f"{describe_kind(peft_type, config.get('task_type'), config)} adapters cannot be served by the torch backend: {reason}")
+        raise AdapterLoadError(f"{kind_label(peft_type, task_type, config)} adapters cannot be served by the torch backend: {reason}")
     weights_path = adapter_dir / "adapter_model.safetensors"
     if not weights_path.is_file():
         raise AdapterLoadError("no adapter_model.safetensors (pickled .bin weights are not loaded)")
     problems: list[str] = []
 
     tensors, mapped = map_safetensors(weights_path)
+    # Traits the config does not state but the tensors show (stored LoRA biases) refuse it too.
+    reason = why_backend_cannot_serve("torch", peft_type, task_type, config, tuple(tensors))
+    if reason is not None:
+        raise AdapterLoadError(f"{kind_label(peft_type, task_type, config)} adapters cannot be served by the torch backend: {reason}")
+    table_kind = adapter_kind(peft_type, config)
+    naming = table_kind.naming
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _ADAPTER_KEY.match(key)
-        if match is None:
-            problems.append(f"unsupported tensor {key!r} (only lora_A/lora_B/lora_magnitude_vector/ia3_l of linear layers are served)")
+        parsed = naming.parse(key)
+        if parsed is None or parsed[1].role not in _SERVED_ROLES:
+            problems.append(f"unsupported tensor {key!r} (only {naming.part_names} of linear layers are served)")
             continue
-        parts.setdefault(match["module"].removeprefix(_PEFT_PREFIX), {})[match["part"]] = tensor
-    if peft_type == "IA3":
+        module, part = parsed
+        parts.setdefault(module, {})[part.role] = tensor
+    if table_kind.peft_type == "IA3":
         modules = _ia3_modules(parts, base_layers, problems)
         kind: AdapterKind = "IA3"
     else:
@@ -305,13 +229,11 @@ def _lora_modules(
 ) -> dict[str, ModuleDelta]:
     use_dora = bool(config.get("use_dora"))
     expected_parts = {"lora_A", "lora_B", "lora_magnitude_vector"} if use_dora else {"lora_A", "lora_B"}
-    use_rslora = bool(config.get("use_rslora"))
     modules: dict[str, ModuleDelta] = {}
-    try:
-        alpha = _finite_number(config.get("lora_alpha", 8), "lora_alpha")
-        rank_default = _finite_number(config.get("r", 8), "r")
-        alpha_pattern, rank_pattern = config.get("alpha_pattern") or {}, config.get("rank_pattern") or {}
-        if not isinstance(alpha_pattern, Mapping) or not isinstance(rank_pattern, Mapping):
+    try:  # the registry validated these at import; a directory loaded by path was checked by no one
+        _finite_number(config.get("lora_alpha", 8), "lora_alpha")
+        _finite_number(config.get("r", 8), "r")
+        if not all(isinstance(config.get(key) or {}, Mapping) for key in ("alpha_pattern", "rank_pattern")):
             raise ValueError("alpha_pattern and rank_pattern must be JSON objects")
     except ValueError as exc:
         problems.append(str(exc))
@@ -333,16 +255,16 @@ def _lora_modules(
             )
             continue
         rank = a.shape[0]
-        try:
-            expected_rank = _pattern_value(module, rank_pattern, rank_default)
-            module_alpha = _pattern_value(module, alpha_pattern, alpha)
-        except ValueError as exc:
+        try:  # PEFT's pattern lookup, from the table of kinds
+            expected_rank = _finite_number(kinds.lora_rank(config, module), f"the rank_pattern value for {module}")
+            _finite_number(kinds.lora_alpha(config, module), f"the alpha_pattern value for {module}")
+            scale = kinds.lora_scaling(config, module, rank)
+        except ValueError as exc:  # kinds.PatternError is one
             problems.append(f"{module}: {exc}")
             continue
         if expected_rank != rank:
             problems.append(f"{module}: rank {rank} in the weights but {expected_rank:g} in the config")
             continue
-        scale = module_alpha / (math.sqrt(rank) if use_rslora else rank)
         if not use_dora:
             modules[module] = ModuleDelta(a=a, b=b, b_scale=scale)
             continue

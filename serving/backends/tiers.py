@@ -36,15 +36,16 @@ from pathlib import Path
 import torch
 
 from adapterhub.errors import AdapterhubError
-from adapterhub.serving.backends.base import AdapterEventListener, AdapterLoadError, AdapterSpec, ResidentAdapter, UnavailableError
-from adapterhub.serving.backends.lora_slots import (
-    AdapterWeights,
-    SlotTable,
-    describe_kind,
-    read_adapter_config,
-    read_adapter_dir,
-    why_not_served,
+from adapterhub.serving.backends.base import (
+    AdapterEventListener,
+    AdapterLoadError,
+    AdapterSpec,
+    ResidentAdapter,
+    UnavailableError,
+    kind_label,
+    why_backend_cannot_serve,
 )
+from adapterhub.serving.backends.lora_slots import AdapterWeights, SlotTable, read_adapter_config, read_adapter_dir
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +96,9 @@ class AdapterTiers:
         """
         name = adapter.display_name
         if adapter.peft_type is not None:
-            reason = why_not_served(adapter.peft_type, adapter.task_type, adapter.config)
+            reason = why_backend_cannot_serve("torch", adapter.peft_type, adapter.task_type, adapter.config)
             if reason is not None:
-                kind = describe_kind(adapter.peft_type, adapter.task_type, adapter.config)
+                kind = kind_label(adapter.peft_type, adapter.task_type, adapter.config)
                 raise AdapterLoadError(f"adapter {name!r} ({kind}) cannot be served by the torch backend: {reason}")
         try:
             adapter_dir = Path(adapter.locate())
@@ -106,8 +107,8 @@ class AdapterTiers:
         kind = "unknown kind"
         try:
             config = read_adapter_config(adapter_dir)
-            kind = describe_kind(config.get("peft_type"), config.get("task_type"), config)
-            reason = why_not_served(config.get("peft_type"), config.get("task_type"), config)
+            kind = kind_label(config.get("peft_type"), config.get("task_type"), config)
+            reason = why_backend_cannot_serve("torch", config.get("peft_type"), config.get("task_type"), config)
             if reason is None:
                 return read_adapter_dir(adapter_dir, self.slots.base_layers, config)
         except AdapterLoadError as exc:

@@ -62,7 +62,7 @@ from adapterhub.serving.backends.base import (
 from adapterhub.serving.backends.batch import Emitted, Request, Row, Scheduler, left_padded
 from adapterhub.serving.backends.config import EngineConfig
 from adapterhub.serving.backends.detokenizer import Detokenizer, TokenDecoding
-from adapterhub.serving.backends.lora_slots import SERVED_PEFT_TYPES, SlotTable, why_not_served
+from adapterhub.serving.backends.lora_slots import SlotTable
 from adapterhub.serving.backends.sampling import choose_tokens, token_logprobs
 from adapterhub.serving.backends.tiers import AdapterTiers
 
@@ -72,7 +72,7 @@ logger = logging.getLogger(__name__)
 class TorchEngine(Backend):
     """A `Backend` running a transformers causal LM in-process, CPU or CUDA."""
 
-    supported_peft_types = SERVED_PEFT_TYPES
+    kinds_backend = "torch"
 
     def __init__(
         self,
@@ -180,11 +180,6 @@ class TorchEngine(Backend):
         return HealthStatus(True, "ok", running, waiting)
 
     # ----------------------------------------------------------------- adapters
-
-    def unservable_reason(
-        self, peft_type: str | None, task_type: str | None = None, config: Mapping[str, Any] | None = None
-    ) -> str | None:
-        return why_not_served(peft_type, task_type, config) if peft_type is not None else None
 
     async def load_adapter(self, adapter: AdapterSpec, *, pin: bool = False) -> ResidentAdapter:
         entry = await self.tiers.acquire(adapter)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub.errors import AdapterhubError
+from adapterhub.formats import read_safetensors_header
 from adapterhub.serving.backends.base import (
     AdapterLoadError,
     AdapterSpec,
@@ -50,6 +51,9 @@ from adapterhub.serving.backends.base import (
     SamplingParams,
     TokenLogprob,
     UnavailableError,
+    adapter_kind,
+    kind_label,
+    why_backend_cannot_serve,
 )
 
 logger = logging.getLogger(__name__)
@@ -85,7 +89,7 @@ def adapter_max_rank(config: Mapping[str, Any]) -> int:
 class VllmEngine(Backend):
     """A `Backend` running vLLM's `AsyncLLM` in this process (its engine core in a child)."""
 
-    supported_peft_types = frozenset({"LORA"})
+    kinds_backend = "vllm"
 
     def __init__(
         self,
@@ -210,44 +214,37 @@ class VllmEngine(Backend):
 
     # ----------------------------------------------------------------- adapters
 
-    def unservable_reason(
-        self, peft_type: str | None, task_type: str | None = None, config: Mapping[str, Any] | None = None
-    ) -> str | None:
-        from adapterhub import kinds
-
-        if peft_type is None:
-            return None
-        try:  # a registry summary names its kind ("dora"); a full config has the variant's flags
-            kind = kinds.get_kind(str(config["kind"])) if config and config.get("kind") else kinds.kind_of(peft_type.upper(), config)
-        except kinds.UnknownKindError as exc:
-            return str(exc)
-        reason = kinds.why_not_served(kind, "vllm", {"task_type": task_type, **(config or {})})
-        if reason is not None:
-            return f"{kinds.describe_kind(kind, config)} adapters cannot be served by the vllm backend: {reason}"
-        return None
-
     def _check_adapter(self, name: str, path: Path) -> int:
         """Refuse what the engine would: kind, rank above `max_lora_rank`, modules it cannot adapt."""
         try:
             config = json.loads((path / "adapter_config.json").read_text())
         except (OSError, ValueError) as exc:
             raise AdapterLoadError(f"adapter {name!r}: unreadable adapter_config.json ({exc})") from None
-        reason = self.unservable_reason(config.get("peft_type"), config.get("task_type"), config)
+        peft_type, task_type = config.get("peft_type"), config.get("task_type")
+        reason = self.unservable_reason(peft_type, task_type, config)
         if reason is not None:
-            raise AdapterLoadError(f"adapter {name!r}: {reason}")
+            kind = kind_label(peft_type, task_type, config)
+            raise AdapterLoadError(f"adapter {name!r} ({kind}) cannot be served by the vllm backend: {reason}")
         rank = adapter_max_rank(config)
         if rank > self.max_lora_rank:
             raise AdapterLoadError(
                 f"adapter {name!r} has rank {rank}, above this server's max LoRA rank {self.max_lora_rank} "
                 "(restart with a larger --max-lora-rank)"
             )
-        from safetensors import safe_open
-
         weights = path / "adapter_model.safetensors"
         if not weights.is_file():
             raise AdapterLoadError(f"adapter {name!r}: no adapter_model.safetensors (pickled .bin weights are not loaded)")
-        with safe_open(str(weights), framework="pt") as handle:
-            modules = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in handle.keys() if ".lora_" in key}
+        try:
+            names = tuple(read_safetensors_header(weights))
+        except ValueError as exc:
+            raise AdapterLoadError(f"adapter {name!r}: {exc}") from None
+        # Traits the config does not state but the tensors show (stored LoRA biases) refuse it too.
+        reason = why_backend_cannot_serve(self.kinds_backend, peft_type, task_type, config, names)
+        if reason is not None:
+            kind = kind_label(peft_type, task_type, config)
+            raise AdapterLoadError(f"adapter {name!r} ({kind}) cannot be served by the vllm backend: {reason}")
+        naming = adapter_kind(peft_type, config).naming
+        modules = {parsed[0].rsplit(".", 1)[-1] for parsed in map(naming.parse, names) if parsed is not None}
         unsupported = sorted(modules - self._targets)
         if unsupported:
             raise AdapterLoadError(
@@ -262,7 +259,8 @@ class VllmEngine(Backend):
             return held[0]
         reason = self.unservable_reason(adapter.peft_type, adapter.task_type, adapter.config)
         if reason is not None:
-            raise AdapterLoadError(f"adapter {adapter.display_name!r}: {reason}")
+            kind = kind_label(adapter.peft_type, adapter.task_type, adapter.config)
+            raise AdapterLoadError(f"adapter {adapter.display_name!r} ({kind}) cannot be served by the vllm backend: {reason}")
         lock = self._loading.setdefault(adapter.key, asyncio.Lock())
         try:
             return await self._load_once(adapter, lock)
