@@ -315,6 +315,28 @@ def test_sigkill_leaves_no_record_and_resume_finishes(registry: Registry, sft_da
     assert metrics["global_step"] == 12 and metrics["resumed_from"].startswith("checkpoint-")
 
 
+def test_overwrite_clears_only_what_a_run_wrote_then_trains(registry: Registry, sft_data: Path, tmp_path: Path) -> None:
+    """An unfinished run's directory is refused without --resume or --overwrite; --overwrite
+    removes the run's checkpoints, result and run files, never a user's other files."""
+    run_dir = tmp_path / "my-run"
+    (run_dir / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (run_dir / "run_config.json").write_text('{"lora_rank": 99}')
+    (run_dir / "notes.txt").write_text("mine")
+    args = ["train", "--base", "tiny", "--data", str(sft_data), "--name", "again", "--max-steps", "2", "--batch-size", "4",
+            "--validation-split", "0", "--no-progress", "--output-dir", str(run_dir)]
+    refused = runner.invoke(app, args)
+    assert isinstance(refused.exception, AdapterhubError) and "--resume" in str(refused.exception) and "--overwrite" in str(refused.exception)
+    assert registry.list() == []
+
+    done = runner.invoke(app, [*args, "--overwrite", "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["ref"] == "again:1"
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    assert not (run_dir / "checkpoints" / "checkpoint-2").exists()
+    assert json.loads((run_dir / "run_config.json").read_text())["max_steps"] == 2  # the new run's, not the old one
+
+
 def test_tune_grid_registers_the_best_trial(registry: Registry, sft_data: Path, tmp_path: Path) -> None:
     run_file = tmp_path / "tune.yaml"
     run_file.write_text(
