@@ -35,6 +35,9 @@ def serve(
     max_lora_rank: Annotated[
         Optional[int], typer.Option(help="vllm: LoRA slot rank (default: the smallest vLLM accepts covering the base's registered adapters).")
     ] = None,
+    tensor_parallel_size: Annotated[
+        int, typer.Option("--tensor-parallel-size", min=1, help="vllm: shard the base over this many GPUs (vLLM's tensor parallelism); the torch engine runs on one device.")
+    ] = 1,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[
@@ -72,6 +75,10 @@ def serve(
 
     if backend not in ("torch", "vllm"):
         raise AdapterhubError(f"unknown backend {backend!r}; available: torch, vllm")
+    if tensor_parallel_size > 1 and backend != "vllm":
+        raise AdapterhubError(
+            f"--tensor-parallel-size {tensor_parallel_size} needs --backend vllm: the {backend} engine runs the base on one device"
+        )
     if max_cpu_adapters < max_resident:
         raise AdapterhubError("--max-cpu-adapters must be at least --max-resident")
     if len(preload or []) > max_resident:
@@ -98,17 +105,14 @@ def serve(
             raise AdapterhubError("--adapter-dir serves adapters of a base given as a directory; registry bases use the registry")
         resolver = DirectoryResolver(adapter_dir)
     if backend == "vllm":
-        from adapterhub.serving.backends.vllm_engine import VllmEngine, max_lora_rank_for
+        from adapterhub.serving.backends.vllm_engine import max_lora_rank_for
 
         if max_lora_rank is None:  # sized for the base's registered adapters (a summary's rank is `r`)
             ranks = [r.rank for r in registry.list(base=base_name) if r.rank] if isinstance(resolver, RegistryResolver) else []
             max_lora_rank = max_lora_rank_for(ranks)
-        vllm_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
-        typer.secho(f"starting vLLM for {base_name} from {model_dir} (max LoRA rank {max_lora_rank}) …", err=True)
-        engine = VllmEngine(
-            model_dir, base_name=base_name, max_resident=max_resident, max_cpu_adapters=max_cpu_adapters,
-            max_lora_rank=max_lora_rank, max_model_len=max_model_len, max_num_seqs=max_batch_size, dtype=vllm_dtype,
-        )
+        engine = vllm_engine(model_dir, base_name, max_resident=max_resident, max_cpu_adapters=max_cpu_adapters,
+                             max_lora_rank=max_lora_rank, max_model_len=max_model_len, max_batch_size=max_batch_size,
+                             dtype=dtype, tensor_parallel_size=tensor_parallel_size)
     else:
         engine = _torch_engine(model_dir, base_name, max_resident, max_cpu_adapters, max_batch_size, max_waiting,
                                max_model_len, device, dtype)
@@ -139,6 +143,24 @@ def _full_model_base(registry: object, ref: str) -> tuple[Path, str]:
             "and name the adapter as the request's model"
         )
     return Path(registry.materialize(record)), record.ref
+
+
+def vllm_engine(
+    model_dir: Path, base_name: str, *, max_resident: int, max_cpu_adapters: int, max_lora_rank: int,
+    max_model_len: int | None, max_batch_size: int, dtype: str, tensor_parallel_size: int,
+) -> object:
+    """The vLLM backend with the command's settings, mapped onto vLLM's names (constructing it
+    starts no engine: the server's start-up does)."""
+    from adapterhub.serving.backends.vllm_engine import VllmEngine
+
+    vllm_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+    sharded = f", tensor parallel over {tensor_parallel_size} GPUs" if tensor_parallel_size > 1 else ""
+    typer.secho(f"starting vLLM for {base_name} from {model_dir} (max LoRA rank {max_lora_rank}{sharded}) …", err=True)
+    return VllmEngine(
+        model_dir, base_name=base_name, max_resident=max_resident, max_cpu_adapters=max_cpu_adapters,
+        max_lora_rank=max_lora_rank, max_model_len=max_model_len, max_num_seqs=max_batch_size, dtype=vllm_dtype,
+        tensor_parallel_size=tensor_parallel_size,
+    )
 
 
 def _torch_engine(

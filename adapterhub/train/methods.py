@@ -257,9 +257,9 @@ def build_base(
         load_kwargs["quantization_config"] = _quantization_config(config, precision)
         if torch.cuda.is_available():
             # Quantized weights must sit on the GPU from the start; under accelerate, the local one.
-            from accelerate import PartialState
+            from adapterhub.train.distributed import process_state
 
-            load_kwargs["device_map"] = {"": PartialState().local_process_index}
+            load_kwargs["device_map"] = {"": process_state().local_process_index}
     sequence_classifier = config.task in (Task.CLASSIFICATION, Task.REWARD)
     if config.task == Task.CLASSIFICATION:
         assert labels is not None

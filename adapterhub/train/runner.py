@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import resource
 import shutil
 import sys
@@ -438,7 +437,6 @@ def train(
         validate_run(config, base_dir)
         return train_setfit(config, base_dir=base_dir, output_dir=output_dir, progress=progress)
 
-    from accelerate import PartialState
     from datasets.utils.logging import disable_progress_bar
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
 
@@ -449,11 +447,11 @@ def train(
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    import torch
+    from adapterhub.train.distributed import process_state
 
-    # cpu=True on CPU-only machines: with several processes (WORLD_SIZE > 1) accelerate then sets
-    # up gloo DDP (MULTI_CPU) instead of silently running each process as a separate job.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # The Trainer's own view of the launch: with several processes (WORLD_SIZE > 1) DDP, over gloo
+    # on CPU-only machines, and only the main process writes the run directory's shared files.
+    state = process_state()
     tokenizer = load_tokenizer(base_dir)
     chat = (config.task == Task.SFT or config.task in PREFERENCE_TASKS) and bool(getattr(tokenizer, "chat_template", None))
     data = prepare_data(config, chat=chat)
@@ -626,8 +624,3 @@ def train(
         early_stopping=early_stopping_record,
         unfreezing=unfreezing.record() if unfreezing is not None else None,
     )
-
-
-def env_is_distributed() -> bool:
-    """Whether this process was started by a distributed launcher (`accelerate launch`, torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -104,6 +104,7 @@ class VllmEngine(Backend):
         dtype: str = "auto",
         kv_cache_gib: int = 1,
         max_logprobs: int = 20,
+        tensor_parallel_size: int = 1,
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
@@ -111,12 +112,16 @@ class VllmEngine(Backend):
             raise AdapterhubError(f"max_lora_rank {max_lora_rank} is not one vLLM accepts: {', '.join(map(str, VLLM_LORA_RANKS))}")
         if max_cpu_adapters < max_resident:
             raise AdapterhubError("max_cpu_adapters must be at least max_resident")
+        if tensor_parallel_size < 1:
+            raise AdapterhubError(f"tensor_parallel_size must be at least 1, not {tensor_parallel_size}")
         self.model_dir = Path(model_dir)
         self.base_name = base_name
         self.max_resident, self.max_cpu_adapters, self.max_lora_rank = max_resident, max_cpu_adapters, max_lora_rank
         self.max_num_seqs, self.dtype, self.kv_cache_gib, self.max_logprobs = max_num_seqs, dtype, kv_cache_gib, max_logprobs
+        self.tensor_parallel_size = tensor_parallel_size
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.model_config = AutoConfig.from_pretrained(self.model_dir)
+        _check_tensor_parallel(self.model_config, tensor_parallel_size)
         self.max_model_len = int(max_model_len or getattr(self.model_config, "max_position_embeddings", 2048))
         self.vocab_size = min(len(self.tokenizer), int(self.model_config.vocab_size))
         self.max_request_rows = max_num_seqs * 4
@@ -156,16 +161,25 @@ class VllmEngine(Backend):
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.kv_cache_gib))
         self._zero_dir = Path(tempfile.mkdtemp(prefix="adapterhub-zero-lora-"))
         self._write_zero_lora(self._zero_dir)
-        args = AsyncEngineArgs(
-            model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=self.dtype,
-            max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs, enable_lora=True,
-            max_loras=self.max_resident + 1, max_cpu_loras=self.max_cpu_adapters + 1,
-            max_lora_rank=self.max_lora_rank, max_logprobs=self.max_logprobs, disable_log_stats=False,
-            enforce_eager=True,
-        )
-        self._engine = AsyncLLM.from_engine_args(args)
+        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_arguments()))
         self._zero_request = LoRARequest(_ZERO_LORA_NAME, 1, str(self._zero_dir))
         await self._engine.add_lora(self._zero_request)
+
+    def engine_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of vLLM's `AsyncEngineArgs` this backend starts its engine with.
+
+        Pure (no vllm import), so what `serve --backend vllm` hands vLLM can be checked without
+        starting an engine. `tensor_parallel_size` shards the base over that many GPUs (vLLM
+        starts one worker per GPU); the LoRA slots are sized as for one device.
+        """
+        return {
+            "model": str(self.model_dir), "tokenizer": str(self.model_dir), "dtype": self.dtype,
+            "max_model_len": self.max_model_len, "max_num_seqs": self.max_num_seqs, "enable_lora": True,
+            # One slot more than asked, host and device: the base's all-zero LoRA holds it.
+            "max_loras": self.max_resident + 1, "max_cpu_loras": self.max_cpu_adapters + 1,
+            "max_lora_rank": self.max_lora_rank, "max_logprobs": self.max_logprobs, "disable_log_stats": False,
+            "enforce_eager": True, "tensor_parallel_size": self.tensor_parallel_size,
+        }
 
     def _write_zero_lora(self, out_dir: Path) -> None:
         import torch
@@ -198,6 +212,7 @@ class VllmEngine(Backend):
             "backend": "vllm", "device": "cpu" if _vllm_cpu() else "cuda", "dtype": self.dtype,
             "max_resident": self.max_resident, "max_cpu_adapters": self.max_cpu_adapters,
             "max_lora_rank": self.max_lora_rank, "max_batch_size": self.max_num_seqs,
+            "tensor_parallel_size": self.tensor_parallel_size,
         }
 
     async def health(self) -> HealthStatus:
@@ -389,6 +404,26 @@ class VllmEngine(Backend):
             self._running -= 1
             if not finished and self._engine is not None:
                 await self._engine.abort(request_id)
+
+
+def _check_tensor_parallel(model_config: Any, size: int) -> None:
+    """Refuse a tensor-parallel size the base's attention heads cannot be split by, before vLLM
+    spends a start-up finding out: each GPU takes an equal share of the query heads, and of the
+    key/value heads (or a copy of one, when there are fewer than GPUs)."""
+    if size == 1:
+        return
+    heads = int(getattr(model_config, "num_attention_heads", 0) or 0)
+    kv_heads = int(getattr(model_config, "num_key_value_heads", 0) or heads)
+    problems = []
+    if heads and heads % size:
+        problems.append(f"its {heads} attention heads")
+    if kv_heads and kv_heads % size and size % kv_heads:
+        problems.append(f"its {kv_heads} key/value heads")
+    if problems:
+        raise AdapterhubError(
+            f"--tensor-parallel-size {size} does not divide {' or '.join(problems)}: "
+            "choose a size that does (the base is split evenly over that many GPUs)"
+        )
 
 
 def _token_logprobs(entries: Any, ids: tuple[int, ...]) -> tuple[TokenLogprob, ...]:

@@ -49,7 +49,8 @@ def test_serve_process_answers_openai_client_and_bench_runs(tiny_home: Path, tmp
     port = _free_port()
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
-        [*CLI, "serve", "--base", "tiny", "--port", str(port), "--max-resident", "2", "--preload", "greeter", "--log-level", "warning"],
+        [*CLI, "serve", "--base", "tiny", "--port", str(port), "--max-resident", "2", "--preload", "greeter", "--log-level", "warning",
+         "--tensor-parallel-size", "1"],  # accepted on the torch engine: one device
         env=_env(tiny_home), stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -104,6 +105,15 @@ def test_serve_unknown_base_is_one_line_error(adapterhub_home: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: no base model 'no-such-model'")
     assert "Traceback" not in result.stderr
+
+
+def test_tensor_parallel_beyond_one_device_needs_the_vllm_backend(tiny_home: Path) -> None:
+    """Refused before anything loads, in one line: the torch engine cannot shard a base."""
+    result = subprocess.run(
+        [*CLI, "serve", "--base", "tiny", "--tensor-parallel-size", "2"], env=_env(tiny_home), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: --tensor-parallel-size 2 needs --backend vllm: the torch engine runs the base on one device"
 
 
 def test_serve_defaults_are_the_engine_configs_and_the_readme_repeats_none() -> None:

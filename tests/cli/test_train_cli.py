@@ -23,6 +23,7 @@ from tests.adapterhub.conftest import reverse_rows, write_jsonl
 runner = CliRunner()
 ADAPTERHUB = Path(sys.executable).parent / "adapterhub"
 ACCELERATE = Path(sys.executable).parent / "accelerate"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -314,6 +315,28 @@ def test_sigkill_leaves_no_record_and_resume_finishes(registry: Registry, sft_da
     assert metrics["global_step"] == 12 and metrics["resumed_from"].startswith("checkpoint-")
 
 
+def test_overwrite_clears_only_what_a_run_wrote_then_trains(registry: Registry, sft_data: Path, tmp_path: Path) -> None:
+    """An unfinished run's directory is refused without --resume or --overwrite; --overwrite
+    removes the run's checkpoints, result and run files, never a user's other files."""
+    run_dir = tmp_path / "my-run"
+    (run_dir / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (run_dir / "run_config.json").write_text('{"lora_rank": 99}')
+    (run_dir / "notes.txt").write_text("mine")
+    args = ["train", "--base", "tiny", "--data", str(sft_data), "--name", "again", "--max-steps", "2", "--batch-size", "4",
+            "--validation-split", "0", "--no-progress", "--output-dir", str(run_dir)]
+    refused = runner.invoke(app, args)
+    assert isinstance(refused.exception, AdapterhubError) and "--resume" in str(refused.exception) and "--overwrite" in str(refused.exception)
+    assert registry.list() == []
+
+    done = runner.invoke(app, [*args, "--overwrite", "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["ref"] == "again:1"
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    assert not (run_dir / "checkpoints" / "checkpoint-2").exists()
+    assert json.loads((run_dir / "run_config.json").read_text())["max_steps"] == 2  # the new run's, not the old one
+
+
 def test_tune_grid_registers_the_best_trial(registry: Registry, sft_data: Path, tmp_path: Path) -> None:
     run_file = tmp_path / "tune.yaml"
     run_file.write_text(
@@ -356,20 +379,38 @@ def test_setfit_on_the_embedded_minilm(adapterhub_home: Path, tmp_path: Path) ->
     assert set(predictions) <= {"positive", "negative"}
 
 
-def test_runs_under_accelerate_launch_with_two_processes(registry: Registry, sft_data: Path) -> None:
+def test_runs_under_accelerate_launch_with_two_processes(registry: Registry, tmp_path: Path) -> None:
+    """The shipped DDP config, launched for real: two ranks over gloo, and only rank 0 writes.
+
+    On a CPU-only machine accelerate's multi-process launcher is the config's MULTI_GPU one
+    (torchrun; `--cpu` would start a single process) and the trainer runs DDP over gloo;
+    `--mixed_precision no` overrides the config's bf16, which is for GPUs. Both ranks train; one
+    mixes the two `--data` files and registers them, one registers the adapter, one prints the
+    summary, and both exit 0 (torchrun's exit status is non-zero when any rank fails).
+    """
+    first = write_jsonl(tmp_path / "rev-a.jsonl", reverse_rows(16))
+    second = write_jsonl(tmp_path / "rev-b.jsonl", reverse_rows(24)[8:])
     command = [
-        # On a CPU-only machine accelerate's multi-process launcher is --multi_gpu (torchrun); the
-        # trainer then runs DDP over gloo. (`--cpu` would start a single process.)
-        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "-m", "adapterhub.cli.main", "train", "--base", "tiny", "--data", str(sft_data),
-        "--name", "ddp", "--max-steps", "3", "--batch-size", "2", "--no-progress",
+        str(ACCELERATE), "launch", "--config_file", str(REPO_ROOT / "examples" / "accelerate" / "ddp.yaml"),
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "adapterhub.cli.main", "train", "--base", "tiny", "--data", f"{first}:1", "--data", f"{second}:1",
+        "--name", "ddp", "--max-steps", "3", "--batch-size", "2", "--no-progress", "--json",
     ]
-    completed = subprocess.run(command, env=_env(registry.home), capture_output=True, text=True, timeout=300)
+    env = {**_env(registry.home), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    records = registry.list()
-    assert [r.ref for r in records] == ["ddp:1"]  # only the main process registered
-    metrics = registry.get("ddp:1").lineage.details["metrics"]  # type: ignore[union-attr]
+    assert [r.ref for r in registry.list()] == ["ddp:1"]  # only the main process registered
+    record = registry.get("ddp:1")
+    metrics = record.lineage.details["metrics"]  # type: ignore[union-attr]
     assert metrics["world_size"] == 2 and metrics["global_step"] == 3
+    # One summary on stdout (a JSON document per rank would not parse), one mix, made once.
+    assert json.loads(completed.stdout)["ref"] == "ddp:1"
+    assert completed.stderr.count("mixed rev-a.jsonl:1.0, rev-b.jsonl:1.0 into") == 1, completed.stderr[-3000:]
+    datasets = sorted(d.ref for d in registry.datasets.list())
+    assert len(datasets) == 3 and all(ref.endswith(":1") for ref in datasets)  # the two sources and their mix
+    # No rank but the main one wrote blobs: the store holds exactly what the record references.
+    assert sorted(sha for sha, _ in registry.blobs.iter_blobs()) == sorted(set(record.files.values()))
+    assert not (registry.home / "runs" / "ddp").exists()
 
 
 def test_train_dpo_registers_the_adapter_with_preference_figures(registry: Registry, tmp_path: Path) -> None:

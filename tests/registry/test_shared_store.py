@@ -76,3 +76,30 @@ def test_a_base_registered_before_the_shared_store_keeps_its_absolute_path(adapt
         with reg.engine.begin() as conn:
             conn.exec_driver_sql(f"UPDATE base_models SET path = '{reg.models_dir / 'tiny'}'")
         assert reg.get_base_model("tiny").path == reg.models_dir / "tiny"
+
+
+def test_gc_from_any_home_removes_only_blobs_no_record_of_the_shared_database_references(
+    two_homes: tuple[Registry, Registry], tiny_base: Path, lora_dir: Path, tmp_path: Path,
+) -> None:
+    """docs/scaling.md's gc promise: references are read from the one shared database, so a gc
+    run on any machine keeps every blob any home's record needs; each home's cache is its own."""
+    a, b = two_homes
+    a.add_base_model(name="tiny", model_dir=tiny_base)
+    kept = a.put_adapter(name="kept", source_dir=lora_dir, base="tiny").record
+    dropped = b.put_adapter(name="dropped", source_dir=make_variant(lora_dir, tmp_path / "other", seed=3), base="tiny").record
+    a.materialize(dropped)
+    b.materialize(kept)
+    only_dropped = set(dropped.files.values()) - set(kept.files.values())
+    assert only_dropped  # their weights differ
+
+    report = b.gc()  # nothing to reclaim: every blob is referenced by a record of the shared database
+    assert report.removed_blobs == 0 and report.kept_blobs == len(set(kept.files.values()) | set(dropped.files.values()))
+
+    a.remove("dropped")
+    report = b.gc()  # the other home, which made the record, removes its blobs
+    assert report.removed_blobs == len(only_dropped)
+    assert {sha for sha, _ in a.blobs.iter_blobs()} == set(kept.files.values())
+    assert (b.cache_dir / kept.sha256).is_dir()  # B's cache of a live record stays
+    assert (a.cache_dir / dropped.sha256).is_dir()  # A's cache is A's: B's gc leaves it
+    assert a.gc().removed_cache_dirs == 1 and not (a.cache_dir / dropped.sha256).exists()
+    assert (a.materialize("kept") / "adapter_model.safetensors").read_bytes() == (lora_dir / "adapter_model.safetensors").read_bytes()

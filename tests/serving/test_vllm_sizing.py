@@ -52,3 +52,28 @@ def test_adapters_vllm_would_refuse_are_refused_by_name(tiny_vllm_base, tmp_path
     dora = build_lora_adapter(tiny_vllm_base, tmp_path / "dora", rank=4, target_modules=("q_proj",), use_dora=True)
     with pytest.raises(AdapterLoadError, match="DoRA"):
         backend._check_adapter("dora", dora)
+
+
+def test_engine_arguments_carry_the_tensor_parallel_size_to_vllm(tiny_vllm_base) -> None:
+    """`serve --backend vllm --tensor-parallel-size N` reaches vLLM's `AsyncEngineArgs` as N
+    (built, not started: sharding over GPUs needs GPUs this machine lacks)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from adapterhub.cli.serve import vllm_engine
+
+    settings = dict(max_resident=2, max_cpu_adapters=4, max_lora_rank=8, max_model_len=None, max_batch_size=4, dtype="fp32")
+    for size in (1, 2, 4):
+        backend = vllm_engine(tiny_vllm_base, "tiny-vllm", tensor_parallel_size=size, **settings)
+        args = AsyncEngineArgs(**backend.engine_arguments())
+        assert args.tensor_parallel_size == size and backend.describe()["tensor_parallel_size"] == size
+        assert args.enable_lora and args.max_loras == 3 and args.dtype == "float32"
+
+
+def test_a_tensor_parallel_size_the_heads_cannot_be_split_by_is_refused(tiny_vllm_base) -> None:
+    from adapterhub.serving.backends.vllm_engine import VllmEngine
+
+    # The tiny vLLM base has 4 attention heads and 2 key/value heads.
+    with pytest.raises(AdapterhubError, match="--tensor-parallel-size 3 does not divide its 4 attention heads or its 2 key/value heads"):
+        VllmEngine(tiny_vllm_base, base_name="tiny-vllm", max_lora_rank=8, tensor_parallel_size=3)
+    with pytest.raises(AdapterhubError, match="at least 1"):
+        VllmEngine(tiny_vllm_base, base_name="tiny-vllm", max_lora_rank=8, tensor_parallel_size=0)
