@@ -185,6 +185,28 @@ def requests_for(text: str, number: int, settings: AugmentSettings) -> list[Chat
     return requests
 
 
+def select_paraphrases(source: str, replies: Sequence[str], dropped: Counter[str]) -> list[str]:
+    """The replies worth a row, stripped, in order: not empty, not the source again and not a
+    repeat of an earlier reply, compared normalized (`normalize_key`, as `data dedup` compares
+    rows). Each one dropped is counted in `dropped` under `empty`, `same_as_source` or `repeated`."""
+    source_key = normalize_key(source)
+    keys = {source_key}
+    kept = []
+    for reply in replies:
+        paraphrase = reply.strip()
+        key = normalize_key(paraphrase)
+        if not key:
+            dropped["empty"] += 1
+        elif key == source_key:
+            dropped["same_as_source"] += 1
+        elif key in keys:
+            dropped["repeated"] += 1
+        else:
+            keys.add(key)
+            kept.append(paraphrase)
+    return kept
+
+
 def _count_rows(path: Path) -> tuple[int, str]:
     """Pass one: every row checked (the trainer's checks, and a chat row needs a user turn)."""
     rows, fmt, problems = 0, "", []
@@ -239,23 +261,12 @@ def augment_file(
                 if settings.keep_originals:
                     write_row(handle, _tagged(row.values, fmt, row.number, augmented=False))
                     counts["originals"] += 1
-                keys = {normalize_key(text)}
-                shown = False  # one example per row, from the first rows
-                for reply in texts:
-                    paraphrase = reply.strip()
-                    key = normalize_key(paraphrase)
-                    if not key:
-                        dropped["empty"] += 1
-                        continue
-                    if key in keys:
-                        dropped["same_as_source" if key == normalize_key(text) else "repeated"] += 1
-                        continue
-                    keys.add(key)
+                kept = select_paraphrases(text, texts, dropped)
+                for paraphrase in kept:
                     write_row(handle, _tagged(with_text(row.values, fmt, paraphrase), fmt, row.number, augmented=True))
-                    counts["paraphrases"] += 1
-                    if len(examples) < EXAMPLES and not shown:
-                        examples.append({"row": row.where, "source": text, "paraphrase": paraphrase})
-                        shown = True
+                counts["paraphrases"] += len(kept)
+                if kept and len(examples) < EXAMPLES:  # one example per row, from the first rows
+                    examples.append({"row": row.where, "source": text, "paraphrase": kept[0]})
 
         batch: list[tuple[Row, str]] = []
         for row, _ in checked_rows(path, fmt=fmt):
