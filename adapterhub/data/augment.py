@@ -15,7 +15,8 @@ Design decisions:
   completion, a text its label, a chat row its other turns).
 - Every output row carries `source_row` (the input's line, or row for Parquet: the number error
   messages give) and `augmented` (false for an original, true for a paraphrase), next to any
-  column the row had (`data mix`'s `source` included); the trainer ignores both. Originals are
+  column the row had (`data mix`'s `source` included; columns already named so are replaced, as
+  the tags always refer to this verb's input); the trainer ignores both. Originals are
   written too, each before its paraphrases, unless `keep_originals` is off.
 - A paraphrase is dropped when it is empty, or equal (normalized as `data dedup` compares rows:
   NFKC, casefold, whitespace collapsed) to its source or to an earlier paraphrase of that row;
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from adapterhub.data.output import StagedOutputs, VerbResult, check_output, parents_of, write_row
-from adapterhub.data.schema import CHAT, PROMPT_COMPLETION, checked_rows, messages_of, normalize_key
+from adapterhub.data.schema import CHAT, MAX_REPORTED, PROMPT_COMPLETION, checked_rows, messages_of, normalize_key
 from adapterhub.datafiles import Row
 from adapterhub.errors import AdapterhubError, ValidationError
 
@@ -209,12 +210,16 @@ def select_paraphrases(source: str, replies: Sequence[str], dropped: Counter[str
 
 def _count_rows(path: Path) -> tuple[int, str]:
     """Pass one: every row checked (the trainer's checks, and a chat row needs a user turn)."""
-    rows, fmt, problems = 0, "", []
+    rows, fmt, problems, bad = 0, "", [], 0
     for row, fmt in checked_rows(path):
         rows += 1
-        if fmt == CHAT and source_text(row.values, fmt) is None and len(problems) < 20:
-            problems.append(f"{row.where}: a chat row needs a user turn to paraphrase")
-    if problems:
+        if fmt == CHAT and source_text(row.values, fmt) is None:
+            bad += 1
+            if len(problems) < MAX_REPORTED:
+                problems.append(f"{row.where}: a chat row needs a user turn to paraphrase")
+    if bad:
+        if bad > len(problems):
+            problems.append(f"... and {bad - len(problems)} more such rows ({bad} in all)")
         raise ValidationError(f"data {path}", problems)
     return rows, fmt
 
