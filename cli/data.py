@@ -199,6 +199,8 @@ def augment_command(
     seed: SeedOption = 0,
     no_originals: Annotated[bool, typer.Option("--no-originals", help="Write the paraphrases only (default: each original, then its paraphrases).")] = False,
     batch_rows: Annotated[int, typer.Option("--batch-rows", help="Rows whose requests are in flight together.")] = 8,
+    device: Annotated[Optional[str], typer.Option(help="With --model: cpu, cuda or cuda:N (default: CUDA when present).")] = None,
+    dtype: Annotated[str, typer.Option(help="With --model: bf16, fp16, fp32 or auto (from the hardware).")] = "auto",
     json_output: JsonOption = False,
 ) -> None:
     """Paraphrase each row's prompt K times with a served model; new rows carry source_row and augmented."""
@@ -219,11 +221,15 @@ def augment_command(
             source = {"url": chat.base_url, "model": chat.model}
         else:
             from adapterhub.cli.common import open_registry
+            from adapterhub.models import default_device, resolve_dtype
+            from adapterhub.serving.backends.config import EngineConfig
             from adapterhub.serving.chat_clients import EngineChat
 
+            chosen_device = device or default_device()
+            config = EngineConfig(device=chosen_device, dtype=resolve_dtype(dtype, chosen_device))
             registry = open_registry()
             stack.callback(registry.close)  # after the engine stops: it reads adapters through it
-            chat = stack.enter_context(EngineChat.from_registry(registry, model))  # type: ignore[arg-type]
+            chat = stack.enter_context(EngineChat.from_registry(registry, model, config=config))  # type: ignore[arg-type]
             source = {"model": chat.model}
         result = _augment_with_progress(augment_file, file, out, chat, settings, source)
     _finish(result, json_output)

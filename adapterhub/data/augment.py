@@ -45,7 +45,8 @@ from adapterhub.errors import AdapterhubError, ValidationError
 #: The paraphrase request, `{text}` standing for the text to paraphrase (`--instruction`).
 DEFAULT_INSTRUCTION = (
     "Paraphrase the text below: say the same thing in different words, keeping its meaning, its "
-    "language and any names, numbers and code. Reply with the paraphrase only.\n\n{text}"
+    "language and any names, numbers and code. If it is a question or a request, reword it; do not "
+    "answer it. Reply with the paraphrase only.\n\n{text}"
 )
 PLACEHOLDER = "{text}"
 #: Most choices one request asks for (the server's limit on `n`, as OpenAI's).

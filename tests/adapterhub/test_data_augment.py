@@ -221,3 +221,32 @@ def test_model_refs_resolve_like_the_server(registry_home: Path, tiny_base: Path
             EngineChat.from_registry(registry, "greter")
     finally:
         registry.close()
+
+
+@pytest.mark.slow
+def test_smollm2_paraphrases_keep_the_subject(smollm2_dir: Path, tmp_path: Path) -> None:
+    """The default instruction on the real instruct model: replies are new wordings of the
+    prompt (not empty, not the prompt, mostly about its subject), completions kept."""
+    from adapterhub.registry import Registry
+    from adapterhub.serving.backends.config import EngineConfig
+    from adapterhub.serving.chat_clients import EngineChat
+
+    registry = Registry.open(home=tmp_path / "home")
+    registry.add_base_model(name="smollm2", model_dir=smollm2_dir)
+    rows = [
+        {"prompt": "What is the capital city of France?", "completion": "Paris"},
+        {"prompt": "How many legs does a spider have?", "completion": "Eight"},
+    ]
+    source = write_jsonl(tmp_path / "qa.jsonl", rows)
+    out = tmp_path / "qa.aug.jsonl"
+    with EngineChat.from_registry(registry, "smollm2", config=EngineConfig(device="cpu")) as engine_chat:
+        result = augment_file(source, out, model=engine_chat, settings=AugmentSettings(paraphrases=2, max_tokens=32, temperature=0.7),
+                              source={"model": "smollm2"})
+    registry.close()
+    paraphrases = [r for r in read_rows(out) if r["augmented"]]
+    assert result.stats["paraphrases_out"] == len(paraphrases) >= 2
+    subjects = {1: ("france", "capital"), 2: ("spider", "legs")}
+    on_subject = sum(any(word in r["prompt"].lower() for word in subjects[r["source_row"]]) for r in paraphrases)
+    assert on_subject >= len(paraphrases) // 2, paraphrases
+    assert all(r["completion"] == rows[r["source_row"] - 1]["completion"] for r in paraphrases)
+    print(result.stats["examples"])

@@ -57,7 +57,9 @@ def test_in_process_and_served_give_the_same_rows_and_both_are_registered(home: 
     source = write_jsonl(tmp_path / "spell.jsonl", ROWS)
     local = tmp_path / "local.jsonl"
     args = ["-k", "3", "--max-tokens", "6", "--seed", "11", "--temperature", "1.0", "--batch-rows", "3", "--json"]
-    result = run_cli(home, "data", "augment", str(source), "--out", str(local), "--model", "greeter", *args, OMP_NUM_THREADS="1")
+    # The server below runs on the CPU in fp32: so does the in-process engine, on any machine.
+    result = run_cli(home, "data", "augment", str(source), "--out", str(local), "--model", "greeter", "--device", "cpu",
+                     "--dtype", "fp32", *args, OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["stats"]["rows_in"] == 4 and report["stats"]["originals_out"] == 4
@@ -140,5 +142,6 @@ def test_data_help_lists_augment(tmp_path: Path) -> None:
     assert result.returncode == 0 and "augment" in result.stdout
     result = run_cli(tmp_path / "home", "data", "augment", "--help")
     assert result.returncode == 0
-    for option in ("--paraphrases", "--model", "--url", "--instruction", "--temperature", "--max-tokens", "--seed", "--no-originals"):
+    for option in ("--paraphrases", "--model", "--url", "--instruction", "--temperature", "--max-tokens", "--seed", "--no-originals",
+                   "--device", "--dtype"):
         assert option in result.stdout
