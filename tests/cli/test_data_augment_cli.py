@@ -85,6 +85,10 @@ def test_in_process_and_served_give_the_same_rows_and_both_are_registered(home: 
             refused = run_cli(home, "data", "augment", str(source), "--out", str(tmp_path / "x.jsonl"), "--url", url, "-k", "1",
                               "--api-key", "wrong")
             assert_one_line_error(refused, "refused the API key")
+            unknown = run_cli(home, "data", "augment", str(source), "--out", str(tmp_path / "x.jsonl"), "--url", url, "-k", "1",
+                              "--model", "nosuch", "--api-key", "s3cret")
+            assert_one_line_error(unknown, "has no model 'nosuch'")
+            assert not (tmp_path / "x.jsonl").exists()
     finally:
         registry.close()
     # The same seed gives the same rows with the engine in-process and through the server.
