@@ -12,7 +12,9 @@ streaming verb and once with the code one would write without it:
 - split (80/10/10, stratified by label): `split_file` vs two `train_test_split(stratify_by_column=)`
   calls after `class_encode_column`, each part written with `to_json`.
 
-Figures: wall seconds, rows/s, peak RSS above the interpreter's start (getrusage), and the ratio
+Figures: wall seconds, rows/s, peak RSS (`VmHWM` of /proc/self/status, the task process's own
+peak: getrusage's ru_maxrss would carry this script's peak into each child across fork + exec)
+above the resident size once the imports are done, and the ratio
 adapterhub / plain (time: < 1 is faster). The plain code loads the file into an Arrow table
 (a fresh memory-mapped cache per run, so no run reuses another's parse) and holds Python sets;
 adapterhub holds counts and 8-byte hashes.
@@ -33,15 +35,22 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 PRELUDE = r"""
-import json, resource, sys, tempfile, time
+import json, sys, tempfile, time
 from pathlib import Path
 path, work = Path(sys.argv[1]), Path(sys.argv[2])
 limit = int(sys.argv[3])
+def status_mb(field):
+    # /proc/self/status, not getrusage: ru_maxrss carries the parent's peak across fork + exec,
+    # VmHWM is this process image's own peak resident size.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(field)
 def start():
-    import psutil  # the resident size now: a transient peak while importing would hide the task's growth
-    return psutil.Process().memory_info().rss / 2**20, time.perf_counter()
+    # The resident size now, not the peak so far: a transient peak while importing would hide the task's growth.
+    return status_mb("VmRSS"), time.perf_counter()
 def done(rss0, t0, rows):
-    print(json.dumps({"seconds": time.perf_counter() - t0, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0, "rows": rows}))
+    print(json.dumps({"seconds": time.perf_counter() - t0, "rss_mb": status_mb("VmHWM") - rss0, "rows": rows}))
 """
 
 TASKS: dict[str, dict[str, str]] = {

@@ -1,4 +1,4 @@
-"""`adapterhub data inspect|clean|dedup|balance|split|mix|list|show`: data preparation from the shell.
+"""`adapterhub data inspect|clean|dedup|balance|split|mix|augment|list|show`: data preparation from the shell.
 
 Design decisions:
 - The commands own no logic: each calls one verb of `adapterhub.data` and prints its card's
@@ -7,10 +7,15 @@ Design decisions:
 - `inspect` exits 1 when any row is bad, after printing the report, so a script can gate on it.
 - `--base` names a registered base model whose tokenizer measures lengths in tokens; without
   it lengths are characters (no model is loaded).
+- `augment` takes its model from one source: `--model REF` runs the embedded engine in this
+  process, `--url URL` a running `adapterhub serve` (where `--model` names the served model).
+  Settings are checked and the source is resolved (registry ref, or the server listed) before
+  the file is read, and the file is checked before the model is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -20,7 +25,9 @@ from rich.table import Table
 from adapterhub.cli.common import JsonOption, console, print_json, print_table
 from adapterhub.cli.data_records import list_command, show_command
 
-data_app = typer.Typer(help="Inspect, clean, deduplicate, balance, split and mix training data.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Inspect, clean, deduplicate, balance, split, mix and augment (paraphrase) training data.", no_args_is_help=True
+)
 
 FileArg = Annotated[Path, typer.Argument(help="A JSONL, JSON, CSV or Parquet file in a trainer format.")]
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output JSONL file (its data card goes beside it).")]
@@ -48,6 +55,9 @@ def _print_stats(title: str, stats: dict[str, Any], outputs: dict[Path, int] | N
             for example in value:
                 table.add_row(f"cluster of {example['size']}" + (" (leak)" if example["leak"] else ""),
                               f"kept {example['kept']}\nremoved {example['removed']}")
+        elif key == "examples":
+            for example in value:
+                table.add_row(f"example ({example['row']})", f"{example['source']}\n→ {example['paraphrase']}")
         elif key == "problems":
             for problem in value:
                 table.add_row("bad row", problem)
@@ -169,6 +179,72 @@ def mix_command(
     from adapterhub.data import mix_files, parse_source
 
     _finish(mix_files([parse_source(text) for text in data], out, temperature=temperature, rows=rows, seed=seed), json_output)
+
+
+@data_app.command("augment")
+def augment_command(
+    file: FileArg,
+    out: OutOption,
+    paraphrases: Annotated[int, typer.Option("--paraphrases", "-k", help="Paraphrases asked for per row (K).")],
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="Registry base model, adapter or full model to run in this process; with --url, the served model's name.",
+    )] = None,
+    url: Annotated[Optional[str], typer.Option("--url", help="A running `adapterhub serve` (e.g. http://127.0.0.1:8000) to ask instead.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="ADAPTERHUB_API_KEY", help="API key of the --url server.")] = None,
+    instruction: Annotated[Optional[str], typer.Option(
+        "--instruction", help="The paraphrase request; {text} marks the text (default in docs/data.md).",
+    )] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature (0: greedy, one paraphrase).")] = 0.8,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Longest paraphrase, in tokens.")] = 256,
+    seed: SeedOption = 0,
+    no_originals: Annotated[bool, typer.Option("--no-originals", help="Write the paraphrases only (default: each original, then its paraphrases).")] = False,
+    batch_rows: Annotated[int, typer.Option("--batch-rows", help="Rows whose requests are in flight together.")] = 8,
+    device: Annotated[Optional[str], typer.Option(help="With --model: cpu, cuda or cuda:N (default: CUDA when present).")] = None,
+    dtype: Annotated[str, typer.Option(help="With --model: bf16, fp16, fp32 or auto (from the hardware).")] = "auto",
+    json_output: JsonOption = False,
+) -> None:
+    """Paraphrase each row's prompt K times with a served model; new rows carry source_row and augmented."""
+    from adapterhub.data.augment import DEFAULT_INSTRUCTION, AugmentSettings, augment_file
+    from adapterhub.errors import AdapterhubError
+
+    if model is None and url is None:
+        raise AdapterhubError("augment needs a model: --model REF (run in this process) or --url URL (a running adapterhub serve)")
+    settings = AugmentSettings(
+        paraphrases=paraphrases, instruction=DEFAULT_INSTRUCTION if instruction is None else instruction,
+        temperature=temperature, max_tokens=max_tokens, seed=seed, keep_originals=not no_originals, batch_rows=batch_rows,
+    ).check()
+    with contextlib.ExitStack() as stack:
+        if url is not None:
+            from adapterhub.serving.chat_clients import OpenAIChat
+
+            chat: Any = stack.enter_context(OpenAIChat(url, model=model, api_key=api_key))
+            source = {"url": chat.base_url, "model": chat.model}
+        else:
+            from adapterhub.cli.common import open_registry
+            from adapterhub.models import default_device, resolve_dtype
+            from adapterhub.serving.backends.config import EngineConfig
+            from adapterhub.serving.chat_clients import EngineChat
+
+            chosen_device = device or default_device()
+            config = EngineConfig(device=chosen_device, dtype=resolve_dtype(dtype, chosen_device))
+            registry = open_registry()
+            stack.callback(registry.close)  # after the engine stops: it reads adapters through it
+            chat = stack.enter_context(EngineChat.from_registry(registry, model, config=config))  # type: ignore[arg-type]
+            source = {"model": chat.model}
+        result = _augment_with_progress(augment_file, file, out, chat, settings, source)
+    _finish(result, json_output)
+
+
+def _augment_with_progress(augment_file: Any, file: Path, out: Path, chat: Any, settings: Any, source: dict[str, Any]) -> Any:
+    """Run the verb with a rich progress bar of rows on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from adapterhub.cli.common import err_console
+
+    with Progress(TextColumn("paraphrasing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task("rows", total=None)
+        return augment_file(file, out, model=chat, settings=settings, source=source,
+                            progress=lambda done, total: bar.update(task, completed=done, total=total))
 
 
 data_app.command("list")(list_command)

@@ -1,4 +1,4 @@
-"""Data preparation: inspect, clean, deduplicate, balance, split and mix datasets in the trainer's formats.
+"""Data preparation: inspect, clean, deduplicate, balance, split, mix and augment datasets in the trainer's formats.
 
 Public API (each verb streams its input in bounded batches and writes JSONL plus a data card):
     inspect_file(path, tokenizer=, max_length=) -> InspectReport     (inspection.py)
@@ -7,6 +7,8 @@ Public API (each verb streams its input in bounded batches and writes JSONL plus
     balance_file(path, out, mode=, target=, seed=) -> VerbResult     (sampling.py)
     split_file(path, out_dir, fractions=, seed=) -> VerbResult       (sampling.py)
     mix_files(sources, out, temperature=, seed=) -> VerbResult       (sampling.py)
+    augment_file(path, out, model=, settings=, source=) -> VerbResult (augment.py; `model` is a
+        ChatModel: `adapterhub.serving.chat_clients` has the in-process engine and the HTTP client)
     parse_source(text) -> MixSource  ("FILE[:WEIGHT]", shared with `adapterhub train --data`)
 
 Design decisions:
@@ -19,6 +21,7 @@ Design decisions:
 - No DB here (DESIGN.md): the CLI registers what a verb wrote as a dataset record.
 """
 
+from adapterhub.data.augment import AugmentSettings, ChatModel, ChatRequest, augment_file
 from adapterhub.data.clean import clean_file
 from adapterhub.data.dedup import dedup_file
 from adapterhub.data.inspection import InspectReport, inspect_file
@@ -26,9 +29,13 @@ from adapterhub.data.output import VerbResult
 from adapterhub.data.sampling import MixSource, balance_file, mix_files, parse_source, split_file
 
 __all__ = [
+    "AugmentSettings",
+    "ChatModel",
+    "ChatRequest",
     "InspectReport",
     "MixSource",
     "VerbResult",
+    "augment_file",
     "balance_file",
     "clean_file",
     "dedup_file",

@@ -2,8 +2,9 @@
 
 Design decisions:
 - Exact: an 8-byte BLAKE2 hash of each row's normalized text (`schema.row_key`: NFKC,
-  casefolded, whitespace collapsed); the first occurrence is kept. Memory: one small int per
-  distinct row, not the rows.
+  casefolded, whitespace collapsed); the first occurrence is kept. Memory: one slot of a compact
+  hash index per distinct row (`hashes.HashIndex`: the hash and the kept row's number, 24-48
+  bytes), not the rows.
 - Near: MinHash over word 3-gram shingles (character 5-grams for texts of fewer than three
   words) with `datasketch`, and an LSH index at the Jaccard threshold. A row is a
   near-duplicate when the index returns an earlier kept row; the first is kept, so the output
@@ -16,12 +17,12 @@ Design decisions:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapterhub.data.hashes import HashIndex, hash64
 from adapterhub.data.output import StagedOutputs, VerbResult, check_output, parents_of, write_row
 from adapterhub.data.schema import checked_rows, row_key
 from adapterhub.datafiles import Row
@@ -30,11 +31,6 @@ from adapterhub.errors import ValidationError
 BATCH_ROWS = 1024
 MAX_CLUSTERS_REPORTED = 20
 _EXCERPT = 80
-
-
-def hash64(key: str) -> int:
-    """The exact-dedup identity of a normalized row text."""
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def shingles(key: str) -> list[bytes]:
@@ -87,15 +83,17 @@ def dedup_file(
     def minhashes(batch: list[tuple[Row, str, str]]) -> list[Any]:
         return MinHash.bulk([shingles(key) for _, _, key in batch], num_perm=num_perm, seed=seed)
 
-    seen: dict[int, str] = {}  # exact hash -> where the kept row is
-    test_seen: dict[int, str] = {}
+    seen = HashIndex()  # exact hash -> number of the kept row (its location is `unit number`)
+    test_seen = HashIndex()
+    test_unit = "line"
     excerpts: dict[str, str] = {}  # LSH key -> excerpt (near mode only)
     clusters: dict[str, _Cluster] = {}
     if against is not None:
         for batch in _batches(checked_rows(against)):
             hashes = minhashes(batch) if lsh is not None else [None] * len(batch)
             for (row, _, key), minhash in zip(batch, hashes):
-                test_seen.setdefault(hash64(key), f"{Path(against).name} {row.where}")
+                test_seen.setdefault(hash64(key), row.number)
+                test_unit = row.unit
                 if lsh is not None:
                     name = f"test {row.where}"
                     if not lsh.query(minhash):
@@ -111,10 +109,12 @@ def dedup_file(
             for (row, fmt, key), minhash in zip(batch, hashes):
                 read += 1
                 digest = hash64(key)
-                match = test_seen.get(digest)
+                number = test_seen.get(digest)
+                match = None if number is None else f"{Path(against).name} {test_unit} {number}"  # type: ignore[arg-type]
                 kind = "leak" if match else None
                 if match is None:
-                    match = seen.get(digest)
+                    number = seen.get(digest)
+                    match = None if number is None else f"{row.unit} {number}"
                     kind = "exact" if match else None
                 if match is None and lsh is not None:
                     found = lsh.query(minhash)
@@ -122,7 +122,7 @@ def dedup_file(
                         match = min(found, key=_order)
                         kind = "leak" if match.startswith("test ") else "near"
                 if match is None:
-                    seen[digest] = row.where
+                    seen.setdefault(digest, row.number)
                     if lsh is not None:
                         lsh.insert(row.where, minhash)
                         excerpts[row.where] = _excerpt(key)

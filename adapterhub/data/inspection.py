@@ -2,7 +2,8 @@
 
 Design decisions:
 - One pass, rows in bounded batches: per-row lengths go into a compact `array` (4 bytes a
-  row), duplicate detection keeps an 8-byte hash per distinct row. Nothing else grows with the file.
+  row), duplicate detection keeps one slot of a compact hash index per distinct row
+  (`hashes.HashIndex`, 24-48 bytes). Nothing else grows with the file.
 - Lengths are in tokens when a tokenizer is given (the base model's, batched through the fast
   tokenizer), else in characters; with tokens, the report counts how many rows the trainer's
   `max_length` would truncate.
@@ -11,7 +12,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 from array import array
 from collections import Counter
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterhub.data.hashes import HashIndex, hash64
 from adapterhub.data.schema import MAX_REPORTED, classify, detect_format, is_empty, label_of, row_key, texts_of
 from adapterhub.datafiles import iter_data_file
 
@@ -61,10 +62,6 @@ class InspectReport:
         }
 
 
-def _hash64(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
-
-
 def inspect_file(path: Path, *, tokenizer: Any = None, max_length: int = 512) -> InspectReport:
     """Check every row of `path` and gather its statistics (see the module docstring)."""
     path = Path(path)
@@ -72,7 +69,7 @@ def inspect_file(path: Path, *, tokenizer: Any = None, max_length: int = 512) ->
     rows = bad = empty = duplicates = 0
     problems: list[str] = []
     labels: Counter[str] = Counter()
-    seen: set[int] = set()
+    seen = HashIndex()
     lengths = array("I")
     pending: list[str] = []
 
@@ -96,11 +93,11 @@ def inspect_file(path: Path, *, tokenizer: Any = None, max_length: int = 512) ->
                 problems.append(f"{row.where}: {problem}")
             continue
         assert fmt is not None
-        key = _hash64(row_key(row.values, fmt))
+        key = hash64(row_key(row.values, fmt))
         if key in seen:
             duplicates += 1
         else:
-            seen.add(key)
+            seen.setdefault(key, row.number)
         label = label_of(row.values, fmt)
         if label is not None:
             labels[label] += 1

@@ -12,7 +12,7 @@ Design decisions:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import APIRouter
@@ -95,6 +95,20 @@ class ChatShaper:
         return ChatCompletionChunk(id=response_id, created=created, model=self.body.model, choices=[], usage=usage).model_dump()
 
 
+def chat_prompt_ids(tokenizer: Any, conversation: Sequence[Mapping[str, str]]) -> list[int]:
+    """The prompt token ids of a conversation: the tokenizer's chat template with the generation
+    prompt, its special tokens placed by the template. A 400 when the template rejects it.
+
+    Shared with the in-process client (`serving/chat_clients.py`), so a conversation is the same
+    prompt with or without HTTP.
+    """
+    try:
+        text = tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # the template itself rejects the conversation (e.g. role order)
+        raise OpenAIError(400, f"the chat template rejected the messages: {exc}", param="messages") from exc
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, state: State) -> Response:
     refuse_unsupported(body)
@@ -104,12 +118,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State) -> Respons
     tokenizer = state.backend.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise OpenAIError(400, "the base model's tokenizer has no chat template; use /v1/completions", param="messages")
-    conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
-    try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # the template itself rejects the conversation (e.g. role order)
-        raise OpenAIError(400, f"the chat template rejected the messages: {exc}", param="messages") from exc
-    prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+    prompt_ids = chat_prompt_ids(tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
     check_prompt_ids(state.backend, [prompt_ids])
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = requested if requested is not None else state.backend.max_model_len - len(prompt_ids)
@@ -124,4 +133,4 @@ async def chat_completions(body: ChatCompletionRequest, state: State) -> Respons
     return await respond(state, job, ChatShaper(state, body))
 
 
-__all__ = ["ChatShaper", "router"]
+__all__ = ["ChatShaper", "chat_prompt_ids", "router"]

@@ -156,6 +156,15 @@ async def _drain(choice: Choice) -> GenerationChunk:
     return last
 
 
+async def complete_job(backend: Backend, job: GenerationJob) -> list[str]:
+    """The whole text of every choice of `job` (prompts x n, in order), as a non-streamed
+    response holds them: the route's own path, for callers in this process without HTTP
+    (`serving/chat_clients.py::EngineChat`)."""
+    choices = await _start_choices(backend, job)
+    await asyncio.gather(*(_drain(c) for c in choices))
+    return ["".join(c.text) for c in choices]
+
+
 async def _interleave(choices: list[Choice]) -> AsyncIterator[tuple[int, GenerationChunk]]:
     """Chunks of all choices as they come, each tagged with its choice index."""
     queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
@@ -258,4 +267,4 @@ async def respond(state: ServerState, job: GenerationJob, shaper: ResponseShaper
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-__all__ = ["Choice", "GenerationJob", "LOGPROB_FLOOR", "ResponseShaper", "floor_logprob", "respond", "usage_of"]
+__all__ = ["Choice", "GenerationJob", "LOGPROB_FLOOR", "ResponseShaper", "complete_job", "floor_logprob", "respond", "usage_of"]
