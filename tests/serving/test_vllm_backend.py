@@ -51,10 +51,10 @@ def vllm_server(vllm_fleet: dict[str, object]) -> Iterator[RunningServer]:
     from adapterhub.serving.backends.vllm_engine import VllmEngine
     from adapterhub.serving.resolver import RegistryResolver
 
-    # max_resident 2 (3 vLLM slots with the base's zero LoRA) < 3 adapters: every slot is taken
-    # in a burst, so a base row read as "the last slot" (vLLM-CPU's bug) would get an adapter;
-    # with a free slot the bug hides (checked: this module's mixed-load test fails without the
-    # zero LoRA at this size, and passes at max_resident 4).
+    # max_resident 2 (2 vLLM slots) < 3 adapters: every slot is taken in a burst, so a base row
+    # read as "the last slot" (vLLM-CPU's bug) would get an adapter; with a free slot the bug
+    # hides (checked: this module's mixed-load test fails without the op fix, the plugin
+    # `adapterhub_cpu_lora_fix`, at this size).
     backend = VllmEngine(
         vllm_fleet["base_dir"], base_name=BASE, max_resident=2, max_cpu_adapters=8,  # type: ignore[arg-type]
         max_lora_rank=16, dtype="float32", kv_cache_gib=1, max_num_seqs=16,

