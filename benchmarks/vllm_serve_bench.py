@@ -82,6 +82,8 @@ def measure_system(system: str, base: str, base_dir: Path, adapters: dict[str, P
     url = f"http://127.0.0.1:{port}"
     log_path = args.out_dir / f"vllm_serve_bench.{_SLUGS[system]}.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
+    if system == "vLLM's own server":  # as users get it: none of adapterhub's vLLM plugins (an empty allow-list)
+        env["VLLM_PLUGINS"] = ""
     with log_path.open("w") as log:
         process = subprocess.Popen(_command(system, base, base_dir, adapters, port, args), env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
