@@ -239,6 +239,38 @@ def bench_serve(
     run_serve_benchmark(settings)
 
 
+@bench_app.command("backends")
+def bench_backends(
+    base: Annotated[str, typer.Option(help="Registered base model to serve.")] = "smollm2",
+    systems: Annotated[str, typer.Option(help="Comma-separated: adapterhub vllm, vLLM's own server, adapterhub torch.")] = (
+        "adapterhub vllm,vLLM's own server,adapterhub torch"
+    ),
+    dtype: Annotated[str, typer.Option(help="bf16 or fp32, for every system.")] = "bf16",
+    adapter_counts: Annotated[str, typer.Option(help="Distinct adapters in flight per level, comma-separated.")] = "1,4,16",
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 16,
+    requests_per_level: Annotated[int, typer.Option(min=1, help="Requests sent per level.")] = 32,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per request (end-of-sequence ignored).")] = 32,
+    rank: Annotated[int, typer.Option(min=1, help="Rank of the benchmark LoRAs (q/k/v/o).")] = 16,
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON, PNG and server logs go.")] = Path("benchmarks/results"),
+) -> None:
+    """The serving engines side by side: each system started as its own server in turn, same adapters,
+    prompts and concurrency; throughput and p50/p99 latency at base-only and each adapter count.
+
+    The goal it reports: adapterhub on vLLM within 10% of vLLM's own server at every level.
+    """
+    from adapterhub.serving.bench_backends import BackendsSettings, run_backends_benchmark
+
+    try:
+        counts = tuple(int(c) for c in adapter_counts.split(",") if c.strip())
+    except ValueError:
+        raise AdapterhubError(f"--adapter-counts {adapter_counts!r}: give positive integers, e.g. 1,4,16") from None
+    run_backends_benchmark(BackendsSettings(
+        base=base, systems=tuple(s.strip() for s in systems.split(",") if s.strip()), dtype=dtype, adapter_counts=counts,
+        concurrency=concurrency, requests_per_level=requests_per_level, max_tokens=max_tokens, rank=rank, out_dir=out_dir,
+        name="backends_bench",
+    ))
+
+
 def register(app: typer.Typer) -> None:
     """Add `serve` and the `bench` group (with `bench serve`) to `app`."""
     app.command("serve")(serve)

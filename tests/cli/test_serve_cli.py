@@ -282,3 +282,26 @@ def test_serve_a_registered_full_model_as_the_base(tiny_home: Path, tmp_path: Pa
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=30)
+
+
+def test_bench_backends_starts_each_server_and_reports_it(tiny_home: Path, tmp_path: Path) -> None:
+    """`bench backends` with the torch system alone (the vLLM systems are the same code path with
+    another command line; tests/cli/test_serve_vllm_cli.py runs `serve --backend vllm`)."""
+    out_dir = tmp_path / "results"
+    env = {**_env(tiny_home), "ADAPTERHUB_API_KEY": ""}
+    result = subprocess.run(
+        [*CLI, "bench", "backends", "--base", "tiny", "--systems", "adapterhub torch", "--dtype", "fp32", "--adapter-counts", "1,2",
+         "--concurrency", "2", "--requests-per-level", "4", "--max-tokens", "3", "--rank", "4", "--out-dir", str(out_dir)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out_dir / "backends_bench.json").read_text())
+    (torch_result,) = report["results"]
+    assert torch_result["system"] == "adapterhub torch" and torch_result["startup_s"] > 0
+    assert [level["adapters"] for level in torch_result["levels"]] == [0, 1, 2]
+    assert all(level["errors"] == 0 and level["output_tokens"] == 4 * 3 for level in torch_result["levels"])
+    assert report["goals"] == {}  # no vLLM pair to compare
+    assert (out_dir / "backends_bench.png").stat().st_size > 10_000
+    assert (out_dir / "backends_bench.adapterhub-torch.log").exists()
+    refused = subprocess.run([*CLI, "bench", "backends", "--base", "tiny", "--systems", "tgi"], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "unknown system(s) ['tgi']" in refused.stderr
