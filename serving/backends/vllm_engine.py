@@ -373,6 +373,9 @@ class VllmEngine(Backend):
             stop_token_ids=list(sampling.stop_token_ids) or None, seed=sampling.seed, ignore_eos=sampling.ignore_eos,
             logprobs=sampling.logprobs, prompt_logprobs=sampling.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
+            # Without stop strings `generate` makes the text with our incremental detokenizer:
+            # vLLM's own would decode every token a second time on this process's event loop.
+            detokenize=bool(sampling.stop),
         )
 
     async def generate(

@@ -130,6 +130,25 @@ def test_prompt_logprobs_match_transformers(vllm_server: RunningServer, vllm_fle
     assert served == pytest.approx(expected, abs=1e-3)
 
 
+def test_token_logprobs_and_stop_strings(vllm_server: RunningServer, references: dict) -> None:
+    """Text made by our detokenizer (vLLM's is off then) carries per-token logprobs with their
+    token strings; a stop string switches vLLM's detokenizer on and cuts the text there."""
+    client = vllm_server.client(API_KEY)
+    answer = client.completions.create(model="alpha-b", prompt=PROMPTS[0], max_tokens=8, temperature=0, logprobs=2)
+    choice = answer.choices[0]
+    assert choice.text == references["alpha-b", PROMPTS[0]]
+    assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs) == 8
+    assert all(len(top) == 2 and all(lp <= 0 for lp in top.values()) for top in choice.logprobs.top_logprobs)
+    # Token strings as OpenAI spells them: text, or `bytes:\xNN` for part of a UTF-8 sequence.
+    whole = [t for t in choice.logprobs.tokens if not t.startswith("bytes:")]
+    assert whole and choice.text.startswith(choice.logprobs.tokens[0]) and all(t in choice.text for t in whole)
+    full = references[BASE, PROMPTS[2]]
+    stop = next((full[i : i + 2] for i in range(1, len(full) - 1) if full[i : i + 2].strip()), None)
+    assert stop is not None, full
+    cut = client.completions.create(model=BASE, prompt=PROMPTS[2], max_tokens=8, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
 def test_unload_404_auth_and_refused_dora(vllm_server: RunningServer) -> None:
     client = vllm_server.client(API_KEY)
     with pytest.raises(openai.NotFoundError) as missing:
