@@ -32,6 +32,34 @@ _CORPUS = [
 ] * 20
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now, for a server a test starts."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(server: Any, url: str, log_path: Path, timeout_s: float = 120) -> None:
+    """Wait until the server process at `url` answers /health with 200; fail with the end of its
+    log when it exits first or `timeout_s` passes (every wait in the tests is bounded)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert server.poll() is None, f"server exited ({server.returncode}):\n" + log_path.read_text()[-4000:]
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"server not healthy after {timeout_s:g} s:\n" + log_path.read_text()[-4000:]
+        time.sleep(0.25)
+
+
 def build_tokenizer(out_dir: Path) -> None:
     """Train a tiny byte-level BPE and save it as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -19,7 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.cli.test_serve_cli import _free_port, _wait_healthy
+from tests.conftest import free_port, wait_healthy
 from tests.conftest import build_lora_adapter
 
 CLI = [sys.executable, "-m", "adapterhub.cli.main"]
@@ -42,7 +42,7 @@ def replicas(postgres_url: str, tiny_base: Path, tmp_path: Path) -> Iterator[tup
     servers, clients, logs = [], [], []
     try:
         for replica in ("a", "b"):
-            port = _free_port()
+            port = free_port()
             log_path = tmp_path / f"replica-{replica}.log"
             logs.append(log_path.open("w"))
             servers.append((subprocess.Popen(
@@ -50,7 +50,7 @@ def replicas(postgres_url: str, tiny_base: Path, tmp_path: Path) -> Iterator[tup
                 env=_env(tmp_path / f"home-{replica}", postgres_url, blob_dir), stdout=logs[-1], stderr=subprocess.STDOUT,
             ), f"http://127.0.0.1:{port}", log_path))
         for server, url, log_path in servers:
-            _wait_healthy(server, url, log_path)
+            wait_healthy(server, url, log_path)
             clients.append(openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0, timeout=120))
         yield clients, admin_env
     finally:

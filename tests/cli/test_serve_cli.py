@@ -19,15 +19,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import build_lora_adapter
+from tests.conftest import build_lora_adapter, free_port, wait_healthy
 
 CLI = [sys.executable, "-m", "adapterhub.cli.main"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture()
@@ -46,7 +40,7 @@ def _env(home: Path) -> dict[str, str]:
 
 
 def test_serve_process_answers_openai_client_and_bench_runs(tiny_home: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
         [*CLI, "serve", "--base", "tiny", "--port", str(port), "--max-resident", "2", "--preload", "greeter", "--log-level", "warning",
@@ -55,16 +49,7 @@ def test_serve_process_answers_openai_client_and_bench_runs(tiny_home: Path, tmp
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(0.25)
+        wait_healthy(server, url, tmp_path / "server.log")
 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0, timeout=60)
         cards = {card.id: card.model_dump() for card in client.models.list().data}
@@ -138,19 +123,6 @@ def test_serve_defaults_are_the_engine_configs_and_the_readme_repeats_none() -> 
     assert not re.search(r"--(max-resident|max-cpu-adapters|max-batch-size|max-waiting)[ =]\d", readme)
 
 
-def _wait_healthy(server: subprocess.Popen, url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        assert server.poll() is None, log_path.read_text()
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "server did not become healthy"
-        time.sleep(0.25)
-
-
 def _post_and_stall(port: int, path: str, body: dict, *, key: str = "k3y", withhold: int = 0) -> socket.socket:
     """Send a request on a socket that then reads nothing, with a tiny receive buffer, so the
     server's writes to it back up: a client that stalls mid-stream. With `withhold`, the last
@@ -177,7 +149,7 @@ def test_sigterm_stops_a_busy_server(tiny_base: Path, adapterhub_home: Path, tmp
     registry.add_base_model(name="tiny", model_dir=tiny_base)
     for index in range(3):
         registry.put_adapter(name=f"a{index}", source_dir=build_lora_adapter(tiny_base, tmp_path / f"a{index}", seed=index), base="tiny")
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "server.log"
     log = log_path.open("w")
     server = subprocess.Popen(
@@ -187,7 +159,7 @@ def test_sigterm_stops_a_busy_server(tiny_base: Path, adapterhub_home: Path, tmp
     url = f"http://127.0.0.1:{port}"
     stalled: list[socket.socket] = []
     try:
-        _wait_healthy(server, url, log_path)
+        wait_healthy(server, url, log_path)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0, timeout=60)
         # The adapter beyond both tiers answers (it was read from disk for ever before).
         for name in ("a0", "a1", "a2", "a0"):
@@ -267,14 +239,14 @@ def test_serve_a_registered_full_model_as_the_base(tiny_home: Path, tmp_path: Pa
         out = AutoModelForCausalLM.from_pretrained(model_dir).generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log:
         server = subprocess.Popen([*CLI, "serve", "--base", "greeter-full:1", "--port", str(port), "--log-level", "warning"],
                                   env=_env(tiny_home), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(server, url, log_path)
+        wait_healthy(server, url, log_path)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0, timeout=60)
         assert [card.id for card in client.models.list().data] == ["greeter-full:1"]
         answer = client.completions.create(model="greeter-full:1", prompt="hello there", max_tokens=6, temperature=0)

@@ -13,17 +13,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import build_lora_adapter
+from tests.conftest import build_lora_adapter, free_port, wait_healthy
 from tests.serving.conftest import ReferenceGenerator, build_dora_adapter
 
 pytest.importorskip("vllm")
@@ -32,12 +30,6 @@ psutil = pytest.importorskip("psutil")  # a dependency of vLLM
 CLI = [sys.executable, "-m", "adapterhub.cli.main"]
 BASE = "tiny-vllm"
 PROMPT = "the cat sat on"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_serve_backend_vllm_process(tiny_vllm_base: Path, adapterhub_home: Path, tmp_path: Path) -> None:
@@ -53,7 +45,7 @@ def test_serve_backend_vllm_process(tiny_vllm_base: Path, adapterhub_home: Path,
         registry.put_adapter(name=name, source_dir=source, base=BASE)
     registry.put_adapter(name="with-dora", source_dir=build_dora_adapter(tiny_vllm_base, tmp_path / "dora", seed=23), base=BASE)
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "ADAPTERHUB_HOME": str(adapterhub_home), "ADAPTERHUB_API_KEY": "k3y", "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("ADAPTERHUB_DATABASE_URL", None)
@@ -66,16 +58,7 @@ def test_serve_backend_vllm_process(tiny_vllm_base: Path, adapterhub_home: Path,
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, log_path.read_text()[-4000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy:\n" + log_path.read_text()[-4000:]
-            time.sleep(0.5)
+        wait_healthy(server, url, log_path, timeout_s=300)
         # Slots sized for the largest registered rank (16), not a fixed default.
         assert "max LoRA rank 16" in log_path.read_text()
 

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
-from tests.conftest import build_lora_adapter
+from tests.conftest import build_lora_adapter, free_port, wait_healthy
 from tests.serving.conftest import ReferenceGenerator
 
 pytest.importorskip("vllm")
@@ -86,16 +83,10 @@ def test_resolver_builds_a_lora_request(plugin_home: dict[str, object]) -> None:
     assert asyncio.run(_resolver(plugin_home).resolve_lora(str(plugin_home["base_dir"]), "nope")) is None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def plain_vllm(plugin_home: dict[str, object], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The command the README gives, on the tiny base, with only adapterhub's plugin loaded."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("vllm-log") / "server.log"
     env = {
         **os.environ, "ADAPTERHUB_HOME": str(plugin_home["home"]), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
@@ -111,16 +102,7 @@ def plain_vllm(plugin_home: dict[str, object], tmp_path_factory: pytest.TempPath
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, log_path.read_text()[-4000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "vLLM's server did not become healthy:\n" + log_path.read_text()[-4000:]
-            time.sleep(0.5)
+        wait_healthy(server, url, log_path, timeout_s=300)
         yield url
     finally:
         server.terminate()
