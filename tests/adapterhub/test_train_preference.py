@@ -25,6 +25,11 @@ def _kto(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "kto.jsonl", rows)
 
 
+def _assert_counts_tokens(metrics: dict[str, object]) -> None:
+    # Every trained sequence (prompt + answer) counts: 3 steps of 2 rows hold at least a dozen tokens.
+    assert metrics["tokens_seen"] >= 12 and metrics["tokens_per_second"] > 0
+
+
 def _config(task: str, data: Path, **extra: object):
     values = {"task": task, "data": str(data), "validation_split": 0.25, "max_steps": 3, "batch_size": 2, "max_length": 64,
               "learning_rate": 1e-2, **extra}
@@ -48,6 +53,7 @@ def test_dpo_lora_uses_the_base_as_reference_and_stores_preference_figures(tiny_
     assert {"adapter_model.safetensors", "adapter_config.json", "learning_curve.png"} <= files and "ref" not in files
     assert json.loads((result.output_path / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
     assert result.supervision is None
+    _assert_counts_tokens(metrics)
 
 
 def test_dpo_full_model_precomputes_the_reference(tiny_base: Path, tmp_path: Path) -> None:
@@ -64,6 +70,8 @@ def test_orpo_trains_a_lora_adapter_without_reference(tiny_base: Path, tmp_path:
     assert 0 <= metrics["initial_preference_accuracy"] <= 1 and 0 <= metrics["preference_accuracy"] <= 1
     assert metrics["reward_margin"] != metrics["initial_reward_margin"]
     assert (result.output_path / "adapter_model.safetensors").is_file()
+    # TRL's ORPO batches carry chosen_*/rejected_* rows and no input_ids: transformers alone counted 0.
+    _assert_counts_tokens(metrics)
 
 
 def test_kto_trains_on_labelled_completions(tiny_base: Path, tmp_path: Path) -> None:
@@ -71,6 +79,7 @@ def test_kto_trains_on_labelled_completions(tiny_base: Path, tmp_path: Path) -> 
     assert result.metrics["initial_reward_margin"] == 0  # adapter off is the reference: no reward before training
     assert "rewards_chosen" in result.metrics and result.config["loss_type"] == "kto"
     assert json.loads((result.output_path / "adapter_config.json").read_text())["use_dora"] is True
+    _assert_counts_tokens(result.metrics)
 
 
 def test_reward_model_is_a_one_score_classifier_that_loads_back(tiny_base: Path, tmp_path: Path) -> None:
@@ -83,6 +92,7 @@ def test_reward_model_is_a_one_score_classifier_that_loads_back(tiny_base: Path,
     assert 0 <= metrics["initial_preference_accuracy"] <= 1 and metrics["reward_margin"] != metrics["initial_reward_margin"]
     adapter_config = json.loads((result.output_path / "adapter_config.json").read_text())
     assert adapter_config["task_type"] == "SEQ_CLS" and "score" in adapter_config["modules_to_save"]
+    _assert_counts_tokens(metrics)
     model = AutoPeftModelForSequenceClassification.from_pretrained(result.output_path, num_labels=1)
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     with torch.no_grad():
