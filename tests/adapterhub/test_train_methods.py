@@ -358,3 +358,29 @@ def test_classification_with_a_head(tiny_base: Path, classification_jsonl: Path,
     assert adapter_config["task_type"] == "SEQ_CLS" and "score" in adapter_config["modules_to_save"]
     tensors = load_file(result.output_path / "adapter_model.safetensors")
     assert any("score" in key for key in tensors)
+
+
+def test_peak_memory_is_the_runs_own_not_its_parents(tmp_path: Path) -> None:
+    """A run started from a big process (pytest, a benchmark driver) reports its own peak.
+
+    getrusage's ru_maxrss survives fork + exec, so a child of a process that once held 1.5 GB
+    reads at least 1.5 GB; `peak_resident_bytes` (VmHWM) does not carry it over.
+    """
+    import subprocess
+    import sys
+
+    from adapterhub.train.memory import peak_resident_bytes
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("VmHWM is Linux's; elsewhere the peak is ru_maxrss")
+    held = b"\x01" * (1536 * 2**20)  # written, so every page is resident (bytes(n) would stay untouched)
+    assert peak_resident_bytes() >= len(held)
+    child = subprocess.run(
+        [sys.executable, "-c", "import resource; from adapterhub.train.memory import peak_resident_bytes; "
+         "print(peak_resident_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )
+    own, inherited = (int(value) for value in child.stdout.split()[-2:])
+    del held
+    assert inherited >= 1536 * 2**20  # what the old measurement reported
+    assert 0 < own < 1536 * 2**20
