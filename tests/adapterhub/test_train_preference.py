@@ -11,7 +11,7 @@ from adapterhub.errors import ValidationError
 from adapterhub.train import load_config
 from adapterhub.train.runner import train
 
-from .conftest import write_jsonl
+from .conftest import interrupt_after, write_jsonl
 
 WORDS = ["fox", "dog", "cat", "owl", "bee", "elk", "ant", "yak", "emu", "cod", "eel", "hen"]
 
@@ -54,6 +54,33 @@ def test_dpo_lora_uses_the_base_as_reference_and_stores_preference_figures(tiny_
     assert json.loads((result.output_path / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
     assert result.supervision is None
     _assert_counts_tokens(metrics)
+
+
+def test_dpo_resume_ends_at_the_same_adapter(tiny_base: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    config = _config("dpo", _pairs(tmp_path), max_steps=6, save_steps=2, lora_dropout=0.1)
+    straight = train(config, base_dir=tiny_base, output_dir=tmp_path / "straight", progress=False)
+
+    run_dir = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        train(config, base_dir=tiny_base, output_dir=run_dir, progress=False, callbacks=[interrupt_after(4)])
+    assert not (run_dir / "final").exists() and (run_dir / "checkpoints" / "checkpoint-4").is_dir()
+    resumed = train(config, base_dir=tiny_base, output_dir=run_dir, progress=False, resume=True)
+    assert resumed.metrics["resumed_from"] == "checkpoint-4" and resumed.metrics["global_step"] == 6
+    # Held-out figures before training come from the first start; after, from the same weights as the straight run.
+    for key in ("initial_preference_accuracy", "initial_reward_margin"):
+        assert resumed.metrics[key] == straight.metrics[key]
+    assert resumed.metrics["reward_margin"] == pytest.approx(straight.metrics["reward_margin"], rel=1e-4, abs=1e-6)
+    # The whole run's history, the part before the interruption included.
+    assert [step for step, _ in resumed.metrics["chosen_reward_history"]] == [step for step, _ in straight.metrics["chosen_reward_history"]]
+
+    expected = load_file(straight.output_path / "adapter_model.safetensors")
+    actual = load_file(resumed.output_path / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys() and any("lora_B" in key and value.abs().max() > 0 for key, value in expected.items())
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
 
 
 def test_dpo_full_model_precomputes_the_reference(tiny_base: Path, tmp_path: Path) -> None:
