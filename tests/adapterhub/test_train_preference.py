@@ -56,6 +56,19 @@ def test_dpo_lora_uses_the_base_as_reference_and_stores_preference_figures(tiny_
     _assert_counts_tokens(metrics)
 
 
+def test_dpo_counts_the_tokens_of_its_pairs_without_padding(tiny_base: Path, tmp_path: Path) -> None:
+    # Pairs of very different lengths in one batch: padding would be most of it. padding_free is an
+    # sft/causal_lm setting; with it on (the default) a dpo run used to count every padded position.
+    rows = [{"prompt": f"say {w}", "chosen": w, "rejected": "no " + " ".join([w] * (1 + 12 * (i % 2)))} for i, w in enumerate(WORDS[:4])]
+    data = write_jsonl(tmp_path / "uneven.jsonl", rows)
+    runs = {
+        padding_free: train(_config("dpo", data, validation_split=0, max_steps=2, padding_free=padding_free), base_dir=tiny_base,
+                            output_dir=tmp_path / f"run-{padding_free}", progress=False)
+        for padding_free in (True, False)
+    }
+    assert runs[True].metrics["tokens_seen"] == runs[False].metrics["tokens_seen"] > 0
+
+
 def test_dpo_resume_ends_at_the_same_adapter(tiny_base: Path, tmp_path: Path) -> None:
     import torch
     from safetensors.torch import load_file
