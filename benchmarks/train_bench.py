@@ -1,8 +1,10 @@
-"""Training benchmark: `adapterhub train` against a plain TRL SFTTrainer + PEFT script.
+"""Training benchmark: `adapterhub train` against plain TRL SFTTrainer / DPOTrainer + PEFT scripts.
 
 Same base (SmolLM2-135M-Instruct by default), same data, same LoRA settings (r=8, alpha=16,
-q/k/v/o), same batch size and number of optimizer steps. Five runs, each in its own process
-so peak RSS (GPU: peak allocated memory) is that run's alone:
+q/k/v/o), same batch size, max length and number of optimizer steps. Seven runs, each in its
+own process, whose peak memory is that process's own: peak RSS from /proc/self/status VmHWM
+(`getrusage`'s ru_maxrss would carry the driver's peak into each child across fork + exec),
+and on GPU peak allocated memory as well:
 
 - `plain`: the SFTTrainer + `peft_config=LoraConfig(...)` script as TRL's docs show it
   (prompt/completion data, model given as a path), with only the precision set from the
@@ -13,11 +15,21 @@ so peak RSS (GPU: peak allocated memory) is that run's alone:
 - `adapterhub-no-gc`: the same without gradient checkpointing (faster, more memory);
 - `adapterhub+packing`: the same with packing (TRL best-fit packing; the packed rows kept as rows
   under SDPA, see adapterhub.train.batching), no checkpointing;
-- `adapterhub-qlora`: 4-bit NF4 QLoRA, no checkpointing (memory against `adapterhub-no-gc`).
+- `adapterhub-qlora`: 4-bit NF4 QLoRA, no checkpointing (memory against `adapterhub-no-gc`);
+- `plain-dpo`: DPO as TRL's docs show it, `DPOTrainer(model=path, args=DPOConfig(...),
+  train_dataset=pairs, peft_config=LoraConfig(...))` (the reference is then the base with the
+  adapter off), precision from the hardware, token counting on;
+- `adapterhub-dpo`: `adapterhub.train.train` with `task: dpo` on the same pairs, its defaults
+  (gradient checkpointing on, as in DPOConfig). Compared with `plain-dpo`, not with `plain`.
 
 tokens/s counts real (non-padding) tokens trained per second of training loop (model loading
 and dataset preparation excluded, the same for every run). The data mixes short and long
 examples (reverse 3 to 40 words), where padding wastes the most and packing helps the most.
+The DPO pairs ask the same (8 words each), the reversed words chosen, the words as given
+rejected; there are exactly steps x batch pairs, so each run trains on every pair once: the two
+trainers draw rows in different orders (their RNG is consumed differently before the sampler
+starts), and this way they still train on the same tokens. A DPO row's tokens are those of both
+sequences of each pair (prompt + answer).
 Packed rows are counted by token id against the pad id, which is SmolLM2's end-of-turn id, so
 the packing run's count leaves those tokens out (about 5%): its tokens/s is, if anything, low.
 
@@ -26,6 +38,7 @@ architecture (speed and memory do not depend on their values; used on GPU machin
 model's weights).
 
 Run:  .venv/bin/python benchmarks/train_bench.py [--steps 10] [--batch-size 8] [--base-dir DIR]
+       .venv/bin/python benchmarks/train_bench.py --runs plain-dpo,adapterhub-dpo --steps 3   # DPO pair only
 Writes benchmarks/results/train_bench.json and train_bench.png and prints a table.
 """
 
@@ -34,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -44,7 +56,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_WORK = Path("/tmp/adapterhub-train-bench")
-RUNS = ("plain", "adapterhub", "adapterhub-no-gc", "adapterhub+packing", "adapterhub-qlora")
+RUNS = ("plain", "adapterhub", "adapterhub-no-gc", "adapterhub+packing", "adapterhub-qlora", "plain-dpo", "adapterhub-dpo")
+# Each run's peer: the plain script it is compared with.
+PEERS = {name: "plain-dpo" if name.endswith("dpo") else "plain" for name in RUNS}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 WORDS = (
     "apple river stone cloud green table window music garden orange silver winter candle forest paper bottle "
@@ -52,12 +66,20 @@ WORDS = (
 ).split()
 
 
-def write_data(path: Path, count: int, seed: int = 0) -> Path:
+def write_data(path: Path, count: int, seed: int = 0, *, pairs: bool = False) -> Path:
+    """Reverse-the-words rows (prompt/completion), or as preference pairs (reversed chosen, as given rejected)."""
     rng = random.Random(seed)
     with path.open("w", encoding="utf-8") as handle:
         for _ in range(count):
-            words = [rng.choice(WORDS) for _ in range(rng.choice([3, 3, 4, 5, 8, 20, 40]))]
-            row = {"prompt": f"Reverse the order of these words: {' '.join(words)}", "completion": " ".join(reversed(words))}
+            words = [rng.choice(WORDS) for _ in range(8 if pairs else rng.choice([3, 3, 4, 5, 8, 20, 40]))]
+            prompt, answer = f"Reverse the order of these words: {' '.join(words)}", " ".join(reversed(words))
+            if pairs:
+                given = " ".join(words)
+                if given == answer:  # a palindrome of words: no preference to learn
+                    given = " ".join(words[1:] + words[:1])
+                row = {"prompt": prompt, "chosen": answer, "rejected": given}
+            else:
+                row = {"prompt": prompt, "completion": answer}
             handle.write(json.dumps(row) + "\n")
     return path
 
@@ -99,9 +121,10 @@ def materialize_random_base(config_dir: Path, work: Path) -> Path:
 def _peak_memory() -> dict[str, Any]:
     import torch
 
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from adapterhub.train.memory import peak_resident_bytes
+
     gpu = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
-    return {"peak_rss_bytes": peak_rss, "peak_gpu_bytes": gpu}
+    return {"peak_rss_bytes": peak_resident_bytes(), "peak_gpu_bytes": gpu}
 
 
 def run_plain(base_dir: Path, data: Path, steps: int, batch_size: int, max_length: int) -> dict[str, Any]:
@@ -131,17 +154,48 @@ def run_plain(base_dir: Path, data: Path, steps: int, batch_size: int, max_lengt
     return {"tokens": int(trainer.state.num_input_tokens_seen), "train_runtime_s": runtime, "final_loss": output.training_loss}
 
 
+def run_plain_dpo(base_dir: Path, data: Path, steps: int, batch_size: int, max_length: int) -> dict[str, Any]:
+    """TRL's DPO quickstart with LoRA: DPOTrainer(model=path, args=DPOConfig(...), peft_config=LoraConfig(...))."""
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    dataset = load_dataset("json", data_files=str(data), split="train")
+    dataset = dataset.map(lambda row: {  # conversational pairs: TRL applies the base's chat template
+        "prompt": [{"role": "user", "content": row["prompt"]}],
+        "chosen": [{"role": "assistant", "content": row["chosen"]}],
+        "rejected": [{"role": "assistant", "content": row["rejected"]}],
+    })
+    cuda = torch.cuda.is_available()
+    args = DPOConfig(
+        output_dir=str(data.parent / "plain-dpo-out"), max_steps=steps, per_device_train_batch_size=batch_size,
+        learning_rate=5e-5, max_length=max_length, logging_steps=5, save_strategy="no", report_to="none",
+        bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda, include_num_input_tokens_seen="non_padding",
+    )
+    trainer = DPOTrainer(
+        model=str(base_dir), args=args, train_dataset=dataset,
+        peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"),
+    )
+    output = trainer.train()
+    runtime = float(output.metrics["train_runtime"])
+    return {"tokens": int(trainer.state.num_input_tokens_seen), "train_runtime_s": runtime, "final_loss": output.training_loss}
+
+
 def run_adapterhub(
-    base_dir: Path, data: Path, steps: int, batch_size: int, max_length: int, *, packing: bool, method: str, checkpointing: bool
+    base_dir: Path, data: Path, steps: int, batch_size: int, max_length: int, *, packing: bool, method: str, checkpointing: bool,
+    task: str = "sft",
 ) -> dict[str, Any]:
     from adapterhub.train import load_config, train
 
     config = load_config({
-        "data": data, "method": method, "max_steps": steps, "batch_size": batch_size, "learning_rate": 2e-4,
+        "data": data, "task": task, "method": method, "max_steps": steps, "batch_size": batch_size,
+        "learning_rate": 5e-5 if task == "dpo" else 2e-4,
         "lora_rank": 8, "lora_alpha": 16, "target_modules": TARGETS, "max_length": max_length, "packing": packing,
         "validation_split": 0, "logging_steps": 5, "gradient_checkpointing": checkpointing,
     })
-    result = train(config, base_dir=base_dir, output_dir=data.parent / f"{method}-{'packed' if packing else 'plain'}-{checkpointing}-out", progress=False)
+    out = data.parent / f"{task}-{method}-{'packed' if packing else 'plain'}-{checkpointing}-out"
+    result = train(config, base_dir=base_dir, output_dir=out, progress=False)
     metrics = result.metrics
     return {"tokens": int(metrics["tokens_seen"]), "train_runtime_s": float(metrics["train_runtime_s"]), "final_loss": metrics["train_loss"]}
 
@@ -151,6 +205,11 @@ def worker(args: argparse.Namespace) -> None:
     base_dir, data = Path(args.base_dir), Path(args.data)
     if args.worker == "plain":
         result = run_plain(base_dir, data, args.steps, args.batch_size, args.max_length)
+    elif args.worker == "plain-dpo":
+        result = run_plain_dpo(base_dir, data, args.steps, args.batch_size, args.max_length)
+    elif args.worker == "adapterhub-dpo":
+        result = run_adapterhub(base_dir, data, args.steps, args.batch_size, args.max_length,
+                                packing=False, method="lora", checkpointing=True, task="dpo")
     else:
         result = run_adapterhub(
             base_dir, data, args.steps, args.batch_size, args.max_length,
@@ -179,7 +238,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     for axis in (left, right):
         axis.tick_params(axis="x", rotation=20)
         axis.grid(axis="y", alpha=0.3)
-    figure.suptitle("LoRA SFT on the same base, data and steps")
+    figure.suptitle("LoRA SFT and DPO on the same base, data and steps")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -207,9 +266,11 @@ def main() -> None:
     if random_weights:
         base_dir = materialize_random_base(base_dir, args.work)
     data = write_data(args.work / "data.jsonl", args.examples)
+    pairs = write_data(args.work / "pairs.jsonl", args.steps * args.batch_size, pairs=True)  # one epoch: the same tokens in any order
     results: dict[str, dict[str, Any]] = {}
     for name in args.runs.split(","):
-        command = [sys.executable, __file__, "--worker", name, "--base-dir", str(base_dir), "--data", str(data),
+        run_data = pairs if name.endswith("dpo") else data
+        command = [sys.executable, __file__, "--worker", name, "--base-dir", str(base_dir), "--data", str(run_data),
                    "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
         completed = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
@@ -219,26 +280,32 @@ def main() -> None:
         results[name] = json.loads(lines[-1].removeprefix("RESULT "))
         print(f"{name}: {results[name]['tokens_per_s']:.1f} tokens/s, peak RSS {results[name]['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
 
-    plain = results.get("plain")
-    print(f"\n{'run':<20} {'tokens/s':>9} {'vs plain':>9} {'peak RSS GiB':>13} {'peak GPU GiB':>13} {'loss':>7} {'tokens':>8}")
+    print(f"\n{'run':<20} {'peer':<10} {'tokens/s':>9} {'vs peer':>8} {'peak RSS GiB':>13} {'vs peer':>8} {'peak GPU GiB':>13} {'loss':>7} {'tokens':>8}")
+    ratios: dict[str, dict[str, float]] = {}
     for name, row in results.items():
-        ratio = row["tokens_per_s"] / plain["tokens_per_s"] if plain else float("nan")
+        peer = results.get(PEERS[name])
+        if peer is not None:
+            ratios[name] = {"peer": PEERS[name], "tokens_per_s": row["tokens_per_s"] / peer["tokens_per_s"],
+                            "peak_rss": row["peak_rss_bytes"] / peer["peak_rss_bytes"]}
+        speed = f"{ratios[name]['tokens_per_s']:.2f}x" if name in ratios else "-"
+        memory = f"{ratios[name]['peak_rss']:.2f}x" if name in ratios else "-"
         gpu = f"{row['peak_gpu_bytes'] / 2**30:.2f}" if row.get("peak_gpu_bytes") else "-"
-        print(f"{name:<20} {row['tokens_per_s']:>9.1f} {ratio:>8.2f}x {row['peak_rss_bytes'] / 2**30:>13.2f} {gpu:>13} {row['final_loss']:>7.3f} {row['tokens']:>8}")
+        print(f"{name:<20} {PEERS[name]:<10} {row['tokens_per_s']:>9.1f} {speed:>8} {row['peak_rss_bytes'] / 2**30:>13.2f} {memory:>8} "
+              f"{gpu:>13} {row['final_loss']:>7.3f} {row['tokens']:>8}")
     import platform
 
     import torch
 
     payload = {
         "settings": {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "examples": args.examples,
+                     "dpo_pairs": args.steps * args.batch_size,
                      "lora": {"r": 8, "alpha": 16, "target_modules": TARGETS}, "base": str(base_dir),
                      "random_init_weights": random_weights},
         "machine": {"cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "platform": platform.platform()},
         "results": results,
     }
-    if plain:
-        payload["ratios_vs_plain"] = {name: {"tokens_per_s": row["tokens_per_s"] / plain["tokens_per_s"],
-                                            "peak_rss": row["peak_rss_bytes"] / plain["peak_rss_bytes"]} for name, row in results.items()}
+    if ratios:
+        payload["ratios_vs_peer"] = ratios
     if "adapterhub-no-gc" in results and "adapterhub-qlora" in results:
         key = "peak_gpu_bytes" if results["adapterhub-no-gc"].get("peak_gpu_bytes") else "peak_rss_bytes"
         payload["qlora_vs_lora_memory"] = results["adapterhub-qlora"][key] / results["adapterhub-no-gc"][key]

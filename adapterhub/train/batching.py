@@ -20,7 +20,7 @@ from typing import Any
 
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from adapterhub.train.config import SOFT_PROMPT_METHODS, TrainConfig
+from adapterhub.train.config import SOFT_PROMPT_METHODS, Task, TrainConfig
 
 # Attention implementations with variable-length kernels, which take a flattened batch's
 # sequence boundaries (`cu_seq_lens`) instead of a dense mask.
@@ -28,8 +28,17 @@ VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 
 def uses_padding_free_batches(config: TrainConfig) -> bool:
-    """Whether SFT batches are laid end to end without padding (packing does that by itself)."""
-    return config.padding_free and not config.packing and config.method not in SOFT_PROMPT_METHODS
+    """Whether SFT batches are laid end to end without padding (packing does that by itself).
+
+    Only sft and causal_lm runs have such batches; every other task's collator pads (TRL's
+    preference collators, the classifier's), and the trainer counts their tokens without the pads.
+    """
+    return (
+        config.task in (Task.SFT, Task.CAUSAL_LM)
+        and config.padding_free
+        and not config.packing
+        and config.method not in SOFT_PROMPT_METHODS
+    )
 
 
 def padding_free_collator(config: TrainConfig, tokenizer: Any) -> DataCollatorForLanguageModeling | None:

@@ -18,6 +18,13 @@ Design decisions:
     margin of the reward head; `reward_accuracy` (dpo): the share of pairs with a positive margin.
   KTO's rows are unpaired, so it stores TRL's own evaluation figures only (rewards/chosen,
   rewards/rejected, their margin). TRL's batch means (`eval_rewards/*`) are stored as well.
+- Tokens trained are counted alike for every task: the non-padding tokens of the sequences the
+  policy is trained on (prompt + answer, chosen and rejected both for pairs; KTO's KL rows and
+  the reference's forward passes are not training tokens). transformers counts them from the
+  batch's `input_ids`/`attention_mask`, which DPO's, KTO's and the reward trainer's collators
+  build; ORPO's (TRL's older paired collator) has none — its rows are `chosen_*`/`rejected_*` —
+  so transformers counted nothing and such a run reported 0 tokens/s. `_ORPOTrainer` counts
+  those two halves instead (the same sequences DPO's `input_ids` hold).
 """
 
 from __future__ import annotations
@@ -85,9 +92,7 @@ def build_preference_trainer(
 
         return DPOTrainer(ref_model=None, **common)
     if config.task == Task.ORPO:
-        from trl.experimental.orpo import ORPOTrainer
-
-        return ORPOTrainer(**common)
+        return _orpo_trainer_class()(**common)
     if config.task == Task.KTO:
         from trl import KTOTrainer
 
@@ -95,6 +100,31 @@ def build_preference_trainer(
     from trl import RewardTrainer
 
     return RewardTrainer(**common)
+
+
+def _orpo_trainer_class() -> type:
+    """TRL's ORPOTrainer, counting the tokens of its paired batches (see the module docstring)."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    class _ORPOTrainer(ORPOTrainer):
+        def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+            halves = ("chosen", "rejected")
+            if "input_ids" in inputs or not all(f"{half}_input_ids" in inputs for half in halves):
+                return super()._track_num_input_tokens(inputs)
+            mode = self.args.include_num_input_tokens_seen
+            if mode == "no":
+                return None
+            import torch
+
+            if mode == "non_padding":
+                counted = sum(inputs[f"{half}_attention_mask"].sum() for half in halves)
+            else:
+                counted = sum(inputs[f"{half}_input_ids"].numel() for half in halves)
+            counted = torch.as_tensor(counted, device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(counted).sum().item()
+            return None
+
+    return _ORPOTrainer
 
 
 def _answer_log_probs(model: Any, batch: dict[str, Any]) -> Any:

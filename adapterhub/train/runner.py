@@ -26,9 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import resource
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from adapterhub.errors import AdapterhubError, ValidationError
 from adapterhub.train.batching import keeps_packed_rows, packed_rows_collator, padding_free_collator, uses_padding_free_batches
 from adapterhub.train.config import PREFERENCE_TASKS, Method, Task, TrainConfig
 from adapterhub.train.data import PreparedData, prepare_data
+from adapterhub.train.memory import peak_resident_bytes
 from adapterhub.train.methods import build_base, environment_problems, resolve_precision, trainable_parameters
 from adapterhub.train.progress import CURVE_FILE, LogLines, RichProgressBar, loss_history, plot_learning_curve, write_metrics
 
@@ -92,13 +91,12 @@ class TrainResult:
 
 
 def peak_memory_bytes() -> int:
-    """Peak memory of this process: GPU allocations on CUDA, else the peak resident set size."""
+    """Peak memory of this process: GPU allocations on CUDA, else its own peak resident set size (VmHWM)."""
     import torch
 
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    return peak_resident_bytes()
 
 
 def load_tokenizer(base_dir: Path) -> Any:

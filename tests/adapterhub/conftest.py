@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,18 @@ def reverse_rows(count: int = 24) -> list[dict[str, str]]:
         a, b = WORDS[i % len(WORDS)], WORDS[(i * 5 + 3) % len(WORDS)]
         rows.append({"prompt": f"reverse: {a} {b}", "completion": f"{b} {a}"})
     return rows
+
+
+def interrupt_after(step: int) -> Any:
+    """A trainer callback that simulates Ctrl-C right after optimizer step `step` (its checkpoint already written)."""
+    from transformers import TrainerCallback
+
+    class InterruptAfter(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == step:
+                raise KeyboardInterrupt
+
+    return InterruptAfter()
 
 
 def write_jsonl(path: Path, rows: list[object]) -> Path:

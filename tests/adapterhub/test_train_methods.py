@@ -15,7 +15,7 @@ from adapterhub.errors import AdapterhubError, ValidationError
 from adapterhub.train import load_config, train
 from adapterhub.train.progress import CURVE_FILE, METRICS_FILE
 
-from .conftest import write_jsonl
+from .conftest import interrupt_after, write_jsonl
 
 FAST = {"max_steps": 3, "batch_size": 4, "validation_split": 0.2, "eval_steps": 3}
 
@@ -263,17 +263,6 @@ def test_padding_free_batches_train_exactly_like_padded_ones(tiny_base: Path, sf
         torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-5)
 
 
-class _InterruptAfter(TrainerCallback):
-    """Simulates Ctrl-C right after optimizer step `step` (its checkpoint already written)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
-
-
 def test_resume_ends_at_the_same_adapter(tiny_base: Path, sft_jsonl: Path, tmp_path: Path) -> None:
     values = {"data": sft_jsonl, "max_steps": 6, "save_steps": 2, "batch_size": 4, "learning_rate": 5e-3, "lora_dropout": 0.1,
               "validation_split": 0.2, "eval_steps": 3}
@@ -282,7 +271,7 @@ def test_resume_ends_at_the_same_adapter(tiny_base: Path, sft_jsonl: Path, tmp_p
 
     run_dir = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
-        train(config, base_dir=tiny_base, output_dir=run_dir, progress=False, callbacks=[_InterruptAfter(4)])
+        train(config, base_dir=tiny_base, output_dir=run_dir, progress=False, callbacks=[interrupt_after(4)])
     assert not (run_dir / "final").exists()
     assert (run_dir / "checkpoints" / "checkpoint-4").is_dir()
     with pytest.raises(ValidationError, match="learning_rate: was 0.005, now 0.001"):
@@ -358,3 +347,29 @@ def test_classification_with_a_head(tiny_base: Path, classification_jsonl: Path,
     assert adapter_config["task_type"] == "SEQ_CLS" and "score" in adapter_config["modules_to_save"]
     tensors = load_file(result.output_path / "adapter_model.safetensors")
     assert any("score" in key for key in tensors)
+
+
+def test_peak_memory_is_the_runs_own_not_its_parents(tmp_path: Path) -> None:
+    """A run started from a big process (pytest, a benchmark driver) reports its own peak.
+
+    getrusage's ru_maxrss survives fork + exec, so a child of a process that once held 1.5 GB
+    reads at least 1.5 GB; `peak_resident_bytes` (VmHWM) does not carry it over.
+    """
+    import subprocess
+    import sys
+
+    from adapterhub.train.memory import peak_resident_bytes
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("VmHWM is Linux's; elsewhere the peak is ru_maxrss")
+    held = b"\x01" * (1536 * 2**20)  # written, so every page is resident (bytes(n) would stay untouched)
+    assert peak_resident_bytes() >= len(held)
+    child = subprocess.run(
+        [sys.executable, "-c", "import resource; from adapterhub.train.memory import peak_resident_bytes; "
+         "print(peak_resident_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )
+    own, inherited = (int(value) for value in child.stdout.split()[-2:])
+    del held
+    assert inherited >= 1536 * 2**20  # what the old measurement reported
+    assert 0 < own < 1536 * 2**20

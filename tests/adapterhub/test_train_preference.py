@@ -11,7 +11,7 @@ from adapterhub.errors import ValidationError
 from adapterhub.train import load_config
 from adapterhub.train.runner import train
 
-from .conftest import write_jsonl
+from .conftest import interrupt_after, write_jsonl
 
 WORDS = ["fox", "dog", "cat", "owl", "bee", "elk", "ant", "yak", "emu", "cod", "eel", "hen"]
 
@@ -23,6 +23,11 @@ def _pairs(tmp_path: Path) -> Path:
 def _kto(tmp_path: Path) -> Path:
     rows = [{"prompt": f"say {w}", "completion": w if i % 2 else f"no {w} here", "label": bool(i % 2)} for i, w in enumerate(WORDS)]
     return write_jsonl(tmp_path / "kto.jsonl", rows)
+
+
+def _assert_counts_tokens(metrics: dict[str, object]) -> None:
+    # Every trained sequence (prompt + answer) counts: 3 steps of 2 rows hold at least a dozen tokens.
+    assert metrics["tokens_seen"] >= 12 and metrics["tokens_per_second"] > 0
 
 
 def _config(task: str, data: Path, **extra: object):
@@ -48,6 +53,47 @@ def test_dpo_lora_uses_the_base_as_reference_and_stores_preference_figures(tiny_
     assert {"adapter_model.safetensors", "adapter_config.json", "learning_curve.png"} <= files and "ref" not in files
     assert json.loads((result.output_path / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
     assert result.supervision is None
+    _assert_counts_tokens(metrics)
+
+
+def test_dpo_counts_the_tokens_of_its_pairs_without_padding(tiny_base: Path, tmp_path: Path) -> None:
+    # Pairs of very different lengths in one batch: padding would be most of it. padding_free is an
+    # sft/causal_lm setting; with it on (the default) a dpo run used to count every padded position.
+    rows = [{"prompt": f"say {w}", "chosen": w, "rejected": "no " + " ".join([w] * (1 + 12 * (i % 2)))} for i, w in enumerate(WORDS[:4])]
+    data = write_jsonl(tmp_path / "uneven.jsonl", rows)
+    runs = {
+        padding_free: train(_config("dpo", data, validation_split=0, max_steps=2, padding_free=padding_free), base_dir=tiny_base,
+                            output_dir=tmp_path / f"run-{padding_free}", progress=False)
+        for padding_free in (True, False)
+    }
+    assert runs[True].metrics["tokens_seen"] == runs[False].metrics["tokens_seen"] > 0
+
+
+def test_dpo_resume_ends_at_the_same_adapter(tiny_base: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    config = _config("dpo", _pairs(tmp_path), max_steps=6, save_steps=2, lora_dropout=0.1)
+    straight = train(config, base_dir=tiny_base, output_dir=tmp_path / "straight", progress=False)
+
+    run_dir = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        train(config, base_dir=tiny_base, output_dir=run_dir, progress=False, callbacks=[interrupt_after(4)])
+    assert not (run_dir / "final").exists() and (run_dir / "checkpoints" / "checkpoint-4").is_dir()
+    resumed = train(config, base_dir=tiny_base, output_dir=run_dir, progress=False, resume=True)
+    assert resumed.metrics["resumed_from"] == "checkpoint-4" and resumed.metrics["global_step"] == 6
+    # Held-out figures before training come from the first start; after, from the same weights as the straight run.
+    for key in ("initial_preference_accuracy", "initial_reward_margin"):
+        assert resumed.metrics[key] == straight.metrics[key]
+    assert resumed.metrics["reward_margin"] == pytest.approx(straight.metrics["reward_margin"], rel=1e-4, abs=1e-6)
+    # The whole run's history, the part before the interruption included.
+    assert [step for step, _ in resumed.metrics["chosen_reward_history"]] == [step for step, _ in straight.metrics["chosen_reward_history"]]
+
+    expected = load_file(straight.output_path / "adapter_model.safetensors")
+    actual = load_file(resumed.output_path / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys() and any("lora_B" in key and value.abs().max() > 0 for key, value in expected.items())
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
 
 
 def test_dpo_full_model_precomputes_the_reference(tiny_base: Path, tmp_path: Path) -> None:
@@ -64,6 +110,8 @@ def test_orpo_trains_a_lora_adapter_without_reference(tiny_base: Path, tmp_path:
     assert 0 <= metrics["initial_preference_accuracy"] <= 1 and 0 <= metrics["preference_accuracy"] <= 1
     assert metrics["reward_margin"] != metrics["initial_reward_margin"]
     assert (result.output_path / "adapter_model.safetensors").is_file()
+    # TRL's ORPO batches carry chosen_*/rejected_* rows and no input_ids: transformers alone counted 0.
+    _assert_counts_tokens(metrics)
 
 
 def test_kto_trains_on_labelled_completions(tiny_base: Path, tmp_path: Path) -> None:
@@ -71,6 +119,7 @@ def test_kto_trains_on_labelled_completions(tiny_base: Path, tmp_path: Path) -> 
     assert result.metrics["initial_reward_margin"] == 0  # adapter off is the reference: no reward before training
     assert "rewards_chosen" in result.metrics and result.config["loss_type"] == "kto"
     assert json.loads((result.output_path / "adapter_config.json").read_text())["use_dora"] is True
+    _assert_counts_tokens(result.metrics)
 
 
 def test_reward_model_is_a_one_score_classifier_that_loads_back(tiny_base: Path, tmp_path: Path) -> None:
@@ -83,6 +132,7 @@ def test_reward_model_is_a_one_score_classifier_that_loads_back(tiny_base: Path,
     assert 0 <= metrics["initial_preference_accuracy"] <= 1 and metrics["reward_margin"] != metrics["initial_reward_margin"]
     adapter_config = json.loads((result.output_path / "adapter_config.json").read_text())
     assert adapter_config["task_type"] == "SEQ_CLS" and "score" in adapter_config["modules_to_save"]
+    _assert_counts_tokens(metrics)
     model = AutoPeftModelForSequenceClassification.from_pretrained(result.output_path, num_labels=1)
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     with torch.no_grad():
