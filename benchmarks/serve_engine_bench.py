@@ -303,7 +303,11 @@ def main() -> None:
                 asyncio.run(engine.shutdown())
             del engine
             if args.vllm:
-                by_system["vllm engine"] = run_vllm(model_dir, specs, counts, clients_list, args, dtype_name)
+                try:
+                    by_system["vllm engine"] = run_vllm(model_dir, specs, counts, clients_list, args, dtype_name)
+                except Exception as exc:  # vLLM's engine core can die (memory on a shared host): keep the torch figures
+                    report.setdefault("vllm_errors", {})[dtype_name] = repr(exc)
+                    print(f"vLLM engine ({dtype_name}) failed: {exc!r}; its column is left out")
             if not args.no_peft:
                 peft = peft_levels(model_dir, adapter_dirs, counts, args, max(clients_list), device, dtype)
                 for label, levels in peft.items():
