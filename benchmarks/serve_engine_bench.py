@@ -4,12 +4,21 @@ base-only, vs PEFT's own mixed batches (`adapter_names`), vs naive `set_adapter`
 Also checks correctness on the device it runs on: the engine's greedy output of every request
 inside a mixed batch must equal PEFT's greedy output of that request alone.
 
+One run measures the matrix: every dtype of `--dtypes` x every `--clients` count (concurrent
+requests) x base-only and each `--counts` level of distinct adapters, each cell as tokens/s and
+its ratio to base-only of the same dtype, client count and system. `--vllm` adds vLLM's engine
+(`VllmEngine`) as a system, driven through the same `Backend.generate` as the torch engine with
+the same adapters and prompts (one engine start per dtype, ~1 min each on a CPU).
+
 Usage (CPU or CUDA):
     python benchmarks/serve_engine_bench.py --model-dir DIR
     python benchmarks/serve_engine_bench.py --random-from DIR   # DIR: config.json + tokenizer;
         # builds a random-weight model of that shape (throughput does not depend on the weights)
+    python benchmarks/serve_engine_bench.py --random-from DIR --quick --no-peft   # smoke run
+    python benchmarks/serve_engine_bench.py --random-from DIR --dtypes fp32,bf16 --clients 16,32 --vllm
 
-Prints a table and writes benchmarks/results/serve_engine_bench.json. `adapterhub bench serve`
+Prints a table and writes benchmarks/results/serve_engine_bench.json and .png (ratio to base-only
+vs adapters, a line per dtype x clients x system). `adapterhub bench serve`
 is the end-to-end (HTTP) benchmark; this one isolates the engine.
 """
 
@@ -25,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from adapterhub.serving.backends.base import AdapterSpec, SamplingParams
+from adapterhub.serving.backends.base import AdapterSpec, Backend, SamplingParams
 from adapterhub.serving.backends.torch_engine import EngineConfig, TorchEngine
 from adapterhub.serving.bench import PROMPTS, _linear_shapes, _write_random_lora
 
@@ -43,7 +52,10 @@ def build_random_model(config_dir: Path, out_dir: Path, dtype: torch.dtype) -> P
     return out_dir
 
 
-def engine_level(engine: TorchEngine, specs: list[AdapterSpec | None], requests: int, max_tokens: int) -> tuple[float, list[str]]:
+def engine_level(engine: Backend, specs: list[AdapterSpec | None], requests: int, clients: int, max_tokens: int) -> tuple[float, list[str]]:
+    """Output tokens/s of `requests` greedy requests from `clients` concurrent clients, request i
+    on `specs[i % len(specs)]` (None: the base), and each request's text. Any `Backend` (the torch
+    engine, the vLLM engine) is driven the same way, through `Backend.generate`."""
     tokenizer = engine.tokenizer
 
     async def one(index: int) -> tuple[int, str]:
@@ -53,15 +65,27 @@ def engine_level(engine: TorchEngine, specs: list[AdapterSpec | None], requests:
         sampling = SamplingParams(max_tokens=max_tokens, temperature=0, min_tokens=max_tokens)
         count, pieces = 0, []
         async for chunk in engine.generate(tokenizer(PROMPTS[index % len(PROMPTS)]).input_ids, sampling, specs[index % len(specs)]):
-            count += 1
+            count += len(chunk.token_ids)
             pieces.append(chunk.text)
         return count, "".join(pieces)
 
+    async def clients_run(indices: list[int]) -> list[tuple[int, str]]:
+        queue = list(reversed(indices))
+        results: dict[int, tuple[int, str]] = {}
+
+        async def client() -> None:
+            while queue:
+                index = queue.pop()
+                results[index] = await one(index)
+
+        await asyncio.gather(*(client() for _ in range(min(clients, len(indices)))))
+        return [results[i] for i in indices]
+
     async def run() -> tuple[float, list[str]]:
-        await asyncio.gather(*(one(i) for i in range(min(requests, len(specs) * 2))))  # warm slots and code paths
+        await clients_run(list(range(min(requests, max(len(specs) * 2, clients)))))  # warm slots and code paths
         started = time.perf_counter()
-        results = await asyncio.gather(*(one(i) for i in range(requests)))
-        if engine.device.type == "cuda":
+        results = await clients_run(list(range(requests)))
+        if getattr(engine, "device", None) is not None and engine.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
         return sum(c for c, _ in results) / elapsed, [t for _, t in results]
@@ -69,7 +93,8 @@ def engine_level(engine: TorchEngine, specs: list[AdapterSpec | None], requests:
     return asyncio.run(run())
 
 
-def peft_levels(model_dir: Path, adapter_dirs: dict[str, Path], counts: list[int], args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+def peft_levels(model_dir: Path, adapter_dirs: dict[str, Path], counts: list[int], args: argparse.Namespace, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """PEFT's own mixed batches (`adapter_names`) and naive `set_adapter` per group, `batch` rows at a time."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -105,16 +130,16 @@ def peft_levels(model_dir: Path, adapter_dirs: dict[str, Path], counts: list[int
     for count in counts:
         def mixed() -> int:
             tokens = 0
-            for start in range(0, args.requests, args.batch):
-                idx = list(range(start, min(start + args.batch, args.requests)))
+            for start in range(0, args.requests, batch):
+                idx = list(range(start, min(start + batch, args.requests)))
                 tokens += generate([PROMPTS[i % len(PROMPTS)] for i in idx], adapter_names=[names[i % count] for i in idx])
             return tokens
 
         def naive() -> int:
             tokens = 0
-            for start in range(0, args.requests, args.batch):
+            for start in range(0, args.requests, batch):
                 groups: dict[str, list[int]] = {}
-                for i in range(start, min(start + args.batch, args.requests)):
+                for i in range(start, min(start + batch, args.requests)):
                     groups.setdefault(names[i % count], []).append(i)
                 for name, idx in groups.items():
                     model.set_adapter(name)
@@ -140,72 +165,169 @@ def peft_greedy_alone(model_dir: Path, adapter_dir: Path | None, prompt: str, ma
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def measure_backend(engine: Backend, specs: dict[str, AdapterSpec], counts: list[int], clients_list: list[int], args: argparse.Namespace) -> dict:
+    """`{clients: {"base": tok/s, count: tok/s, ...}}` and the texts of the largest level at the most clients."""
+    cells: dict[int, dict] = {}
+    texts: list[str] = []
+    for clients in clients_list:
+        base_tps, _ = engine_level(engine, [None], args.requests, clients, args.max_tokens)
+        cells[clients] = {"base": base_tps}
+        for count in counts:
+            cells[clients][count], level_texts = engine_level(
+                engine, [specs[f"lora-{i}"] for i in range(count)], args.requests, clients, args.max_tokens)
+            if count == max(counts) and clients == max(clients_list):
+                texts = level_texts
+    return {"tokens_per_s": cells, "texts": texts}
+
+
+def run_vllm(model_dir: Path, specs: dict[str, AdapterSpec], counts: list[int], clients_list: list[int], args: argparse.Namespace, dtype_name: str) -> dict:
+    from adapterhub.serving.backends.vllm_engine import VllmEngine
+
+    engine = VllmEngine(model_dir, base_name="base", max_resident=max(counts), max_cpu_adapters=max(counts), max_lora_rank=args.rank,
+                        max_num_seqs=max(clients_list), dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype_name],
+                        kv_cache_gib=2)
+    asyncio.run(engine.start())
+    try:
+        return measure_backend(engine, specs, counts, clients_list, args)
+    finally:
+        asyncio.run(engine.shutdown())
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.8))
+    for dtype_name, by_system in report["results"].items():
+        for system, result in by_system.items():
+            for clients, cell in result["tokens_per_s"].items():
+                if "base" not in cell:  # PEFT's rows have no base-only level of their own
+                    continue
+                counts = [c for c in cell if c != "base"]
+                axis.plot(counts, [cell[c] / cell["base"] for c in counts], marker="o",
+                          linestyle="-" if system == "torch engine" else "--", label=f"{system} {dtype_name} {clients} clients")
+    axis.axhline(report["floor"], color="gray", linestyle=":", label=f"LoRA FLOPs floor ~{report['floor']}")
+    axis.axhline(0.85, color="red", linestyle=":", label="goal 0.85")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("distinct adapters in flight")
+    axis.set_ylabel("throughput / base-only (same dtype, clients, system)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    axis.set_title(f"{report['model']} · rank {report['rank']} q/k/v/o · {report['max_tokens']} tokens/request · {report['device']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _print_table(report: dict, counts: list[int]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"serve_engine_bench — {report['model']} on {report['device']}, rank {report['rank']}, "
+                        f"{report['requests']} requests x {report['max_tokens']} tokens (ratio: vs base-only of the same dtype, clients, system)")
+    for column in ("dtype", "clients", "system", "base tok/s", *(f"{c} adapters" for c in counts)):
+        table.add_column(column, justify="left" if column in ("dtype", "system") else "right")
+    for dtype_name, by_system in report["results"].items():
+        for system, result in by_system.items():
+            for clients, cell in result["tokens_per_s"].items():
+                base = cell.get("base")
+                table.add_row(dtype_name, str(clients), system, f"{base:.1f}" if base else "-",
+                              *(f"{cell[c]:.1f} ({cell[c] / base:.2f}x)" if base else f"{cell[c]:.1f}" for c in counts))
+    Console(width=200).print(table)
+    for dtype_name, check in report["greedy_matches_peft_alone"].items():
+        print(f"{dtype_name}: greedy outputs in mixed batches equal PEFT alone: {check}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-dir", type=Path)
     source.add_argument("--random-from", type=Path)
-    parser.add_argument("--counts", default="1,4,16,64")
+    parser.add_argument("--counts", default="1,4,16,64", help="distinct adapters in flight per level")
+    parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma list of {', '.join(DTYPES)}")
+    parser.add_argument("--clients", default="16,32", help="concurrent clients (requests in flight), comma list")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=16, help="concurrency / batch size")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--vllm", action="store_true", help="also drive vLLM's engine (VllmEngine) through the same Backend interface")
+    parser.add_argument("--no-peft", action="store_true", help="skip PEFT's adapter_names and naive set_adapter rows")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 16 requests x 8 tokens, counts 1,16, clients 16")
     parser.add_argument("--check", type=int, default=8, help="requests checked against PEFT greedy alone")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_engine_bench.json"))
     args = parser.parse_args()
+    if args.quick:
+        args.requests, args.max_tokens, args.check = 16, 8, 2
+        args.counts, args.clients = "1,16", "16"
 
-    from adapterhub.models import default_device, resolve_dtype
+    from adapterhub.models import default_device
 
     device = torch.device(args.device or default_device())
-    dtype = resolve_dtype(args.dtype, str(device))
-    counts = [int(c) for c in args.counts.split(",")]
+    counts, clients_list = _ints(args.counts), _ints(args.clients)
+    dtype_names = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = [d for d in dtype_names if d not in DTYPES]
+    if unknown or not counts or not clients_list or min(counts + clients_list) < 1:
+        parser.error(f"--dtypes takes {', '.join(DTYPES)} (got {args.dtypes}); --counts and --clients positive integers")
     scratch = Path(tempfile.mkdtemp(prefix="engine-bench-"))
-    model_dir = args.model_dir or build_random_model(args.random_from, scratch / "model", dtype)
-    shapes = _linear_shapes(model_dir, __import__("safetensors").safe_open)
-    adapter_dirs = {f"lora-{i}": _write_random_lora(scratch / f"lora-{i}", shapes, args.rank, seed=i) for i in range(max(counts))}
-    specs = {name: AdapterSpec(key=name, locate=lambda d=path: d) for name, path in adapter_dirs.items()}
-
-    engine = TorchEngine(model_dir, base_name="base", config=EngineConfig(
-        max_resident=max(counts), max_cpu_adapters=max(counts), max_batch_size=args.batch, device=str(device), dtype=dtype))
-    asyncio.run(engine.start())
-    report: dict = {"device": str(device), "dtype": str(dtype), "model": str(args.model_dir or args.random_from),
-                    "rank": args.rank, "batch": args.batch, "requests": args.requests, "max_tokens": args.max_tokens}
+    report: dict = {"device": str(device), "model": str(args.model_dir or args.random_from), "rank": args.rank,
+                    "clients": clients_list, "counts": counts, "requests": args.requests, "max_tokens": args.max_tokens,
+                    "torch_threads": torch.get_num_threads(), "floor": 0.94, "results": {}, "greedy_matches_peft_alone": {}}
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
-    base_tps, _ = engine_level(engine, [None], args.requests, args.max_tokens)
-    engine_tps = {}
-    mixed_texts: dict[int, list[str]] = {}
-    for count in counts:
-        engine_tps[count], mixed_texts[count] = engine_level(engine, [specs[f"lora-{i}"] for i in range(count)], args.requests, args.max_tokens)
-    asyncio.run(engine.shutdown())
-    del engine
-    peft = peft_levels(model_dir, adapter_dirs, counts, args, device, dtype)
-
-    # Correctness on this device: requests of the largest mixed level vs PEFT greedy alone.
-    top = max(counts)
-    matches = 0
-    for index in range(min(args.check, args.requests)):
-        name = f"lora-{index % top}"
-        expected = peft_greedy_alone(model_dir, adapter_dirs[name], PROMPTS[index % len(PROMPTS)], args.max_tokens, device, dtype)
-        matches += expected == mixed_texts[top][index]
-    report.update({
-        "tokens_per_s": {"engine_base_only": base_tps, "engine_mixed": engine_tps, **peft},
-        "greedy_matches_peft_alone": f"{matches}/{min(args.check, args.requests)}",
-    })
-    header = f"{'adapters':>8} {'engine tok/s':>13} {'vs base':>8} {'PEFT mixed':>11} {'naive swap':>11} {'vs naive':>9}"
-    print(f"device {report['device']} {report.get('gpu', '')} dtype {dtype}; base-only engine: {base_tps:.1f} tok/s")
-    print(header)
-    for count in counts:
-        naive = peft["naive_set_adapter"][count]
-        print(f"{count:>8} {engine_tps[count]:>13.1f} {engine_tps[count] / base_tps:>8.2f} "
-              f"{peft['peft_mixed_adapter_names'][count]:>11.1f} {naive:>11.1f} {engine_tps[count] / naive:>9.2f}")
-    print(f"greedy outputs in mixed batches equal PEFT alone: {report['greedy_matches_peft_alone']}")
+    try:
+        for dtype_name in dtype_names:
+            dtype = DTYPES[dtype_name]
+            if args.model_dir:
+                model_dir = args.model_dir
+            else:
+                model_dir = build_random_model(args.random_from, scratch / f"model-{dtype_name}", dtype)
+            shapes = _linear_shapes(model_dir, __import__("safetensors").safe_open)
+            adapter_dirs = {f"lora-{i}": _write_random_lora(scratch / f"lora-{i}", shapes, args.rank, seed=i) for i in range(max(counts))}
+            specs = {name: AdapterSpec(key=name, locate=lambda d=path: d) for name, path in adapter_dirs.items()}
+            by_system: dict[str, dict] = {}
+            engine = TorchEngine(model_dir, base_name="base", config=EngineConfig(
+                max_resident=max(counts), max_cpu_adapters=max(counts), max_batch_size=max(clients_list), device=str(device), dtype=dtype))
+            asyncio.run(engine.start())
+            try:
+                by_system["torch engine"] = measure_backend(engine, specs, counts, clients_list, args)
+            finally:
+                asyncio.run(engine.shutdown())
+            del engine
+            if args.vllm:
+                try:
+                    by_system["vllm engine"] = run_vllm(model_dir, specs, counts, clients_list, args, dtype_name)
+                except Exception as exc:  # vLLM's engine core can die (memory on a shared host): keep the torch figures
+                    report.setdefault("vllm_errors", {})[dtype_name] = repr(exc)
+                    print(f"vLLM engine ({dtype_name}) failed: {exc!r}; its column is left out")
+            if not args.no_peft:
+                peft = peft_levels(model_dir, adapter_dirs, counts, args, max(clients_list), device, dtype)
+                for label, levels in peft.items():
+                    by_system[label] = {"tokens_per_s": {max(clients_list): dict(levels)}, "texts": []}
+            # Correctness on this device: requests of the largest mixed level vs PEFT greedy alone.
+            texts = by_system["torch engine"]["texts"]
+            checked = min(args.check, args.requests)
+            matches = sum(
+                peft_greedy_alone(model_dir, adapter_dirs[f"lora-{i % max(counts)}"], PROMPTS[i % len(PROMPTS)], args.max_tokens, device, dtype) == texts[i]
+                for i in range(checked))
+            report["greedy_matches_peft_alone"][dtype_name] = f"{matches}/{checked}"
+            report["results"][dtype_name] = {system: {"tokens_per_s": r["tokens_per_s"]} for system, r in by_system.items()}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _print_table(report, counts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
-    shutil.rmtree(scratch, ignore_errors=True)
+    png = args.out.with_suffix(".png")
+    _plot(report, png)
+    print(f"wrote {args.out} and {png}")
 
 
 if __name__ == "__main__":

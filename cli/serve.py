@@ -213,7 +213,7 @@ def bench_serve(
     url: Annotated[str, typer.Option(help="Base URL of a running `adapterhub serve` (without /v1).")] = "http://127.0.0.1:8000",
     api_key: Annotated[Optional[str], typer.Option(envvar="ADAPTERHUB_API_KEY", help="API key of the server.")] = None,
     adapter_counts: Annotated[str, typer.Option(help="Distinct adapters in flight per level, comma-separated.")] = "1,4,16,64",
-    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 16,
+    concurrency: Annotated[str, typer.Option(help="Requests in flight at once (clients); comma-separated values run one after another, e.g. 16,32.")] = "16",
     requests_per_level: Annotated[int, typer.Option(min=1, help="Requests sent per level.")] = 64,
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per request (end-of-sequence ignored).")] = 32,
     rank: Annotated[int, typer.Option(min=1, help="Rank of the benchmark LoRAs (q/k/v/o).")] = 16,
@@ -231,8 +231,14 @@ def bench_serve(
     counts = tuple(int(c) for c in adapter_counts.split(",") if c.strip())
     if not counts or min(counts) < 1:
         raise AdapterhubError("--adapter-counts needs positive integers, e.g. 1,4,16,64")
+    try:
+        concurrencies = tuple(int(c) for c in concurrency.split(",") if c.strip())
+    except ValueError:
+        concurrencies = ()
+    if not concurrencies or min(concurrencies) < 1:
+        raise AdapterhubError(f"--concurrency needs positive integers, e.g. 16 or 16,32 (got {concurrency!r})")
     settings = BenchSettings(
-        url=url.rstrip("/"), api_key=api_key, adapter_counts=counts, concurrency=concurrency,
+        url=url.rstrip("/"), api_key=api_key, adapter_counts=counts, concurrency=concurrencies,
         requests_per_level=requests_per_level, max_tokens=max_tokens, rank=rank, naive=naive,
         hot_loads=hot_loads, out_dir=out_dir,
     )

@@ -2,8 +2,9 @@
 
 Design decisions:
 - It measures a *running* server over HTTP with the official `openai` client (streaming, so
-  time to first token is real), at a fixed concurrency, with 1/4/16/64 distinct adapters in
-  flight and with the base alone. Every request generates exactly `max_tokens` tokens
+  time to first token is real), at each concurrency of `--concurrency` (e.g. 16,32) in one
+  run, with 1/4/16/64 distinct adapters in flight and with the base alone. The table names the
+  server's dtype and each row's concurrency, and every row's ratio to base-only at its concurrency. Every request generates exactly `max_tokens` tokens
   (`ignore_eos`, vLLM's extension), so levels compare equal work.
 - The naive baseline is what one gets from PEFT without a scheduler: requests arrive in waves
   of `concurrency`; each wave is grouped by adapter and every group runs as one
@@ -50,7 +51,7 @@ class BenchSettings:
     url: str
     api_key: str | None
     adapter_counts: tuple[int, ...]
-    concurrency: int
+    concurrency: tuple[int, ...]  # one measurement per value: clients (requests in flight at once)
     requests_per_level: int
     max_tokens: int
     rank: int
@@ -65,6 +66,7 @@ class LevelResult:
 
     system: str  # "server", "server (base only)" or "naive PEFT set_adapter"
     adapters: int
+    concurrency: int
     requests: int
     output_tokens: int
     wall_s: float
@@ -97,12 +99,12 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def _level(system: str, adapters: int, wall: float, samples: list[tuple[float, float, int]], errors: int) -> LevelResult:
+def _level(system: str, adapters: int, concurrency: int, wall: float, samples: list[tuple[float, float, int]], errors: int) -> LevelResult:
     ttfts = [s[0] * 1000 for s in samples]
     latencies = [s[1] * 1000 for s in samples]
     tokens = sum(s[2] for s in samples)
     return LevelResult(
-        system=system, adapters=adapters, requests=len(samples), output_tokens=tokens, wall_s=round(wall, 3),
+        system=system, adapters=adapters, concurrency=concurrency, requests=len(samples), output_tokens=tokens, wall_s=round(wall, 3),
         tokens_per_s=round(tokens / wall, 2) if wall > 0 else 0.0,
         ttft_p50_ms=round(_percentile(ttfts, 0.5), 1), ttft_p99_ms=round(_percentile(ttfts, 0.99), 1),
         latency_p50_ms=round(_percentile(latencies, 0.5), 1), latency_p99_ms=round(_percentile(latencies, 0.99), 1),
@@ -163,9 +165,9 @@ def _linear_shapes(base_dir: Path, safe_open: Any) -> dict[str, tuple[int, int]]
 
 
 async def _run_level(
-    client: Any, models: list[str], settings: BenchSettings
+    client: Any, models: list[str], settings: BenchSettings, concurrency: int
 ) -> tuple[float, list[tuple[float, float, int]], int]:
-    """Send `requests_per_level` streaming requests over `models` at fixed concurrency."""
+    """Send `requests_per_level` streaming requests over `models` from `concurrency` clients."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for index in range(settings.requests_per_level):
         queue.put_nowait(index)
@@ -196,7 +198,7 @@ async def _run_level(
             samples.append((first or 0.0, time.perf_counter() - started, tokens))
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(settings.concurrency)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     return time.perf_counter() - started, samples, errors
 
 
@@ -222,11 +224,11 @@ def _naive_baseline(
         model.load_adapter(adapter_dirs[name], adapter_name=name)
     model.eval()
     results = []
-    for count in counts:
+    for concurrency, count in ((c, n) for c in settings.concurrency for n in counts):
         samples: list[tuple[float, float, int]] = []
         level_started = time.perf_counter()
-        for wave_start in range(0, settings.requests_per_level, settings.concurrency):
-            wave = list(range(wave_start, min(wave_start + settings.concurrency, settings.requests_per_level)))
+        for wave_start in range(0, settings.requests_per_level, concurrency):
+            wave = list(range(wave_start, min(wave_start + concurrency, settings.requests_per_level)))
             began = time.perf_counter()
             groups: dict[str, list[int]] = {}
             for index in wave:
@@ -242,7 +244,7 @@ def _naive_baseline(
                 done = time.perf_counter() - began
                 new_tokens = output.shape[1] - batch["input_ids"].shape[1]
                 samples.extend((done, done, int(new_tokens)) for _ in indices)
-        results.append(_level("naive PEFT set_adapter", count, time.perf_counter() - level_started, samples, 0))
+        results.append(_level("naive PEFT set_adapter", count, concurrency, time.perf_counter() - level_started, samples, 0))
     return results
 
 
@@ -260,12 +262,17 @@ def _print_table(report: BenchReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"adapterhub bench serve — {report.server.get('base')} on {report.server.get('device')}")
-    for column in ("system", "adapters", "req", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "lat p50 ms", "lat p99 ms", "errors"):
+    server = report.server
+    table = Table(title=f"adapterhub bench serve — {server.get('base')} on {server.get('device')}, dtype {server.get('dtype', '?')}, "
+                        f"{server.get('backend', '?')} backend, {report.settings['max_tokens']} tokens/request")
+    for column in ("system", "clients", "adapters", "req", "tok/s", "vs base", "TTFT p50 ms", "TTFT p99 ms", "lat p50 ms", "lat p99 ms", "errors"):
         table.add_column(column, justify="left" if column == "system" else "right")
+    base_tps = {lv.concurrency: lv.tokens_per_s for lv in report.levels if lv.system == "server (base only)"}
     for level in report.levels:
+        base = base_tps.get(level.concurrency)
         table.add_row(
-            level.system, str(level.adapters), str(level.requests), f"{level.tokens_per_s:.1f}",
+            level.system, str(level.concurrency), str(level.adapters), str(level.requests), f"{level.tokens_per_s:.1f}",
+            f"{level.tokens_per_s / base:.2f}x" if base else "-",
             f"{level.ttft_p50_ms:.0f}", f"{level.ttft_p99_ms:.0f}", f"{level.latency_p50_ms:.0f}",
             f"{level.latency_p99_ms:.0f}", str(level.errors),
         )
@@ -289,17 +296,19 @@ def _plot(report: BenchReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for system, marker in (("server", "o"), ("naive PEFT set_adapter", "s")):
-        rows = [lv for lv in report.levels if lv.system == system]
-        if not rows:
-            continue
-        counts = [lv.adapters for lv in rows]
-        left.plot(counts, [lv.tokens_per_s for lv in rows], marker=marker, label=system)
-        right.plot(counts, [lv.latency_p50_ms for lv in rows], marker=marker, label=f"{system} p50")
-        right.plot(counts, [lv.latency_p99_ms for lv in rows], marker=marker, linestyle="--", label=f"{system} p99")
-    base = [lv for lv in report.levels if lv.system == "server (base only)"]
-    if base:
-        left.axhline(base[0].tokens_per_s, color="gray", linestyle=":", label="base only")
+    for concurrency in report.settings["concurrency"]:
+        for system, marker in (("server", "o"), ("naive PEFT set_adapter", "s")):
+            rows = [lv for lv in report.levels if lv.system == system and lv.concurrency == concurrency]
+            if not rows:
+                continue
+            counts = [lv.adapters for lv in rows]
+            label = f"{system} · {concurrency} clients"
+            left.plot(counts, [lv.tokens_per_s for lv in rows], marker=marker, label=label)
+            right.plot(counts, [lv.latency_p50_ms for lv in rows], marker=marker, label=f"{label} p50")
+            right.plot(counts, [lv.latency_p99_ms for lv in rows], marker=marker, linestyle="--", label=f"{label} p99")
+        base = [lv for lv in report.levels if lv.system == "server (base only)" and lv.concurrency == concurrency]
+        if base:
+            left.axhline(base[0].tokens_per_s, color="gray", linestyle=":", label=f"base only · {concurrency} clients")
     for axis in (left, right):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("distinct adapters in flight")
@@ -309,7 +318,8 @@ def _plot(report: BenchReport, path: Path) -> None:
     right.set_ylabel("end-to-end latency (ms)")
     right.set_yscale("log")
     figure.suptitle(
-        f"{report.server.get('base')} · concurrency {report.settings['concurrency']} · {report.settings['max_tokens']} tokens/request"
+        f"{report.server.get('base')} · dtype {report.server.get('dtype', '?')} · concurrency "
+        f"{', '.join(map(str, report.settings['concurrency']))} · {report.settings['max_tokens']} tokens/request"
     )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -381,27 +391,29 @@ def run_serve_benchmark(settings: BenchSettings) -> BenchReport:
     async def measure() -> None:
         # Warm every adapter into the CPU tier (and the engine's code paths) outside the timings.
         warm = BenchSettings(**{**asdict(settings), "requests_per_level": max(settings.adapter_counts), "max_tokens": 1})
-        await _run_level(client, names[: max(settings.adapter_counts)], warm)
-        wall, samples, errors = await _run_level(client, [base_name], settings)
-        report.levels.append(_level("server (base only)", 0, wall, samples, errors))
-        for count in settings.adapter_counts:
-            wall, samples, errors = await _run_level(client, names[:count], settings)
-            report.levels.append(_level("server", count, wall, samples, errors))
+        await _run_level(client, names[: max(settings.adapter_counts)], warm, max(settings.concurrency))
+        for concurrency in settings.concurrency:
+            wall, samples, errors = await _run_level(client, [base_name], settings, concurrency)
+            report.levels.append(_level("server (base only)", 0, concurrency, wall, samples, errors))
+            for count in settings.adapter_counts:
+                wall, samples, errors = await _run_level(client, names[:count], settings, concurrency)
+                report.levels.append(_level("server", count, concurrency, wall, samples, errors))
 
     asyncio.run(measure())
     if settings.naive:
         adapter_dirs = {name: Path(registry.materialize(registry.get(name))) for name in names[: max(settings.adapter_counts)]}
         report.levels.extend(_naive_baseline(Path(base_record.path), adapter_dirs, settings.adapter_counts, settings))
 
-    by_key = {(lv.system, lv.adapters): lv for lv in report.levels}
-    base_level = by_key.get(("server (base only)", 0))
+    by_key = {(lv.system, lv.adapters, lv.concurrency): lv for lv in report.levels}
     reference_count = 16 if 16 in settings.adapter_counts else max(settings.adapter_counts)
-    server_level = by_key.get(("server", reference_count))
-    naive_level = by_key.get(("naive PEFT set_adapter", reference_count))
-    if base_level and server_level and base_level.tokens_per_s:
-        report.goals[f"{reference_count}_adapters_vs_base_only"] = round(server_level.tokens_per_s / base_level.tokens_per_s, 3)
-    if naive_level and server_level and naive_level.tokens_per_s:
-        report.goals[f"{reference_count}_adapters_vs_naive"] = round(server_level.tokens_per_s / naive_level.tokens_per_s, 2)
+    for concurrency in settings.concurrency:
+        base_level = by_key.get(("server (base only)", 0, concurrency))
+        server_level = by_key.get(("server", reference_count, concurrency))
+        naive_level = by_key.get(("naive PEFT set_adapter", reference_count, concurrency))
+        if base_level and server_level and base_level.tokens_per_s:
+            report.goals[f"{reference_count}_adapters_vs_base_only_at_{concurrency}_clients"] = round(server_level.tokens_per_s / base_level.tokens_per_s, 3)
+        if naive_level and server_level and naive_level.tokens_per_s:
+            report.goals[f"{reference_count}_adapters_vs_naive_at_{concurrency}_clients"] = round(server_level.tokens_per_s / naive_level.tokens_per_s, 2)
     if report.hot_load_ms:
         report.goals["hot_load_median_ms"] = round(statistics.median(report.hot_load_ms), 1)
         report.goals["first_load_median_ms"] = round(statistics.median(report.hot_load_first_ms), 1)

@@ -61,18 +61,21 @@ def test_serve_process_answers_openai_client_and_bench_runs(tiny_home: Path, tmp
 
         out_dir = tmp_path / "results"
         bench = subprocess.run(
-            [*CLI, "bench", "serve", "--url", url, "--adapter-counts", "1,2", "--concurrency", "2",
+            [*CLI, "bench", "serve", "--url", url, "--adapter-counts", "1,2", "--concurrency", "1,2",
              "--requests-per-level", "4", "--max-tokens", "3", "--rank", "4", "--hot-loads", "2", "--out-dir", str(out_dir)],
             env=_env(tiny_home), capture_output=True, text=True, timeout=240,
         )
         assert bench.returncode == 0, bench.stdout + bench.stderr
         report = json.loads((out_dir / "serve_bench.json").read_text())
-        systems = {(level["system"], level["adapters"]) for level in report["levels"]}
-        assert systems == {("server (base only)", 0), ("server", 1), ("server", 2), ("naive PEFT set_adapter", 1), ("naive PEFT set_adapter", 2)}
+        systems = {(level["system"], level["adapters"], level["concurrency"]) for level in report["levels"]}
+        assert systems == {(system, count, clients) for clients in (1, 2) for system, count in (
+            ("server (base only)", 0), ("server", 1), ("server", 2), ("naive PEFT set_adapter", 1), ("naive PEFT set_adapter", 2))}
+        assert set(report["goals"]) >= {"2_adapters_vs_base_only_at_1_clients", "2_adapters_vs_base_only_at_2_clients"}
         assert all(level["errors"] == 0 and level["output_tokens"] == 4 * 3 for level in report["levels"])
         assert len(report["hot_load_ms"]) == 2 and len(report["hot_load_first_ms"]) == 2
         assert (out_dir / "serve_bench.png").stat().st_size > 10_000
-        assert "tok/s" in bench.stdout
+        assert "tok/s" in bench.stdout and "clients" in bench.stdout
+        assert f"dtype {report['server']['dtype']}" in " ".join(bench.stdout.split())  # the table's title states the dtype
     finally:
         server.send_signal(signal.SIGINT)
         try:
