@@ -121,7 +121,7 @@ def measure_system(system: str, settings: BackendsSettings, base_dir: Path, adap
     try:
         startup_s = _wait_healthy(process, url, log_path, settings.startup_timeout_s)
         load = BenchSettings(
-            url=url, api_key=None, adapter_counts=settings.adapter_counts, concurrency=settings.concurrency,
+            url=url, api_key=None, adapter_counts=settings.adapter_counts, concurrency=(settings.concurrency,),
             requests_per_level=settings.requests_per_level, max_tokens=settings.max_tokens, rank=settings.rank,
             naive=False, hot_loads=0, out_dir=settings.out_dir,
         )
@@ -131,12 +131,13 @@ def measure_system(system: str, settings: BackendsSettings, base_dir: Path, adap
 
         async def run() -> None:
             client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900)
-            await _run_level(client, names, warm)  # untimed: every adapter loaded, every code path run once
-            wall, samples, errors = await _run_level(client, [settings.base], load)
-            levels.append(_level(system, 0, wall, samples, errors))
+            clients = settings.concurrency
+            await _run_level(client, names, warm, clients)  # untimed: every adapter loaded, every code path run once
+            wall, samples, errors = await _run_level(client, [settings.base], load, clients)
+            levels.append(_level(system, 0, clients, wall, samples, errors))
             for count in settings.adapter_counts:
-                wall, samples, errors = await _run_level(client, names[:count], load)
-                levels.append(_level(system, count, wall, samples, errors))
+                wall, samples, errors = await _run_level(client, names[:count], load, clients)
+                levels.append(_level(system, count, clients, wall, samples, errors))
 
         asyncio.run(run())
         return {"system": system, "startup_s": round(startup_s, 1), "levels": [asdict(level) for level in levels]}
