@@ -13,19 +13,27 @@ Part 2 — adapter → adapter, judged by what the merged adapter still does. Ei
 LoRAs (q/k/v/o) are trained with adapterhub.train on eight synthetic tasks
 (`adapterhub.demo.SYNTHETIC_TASKS`: reverse, spell digits, spell a word letter by letter,
 first word, last word, count words, sort words, repeat twice; 240 training rows each, cached
-under the work directory so reruns do not retrain). They are merged into one adapter by
-adapterhub (disk to disk) and by PEFT's `add_weighted_adapter` (in memory, after the
-adapters are loaded; loading is not timed) with the matching definitions, and every merged
-adapter, every single adapter (on its own task) and the base are scored by exact match on
-held-out rows of every task (adapterhub.eval, batched greedy generation). Weight-space
-figures come along: the relative error of the merged ΔW against the method's definition on
-the exact ΔW = scale·B·A (random methods: against the merge without the drop), and a
-retention proxy per parent, ⟨ΔW_merged, ΔWᵢ⟩ / ⟨ΔW_ref, ΔWᵢ⟩.
+under the work directory so reruns do not retrain); `--tasks N` takes the first N. They are
+merged into one adapter by every registered adapterhub method (`adapter_cases`; a method that
+takes exactly two inputs — slerp, nuslerp — is run for two tasks and skipped, with the reason
+in the JSON, for more) and by PEFT's `add_weighted_adapter` (in memory, after the adapters are
+loaded; loading is not timed) with the matching combination types, and by a searched merge
+(`adapterhub.merge.search`, `--trials` trials, scored on `--search-rows` rows per task from
+`adapterhub.demo.write_search_rows`: in neither the training nor the held-out rows). Every merged
+adapter, every single adapter (on its own task) and the base are scored by exact match on the
+held-out rows of every task (adapterhub.eval, batched greedy generation), and each merge's
+retained gain per task, (merged − base) / (adapter − base), is reported with the worst task's,
+a line naming the merges that keep the goal's share of every task's gain (90% for two tasks,
+75% for more) or saying that none does, and what task arithmetic and TIES keep.
+Weight-space figures come along: the relative error of the merged ΔW against the method's
+definition on the exact ΔW = scale·B·A (random methods: against the merge without the drop),
+and a retention proxy per parent, ⟨ΔW_merged, ΔWᵢ⟩ / ⟨ΔW_ref, ΔWᵢ⟩.
 
 `--skip-adapters` runs part 1 alone, `--skip-full` part 2 alone; a skipped part keeps its
 figures from the previous run in the JSON.
 
 Run:  .venv/bin/python benchmarks/merge_bench.py [--mergekit benchmarks/.venv-mergekit/bin/mergekit-yaml]
+Reduced: .venv/bin/python benchmarks/merge_bench.py --skip-full --tasks 4 --train-steps 20 --trials 4
 Writes benchmarks/results/merge_bench.json and merge_bench.png and prints a table.
 """
 
