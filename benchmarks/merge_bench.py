@@ -659,13 +659,26 @@ def print_tables(full_rows: list[dict[str, Any]], adapters: dict[str, Any] | Non
                 print(line)
 
 
+def _short_label(row: Mapping[str, Any]) -> str:
+    """A plot label: tool and type, with the case where one PEFT type serves two (cat: sum, mean)."""
+    kind = row["type"].split(" ")[0]
+    case = row["case"].split(" (")[0]
+    if row["case"].startswith("searched"):
+        return f"{row['tool']} {kind} (searched)"
+    return f"{row['tool']} {kind}" + ("" if kind.startswith(case) or case.startswith(kind) else f" [{case}]")
+
+
 def plot(full_rows: list[dict[str, Any]], adapters: dict[str, Any] | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(24, 6), gridspec_kw={"width_ratios": [1, 1, 2, 2]})
+    panels = ([1, 1] if full_rows else []) + ([2, 2] if adapters else [])
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * sum(panels), 6), gridspec_kw={"width_ratios": panels}, squeeze=False)
+    axes = list(axes[0])
     if full_rows:
         methods = [r["method"] for r in full_rows]
         x = range(len(methods))
@@ -677,31 +690,32 @@ def plot(full_rows: list[dict[str, Any]], adapters: dict[str, Any] | None, path:
             ax.set_title(f"full-model merge: {unit}")
             ax.legend()
     if adapters:
+        quality_ax, kept_ax = axes[-2:]
         rows = adapters["merges"]
         tasks = adapters["tasks"]
-        labels = [f"{r['tool']} {r['type'].split(' ')[0]}" + (" (searched)" if r["case"].startswith("searched") else "") for r in rows]
+        labels = [_short_label(r) for r in rows]
         colors = ["tab:blue" if r["tool"] == "adapterhub" else "tab:orange" for r in rows]
-        axes[2].bar(range(len(rows)), [r["mean_exact_match"] for r in rows], color=colors)
+        quality_ax.bar(range(len(rows)), [r["mean_exact_match"] for r in rows], color=colors)
         single = sum(adapters["single"].values()) / len(adapters["single"])
         base = sum(adapters["base"].values()) / len(adapters["base"])
-        axes[2].axhline(single, color="green", linestyle="--", label=f"each adapter on its own task ({single:.2f})")
-        axes[2].axhline(base, color="gray", linestyle=":", label=f"base model ({base:.2f})")
-        axes[2].set_xticks(range(len(rows)), labels, rotation=75, fontsize=7)
-        axes[2].set_ylabel(f"mean exact match over the {len(tasks)} tasks")
-        axes[2].set_title(f"{len(tasks)} trained LoRAs → 1: what the merge still does (blue: adapterhub, orange: PEFT)")
-        axes[2].legend(fontsize=7)
+        quality_ax.axhline(single, color="green", linestyle="--", label=f"each adapter on its own task ({single:.2f})")
+        quality_ax.axhline(base, color="gray", linestyle=":", label=f"base model ({base:.2f})")
+        quality_ax.set_xticks(range(len(rows)), labels, rotation=75, fontsize=7)
+        quality_ax.set_ylabel(f"mean exact match over the {len(tasks)} tasks")
+        quality_ax.set_title(f"{len(tasks)} trained LoRAs → 1: what the merge still does (blue: adapterhub, orange: PEFT)")
+        quality_ax.legend(fontsize=7)
         # Retained gain per task (rows: merges, columns: tasks); the goal is drawn in the title.
         matrix = [[r["retained_gain"].get(t, float("nan")) for t in tasks] for r in rows]
-        image = axes[3].imshow(matrix, aspect="auto", cmap="RdYlGn", vmin=0.0, vmax=1.0)
-        axes[3].set_xticks(range(len(tasks)), tasks, rotation=30, fontsize=8)
-        axes[3].set_yticks(range(len(rows)), labels, fontsize=7)
+        image = kept_ax.imshow(matrix, aspect="auto", cmap="RdYlGn", vmin=0.0, vmax=1.0)
+        kept_ax.set_xticks(range(len(tasks)), tasks, rotation=30, fontsize=8)
+        kept_ax.set_yticks(range(len(rows)), labels, fontsize=7)
         for i, row in enumerate(matrix):
             for j, value in enumerate(row):
                 if not math.isnan(value):
-                    axes[3].text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=6)
+                    kept_ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=6)
         goal = adapters.get("goal", goal_for(len(tasks)))
-        axes[3].set_title(f"share of each task's gain kept (goal: ≥ {goal:.0%} on every task)")
-        fig.colorbar(image, ax=axes[3], fraction=0.04)
+        kept_ax.set_title(f"share of each task's gain kept (goal: ≥ {goal:.0%} on every task)")
+        fig.colorbar(image, ax=kept_ax, fraction=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
