@@ -523,6 +523,7 @@ def part_adapters(
     print("[adapters] scoring the base and each adapter on its own task …", flush=True)
     base_scores = scorer.score(None, tasks)
     single_scores = {t: scorer.score(t, [t])[t] for t in tasks}
+    print(f"[adapters]   base {base_scores}, each adapter on its own task {single_scores}", flush=True)
     rows: list[dict[str, Any]] = []
     for case in cases:
         recipe = MergeRecipe.from_dict({
@@ -546,6 +547,7 @@ def part_adapters(
             "seconds": seconds, "rank": result.rank, "exact_match": scorer.score(adapter_name, tasks),
             **_weight_space(_lora_deltas(out), reference, parent_deltas),
         })
+        print(f"[adapters]   exact match {rows[-1]['exact_match']}", flush=True)
         scorer.model.delete_adapter(adapter_name)
         shutil.rmtree(out, ignore_errors=True)
         for combination in case.peft_types:
@@ -566,6 +568,7 @@ def part_adapters(
                 "rank": int(scorer.model.peft_config[adapter_name].r), "exact_match": scorer.score(adapter_name, tasks),
                 **_weight_space(_peft_deltas(scorer.model, adapter_name), reference, parent_deltas),
             })
+            print(f"[adapters]   exact match {rows[-1]['exact_match']}", flush=True)
             scorer.model.delete_adapter(adapter_name)
     search: dict[str, Any] | None = None
     if trials > 0:
