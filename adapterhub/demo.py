@@ -171,6 +171,24 @@ def retention_verdict(retention: Mapping[str, Mapping[str, float]], *, threshold
     )
 
 
+def retention_of(retention: Mapping[str, Mapping[str, float]], merges: Sequence[str]) -> str:
+    """What each named merge keeps, worst task first: the figure a reader compares a new method against.
+
+    Why a sentence beside the verdict: "none reaches 90%" alone hides how far the usual
+    methods (task arithmetic, TIES) fall short; this states it. Names missing from
+    `retention` are skipped, so a reduced run that left a method out still reads.
+    """
+    parts = []
+    for merge in merges:
+        per_task = retention.get(merge)
+        if not per_task:
+            continue
+        worst = min(per_task, key=per_task.__getitem__)
+        each = ", ".join(f"{task} {share:.0%}" for task, share in per_task.items())
+        parts.append(f"{merge} keeps {per_task[worst]:.0%} of {worst}'s gain at worst ({each})")
+    return "; ".join(parts) + "." if parts else ""
+
+
 def plot_quality(
     scores: Mapping[str, Mapping[str, float]], out: Path, *, metric: str = "exact match", title: str = "Held-out quality per task",
 ) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterhub.demo import gain_retention, plot_quality, retention_verdict
+from adapterhub.demo import gain_retention, plot_quality, retention_of, retention_verdict
 
 SCORES = {
     "base": {"reverse": 0.0, "spell": 0.1},
@@ -39,6 +39,15 @@ def test_the_verdict_names_the_merges_reaching_the_threshold_or_says_none_does()
     assert retention_verdict(_retention()) == "Merges keeping at least 90% of every task's gain: ties."
     verdict = retention_verdict(_retention(("linear", "bad")))
     assert verdict == "No merge keeps 90% of every task's gain; the best, linear, keeps 67% of reverse's."
+
+
+def test_retention_of_states_each_named_merges_worst_task_and_skips_missing_names() -> None:
+    sentence = retention_of(_retention(), ["linear", "not_run", "ties"])
+    assert sentence == (
+        "linear keeps 67% of reverse's gain at worst (reverse 67%, spell 100%); "
+        "ties keeps 92% of spell's gain at worst (reverse 95%, spell 92%)."
+    )
+    assert retention_of(_retention(), ["not_run"]) == ""
 
 
 def test_the_retention_plot_draws_negative_shares(tmp_path: Path) -> None:
