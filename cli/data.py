@@ -187,7 +187,7 @@ def augment_command(
     out: OutOption,
     paraphrases: Annotated[int, typer.Option("--paraphrases", "-k", help="Paraphrases asked for per row (K).")],
     model: Annotated[Optional[str], typer.Option(
-        "--model", "-m", help="Registry base model, adapter or full model to run in this process; with --url, the served model's name.",
+        "--model", help="Registry base model, adapter or full model to run in this process; with --url, the served model's name.",
     )] = None,
     url: Annotated[Optional[str], typer.Option("--url", help="A running `adapterhub serve` (e.g. http://127.0.0.1:8000) to ask instead.")] = None,
     api_key: Annotated[Optional[str], typer.Option(envvar="ADAPTERHUB_API_KEY", help="API key of the --url server.")] = None,
