@@ -13,7 +13,7 @@ import torch
 from adapterhub.errors import ValidationError
 from adapterhub.merge import merge
 from adapterhub.merge.io import LazyTensorReader
-from adapterhub.merge.search import retention, search_merge
+from adapterhub.merge.search import average_trial, retention, search_merge, weight_range
 from adapterhub.merge.task_vectors import InputModel
 from tests.conftest import build_lora_adapter
 
@@ -57,6 +57,8 @@ def test_search_maximizes_the_worst_task_and_keeps_every_trial(tiny_base: Path, 
         methods=("linear", "task_arithmetic", "ties"),
     )
     assert len(result.trials) == 8
+    # Trial 0 is the plain average, enqueued before TPE draws anything.
+    assert result.trials[0]["params"] == {"method": "linear", "weight_0": 0.5, "weight_1": 0.5}
     assert result.best_objective == max(row["objective"] for row in result.trials)
     assert result.trials[result.best_trial]["objective"] == result.best_objective
     for row in result.trials:
@@ -70,6 +72,17 @@ def test_search_maximizes_the_worst_task_and_keeps_every_trial(tiny_base: Path, 
     # The best recipe reproduces its figure when merged again.
     again = merge(result.best_recipe, out_dir=tmp_path / "again", base_dir=tiny_base, input_dirs=labels)
     assert min(score(again.out_dir).values()) == pytest.approx(result.best_objective, abs=1e-6)
+
+
+def test_the_first_trial_is_the_average_and_weights_scale_with_the_inputs() -> None:
+    assert average_trial(("ties", "task_arithmetic"), 4) == {
+        "method": "task_arithmetic", "weight_0": 0.25, "weight_1": 0.25, "weight_2": 0.25, "weight_3": 0.25,
+    }
+    assert average_trial(("task_arithmetic", "linear"), 2)["method"] == "linear"
+    assert average_trial(("ties", "tsv"), 2) is None
+    assert weight_range(2) == (0.2, 1.5)
+    low, high = weight_range(8)
+    assert low < 1 / 8 < high
 
 
 def test_search_refuses_when_no_task_has_a_gain(tiny_base: Path, setting) -> None:
