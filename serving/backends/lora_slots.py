@@ -24,6 +24,11 @@ Design decisions:
   again copied it first (the copy was a third of the mixed-adapter overhead on SmolLM2, 16
   distinct rank-16 adapters, profiled). The copies cost the running batch one adapter's size
   per row (like its KV cache, bounded by `max_batch_size`), and go when the batch empties.
+- Rows that share an adapter are grouped (`RowGroups`, when the batch has fewer distinct slots
+  than rows and the groups are even enough): the layer gathers each distinct slot's A and B'
+  once and multiplies `[groups, rows of the group, in]`, so 32 rows over 16 adapters read 16
+  adapters' weights per step, not 32 copies. Decode at these sizes is bound by those bytes:
+  SmolLM2 bf16, 32 rows, 16 adapters, decode step 155 -> 127 ms (base 103-117 ms), measured.
 - On a CPU the engine keeps slots, and so the adapter math, in fp32 whatever the model's
   precision, as PEFT's default `autocast_adapter_dtype` keeps adapter weights: the CPU's bf16
   `bmm` at these shapes is ~4x slower than fp32's (42 vs 11 us for a rank-16 down-projection of
@@ -329,34 +334,76 @@ def _ia3_modules(
     return modules
 
 
+@dataclass(frozen=True)
+class RowGroups:
+    """The batch's rows grouped by slot, so a layer reads each adapter's A and B' once.
+
+    Row i's input goes to position `positions[i]` of a `[groups, width]` layout (`width` the
+    largest group's row count; a shorter group's spare positions repeat its first row, computed
+    and never read), and `members` is the inverse: the row at each position.
+    """
+
+    slots: torch.Tensor  # int64 [groups]: the distinct slots
+    members: torch.Tensor  # int64 [groups * width]: the row each position computes
+    positions: torch.Tensor  # int64 [batch]: each row's position
+    count: int
+    width: int
+
+    @classmethod
+    def of(cls, row_slots: list[int], device: torch.device | str) -> RowGroups | None:
+        """The grouping of `row_slots`, or None where every row has its own slot or the groups
+        are so uneven that the padded layout would compute over 1.5x the batch's rows."""
+        by_slot: dict[int, list[int]] = {}
+        for row, slot in enumerate(row_slots):
+            by_slot.setdefault(slot, []).append(row)
+        count, width = len(by_slot), max(len(rows) for rows in by_slot.values())
+        if count == len(row_slots) or count * width * 2 > len(row_slots) * 3:
+            return None
+        members: list[int] = []
+        positions = [0] * len(row_slots)
+        for group, rows in enumerate(by_slot.values()):
+            members += rows + [rows[0]] * (width - len(rows))
+            for offset, row in enumerate(rows):
+                positions[row] = group * width + offset
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+        return cls(as_tensor(list(by_slot)), as_tensor(members), as_tensor(positions), count, width)
+
+
 class SlotContext:
     """Per-step state shared by all wrapped layers: which slot each batch row uses.
 
     `generation` names the rows' slots and contents: it changes whenever the rows change or a
     slot is written, so a layer may keep the A and B' it gathered for one forward pass and use
     them again while the generation stays (`keep_gathers`: the decode steps of one batch).
+    `groups` is set when rows share adapters (`RowGroups`).
     """
 
     def __init__(self) -> None:
         self.row_slots: torch.Tensor | None = None  # int64 [batch] on the compute device
+        self.groups: RowGroups | None = None
         self.generation = 0
         self.keep_gathers = False
-        self._kept: tuple[tuple[int, ...], torch.Tensor] | None = None  # rows whose gathers are kept
+        # The rows whose gathers are kept, with their tensors:
+        self._kept: tuple[tuple[int, ...], torch.Tensor, RowGroups | None] | None = None
 
     def set_rows(self, row_slots: list[int] | None, device: torch.device | str = "cpu", *, keep_gathers: bool = False) -> None:
         # None (or all zeros) means "every row is the base model": wrapped layers skip adapter math.
         # Checked on the host list, so a GPU step needs no device sync for it.
         if row_slots is None or not any(row_slots):
-            self.row_slots = None
+            self.row_slots, self.groups = None, None
             return
         rows = tuple(row_slots)
         if keep_gathers and self._kept is not None and self._kept[0] == rows:
-            self.row_slots, self.keep_gathers = self._kept[1], True  # same rows: the layers' gathers hold
+            # Same rows: the layers' gathers hold.
+            _, self.row_slots, self.groups = self._kept
+            self.keep_gathers = True
             return
         self.generation += 1
         self.row_slots = torch.tensor(row_slots, dtype=torch.long, device=device)
+        self.groups = RowGroups.of(row_slots, device)
         self.keep_gathers = keep_gathers
-        self._kept = (rows, self.row_slots) if keep_gathers else None
+        self._kept = (rows, self.row_slots, self.groups) if keep_gathers else None
 
     def invalidate(self) -> None:
         """A slot was written or the stacks changed: nothing gathered before holds."""
@@ -444,7 +491,10 @@ class SlotAdapterLinear(nn.Module):
             bias = self.base_layer.bias
             without_bias = result if bias is None else result - bias
             result = torch.addcmul(result, self.stack_dora.index_select(0, row_slots).unsqueeze(1).to(result.dtype), without_bias)
-        if self.stack_a is not None:
+        if self.stack_a is not None and self.context.groups is not None:
+            delta = self._grouped_lora(flat, self.context.groups)
+            result = result + delta.to(result.dtype)
+        elif self.stack_a is not None:
             assert self.stack_b is not None
             a, b = self._gathered(row_slots)  # [batch, rank, in], [batch, rank, out]
             lora_input = flat if flat.dtype == a.dtype else flat.to(a.dtype)
@@ -457,9 +507,20 @@ class SlotAdapterLinear(nn.Module):
                 result = result + torch.bmm(down, b).to(result.dtype)
         return result.reshape(*x.shape[:-1], result.shape[-1])
 
+    def _grouped_lora(self, flat: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+        """`(x A^T) B'` of every row (`[batch, tokens, out]`), each group's A and B' read once:
+        the rows are laid out `[groups, width * tokens, in]`, multiplied per group, and put back
+        in row order. Rows on slot 0 form a group whose A and B' are zeros: exact zeros added."""
+        a, b = self._gathered(groups.slots)  # [groups, rank, in], [groups, rank, out]
+        tokens = flat.shape[1]
+        x = flat if flat.dtype == a.dtype else flat.to(a.dtype)
+        x = x.index_select(0, groups.members).view(groups.count, groups.width * tokens, x.shape[-1])
+        up = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b)
+        return up.view(groups.count * groups.width, tokens, up.shape[-1]).index_select(0, groups.positions)
+
     def _gathered(self, row_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's A and B' (`[batch, rank, in]`, `[batch, rank, out]`), gathered from the
-        stacks; kept for the next forward pass while the context says the rows are the same."""
+        """The A and B' of each slot in `row_slots` (`[n, rank, in]`, `[n, rank, out]`), gathered
+        from the stacks; kept for the next forward pass while the context says the rows are the same."""
         context = self.context
         if self._gathers is not None and self._gathers_generation == context.generation:
             return self._gathers

@@ -14,7 +14,8 @@ Design decisions:
 - Rows of different adapters share every forward pass via `SlotTable` (gathered LoRA, DoRA and
   (IA)³); a request's output does not depend on its batch-mates. Decode steps keep each row's
   gathered A and B' while the batch's rows stay the same (`SlotContext.keep_gathers`), so a
-  step reads every row's adapter once instead of copying it first; on a CPU, slots and adapter
+  step reads every row's adapter once instead of copying it first, and rows that share an
+  adapter read it once between them (`RowGroups`); on a CPU, slots and adapter
   math are fp32 whatever the model's precision (see `lora_slots.py`).
 - A row's failure stays the row's: what one request's work raises fails that request, a
   prefill that raises is retried row by row to find the row, and a step that fails as a whole

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adapterhub.serving.backends.base import AdapterLoadError, AdapterSpec, GenerationError, SamplingParams
-from adapterhub.serving.backends.lora_slots import SlotTable, read_adapter_dir
+from adapterhub.serving.backends.lora_slots import RowGroups, SlotTable, read_adapter_dir
 from adapterhub.serving.backends.torch_engine import EngineConfig, TorchEngine
 from adapterhub.serving.errors import from_exception
 from tests.conftest import build_lora_adapter
@@ -49,6 +49,54 @@ def test_gathered_lora_logits_match_peft_row_by_row(adapter_fleet: AdapterFleet)
         else:
             torch.testing.assert_close(mixed[row], expected, rtol=1e-5, atol=1e-5)
             assert not torch.allclose(mixed[row], mixed[-1], atol=1e-4)  # the adapter does change the row
+
+
+def test_rows_sharing_adapters_read_each_once_and_equal_peft(adapter_fleet: AdapterFleet, tmp_path: Path) -> None:
+    """Rows that share a slot are grouped (`RowGroups`): each group's A and B' are gathered once,
+    and every row still equals PEFT running its adapter alone; base rows stay bit-identical."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dirs = {"task-0": adapter_fleet.dirs["task-0"], "task-2": adapter_fleet.dirs["task-2"],
+            "dora": build_dora_adapter(adapter_fleet.base_dir, tmp_path / "dora", seed=3)}
+    model = AutoModelForCausalLM.from_pretrained(adapter_fleet.base_dir).eval()
+    table = SlotTable(model)
+    for slot, adapter_dir in enumerate(dirs.values(), start=1):
+        table.write(slot, read_adapter_dir(adapter_dir, table.base_layers))
+    rows = [1, 2, 3, 0, 2, 1, 3, 1]  # groups of 3, 2, 2 and 1 rows
+    input_ids = torch.randint(3, 300, (len(rows), 6), generator=torch.Generator().manual_seed(2))
+    table.context.set_rows(rows, keep_gathers=True)
+    assert table.context.groups is not None and table.context.groups.count == 4
+    with torch.no_grad():
+        grouped = model(input_ids).logits
+    per_slot = sum(  # one slot's A and B' over every layer
+        (layer.stack_a[0].numel() + layer.stack_b[0].numel()) * layer.stack_a.element_size()
+        for layer in table.layers.values() if layer.stack_a is not None)
+    assert table.gather_bytes() == 4 * per_slot  # one copy per distinct slot, not one per row
+    table.context.set_rows(None)
+
+    names = [None, *dirs]
+    for row, slot in enumerate(rows):
+        reference_model = AutoModelForCausalLM.from_pretrained(adapter_fleet.base_dir)
+        if slot:
+            reference_model = PeftModel.from_pretrained(reference_model, dirs[names[slot]])
+        with torch.no_grad():
+            expected = reference_model.eval()(input_ids[row : row + 1]).logits[0]
+        if slot == 0:
+            assert torch.equal(grouped[row], expected)
+        else:
+            torch.testing.assert_close(grouped[row], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_row_groups_lay_rows_out_by_slot() -> None:
+    groups = RowGroups.of([3, 1, 3, 1, 3, 2], "cpu")
+    assert groups is not None and (groups.count, groups.width) == (3, 3)
+    assert groups.slots.tolist() == [3, 1, 2]
+    members, positions = groups.members.tolist(), groups.positions.tolist()
+    assert [members[p] for p in positions] == list(range(6))  # every row is computed at its position
+    assert [[3, 1, 2][p // 3] for p in positions] == [3, 1, 3, 1, 3, 2]  # in its slot's group
+    assert RowGroups.of([1, 2, 3, 4], "cpu") is None  # every row its own adapter: nothing to share
+    assert RowGroups.of([1, 1, 1, 1, 1, 1, 2, 3, 4, 5], "cpu") is None  # padded to 5 x 6: too uneven
 
 
 def test_kept_gathers_are_never_stale(adapter_fleet: AdapterFleet) -> None:
