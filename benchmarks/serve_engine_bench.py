@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -173,18 +174,29 @@ def _ints(text: str) -> list[int]:
 
 
 def measure_backend(engine: Backend, specs: dict[str, AdapterSpec], counts: list[int], clients_list: list[int], args: argparse.Namespace) -> dict:
-    """`{clients: {"base": tok/s, count: tok/s, ...}}` and the texts of the largest level at the most clients."""
+    """`{clients: {"base": tok/s, count: tok/s, ...}}` and the texts of the largest level at the most clients.
+
+    Each figure is the median of `--repeats` runs, the levels interleaved (base, 1, 4, ..., base,
+    1, 4, ...): a run is a few seconds, so one run measures the machine's moment as much as the
+    engine, and interleaving makes a slow moment hit every level alike. The runs' spread is kept
+    (`"runs"`) so a reader can see how much a ratio can be trusted.
+    """
     cells: dict[int, dict] = {}
+    spread: dict[int, dict] = {}
     texts: list[str] = []
+    levels: list[tuple[str | int, list[AdapterSpec | None]]] = [("base", [None])]
+    levels += [(count, [specs[f"lora-{i}"] for i in range(count)]) for count in counts]
     for clients in clients_list:
-        base_tps, _ = engine_level(engine, [None], args.requests, clients, args.max_tokens)
-        cells[clients] = {"base": base_tps}
-        for count in counts:
-            cells[clients][count], level_texts = engine_level(
-                engine, [specs[f"lora-{i}"] for i in range(count)], args.requests, clients, args.max_tokens)
-            if count == max(counts) and clients == max(clients_list):
-                texts = level_texts
-    return {"tokens_per_s": cells, "texts": texts}
+        runs: dict[str | int, list[float]] = {label: [] for label, _ in levels}
+        for _ in range(args.repeats):
+            for label, level_specs in levels:
+                tps, level_texts = engine_level(engine, level_specs, args.requests, clients, args.max_tokens)
+                runs[label].append(tps)
+                if label == max(counts) and clients == max(clients_list):
+                    texts = level_texts
+        cells[clients] = {label: statistics.median(values) for label, values in runs.items()}
+        spread[clients] = {str(label): [round(v, 2) for v in values] for label, values in runs.items()}
+    return {"tokens_per_s": cells, "runs": spread, "texts": texts}
 
 
 def run_vllm(model_dir: Path, specs: dict[str, AdapterSpec], counts: list[int], clients_list: list[int], args: argparse.Namespace, dtype_name: str) -> dict:
@@ -262,11 +274,12 @@ def main() -> None:
     parser.add_argument("--vllm", action="store_true", help="also drive vLLM's engine (VllmEngine) through the same Backend interface")
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT's adapter_names and naive set_adapter rows")
     parser.add_argument("--quick", action="store_true", help="smoke run: 16 requests x 8 tokens, counts 1,16, clients 16")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per level, interleaved; the median is reported")
     parser.add_argument("--check", type=int, default=8, help="requests checked against PEFT greedy alone")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_engine_bench.json"))
     args = parser.parse_args()
     if args.quick:
-        args.requests, args.max_tokens, args.check = 16, 8, 2
+        args.requests, args.max_tokens, args.check, args.repeats = 16, 8, 2, 1
         args.counts, args.clients = "1,16", "16"
 
     from adapterhub.models import default_device
@@ -319,7 +332,8 @@ def main() -> None:
                 peft_greedy_alone(model_dir, adapter_dirs[f"lora-{i % max(counts)}"], PROMPTS[i % len(PROMPTS)], args.max_tokens, device, dtype) == texts[i]
                 for i in range(checked))
             report["greedy_matches_peft_alone"][dtype_name] = f"{matches}/{checked}"
-            report["results"][dtype_name] = {system: {"tokens_per_s": r["tokens_per_s"]} for system, r in by_system.items()}
+            report["results"][dtype_name] = {
+                system: {"tokens_per_s": r["tokens_per_s"], **({"runs": r["runs"]} if "runs" in r else {})} for system, r in by_system.items()}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     _print_table(report, counts)
