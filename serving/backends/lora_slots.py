@@ -340,7 +340,9 @@ class RowGroups:
 
     Row i's input goes to position `positions[i]` of a `[groups, width]` layout (`width` the
     largest group's row count; a shorter group's spare positions repeat its first row, computed
-    and never read), and `members` is the inverse: the row at each position.
+    and never read), and `members` is the inverse: the row at each position. `in_order` says
+    the rows already are that layout (one adapter for the whole batch, or rows sorted by slot in
+    equal groups): the layer then reshapes instead of reordering.
     """
 
     slots: torch.Tensor  # int64 [groups]: the distinct slots
@@ -348,6 +350,7 @@ class RowGroups:
     positions: torch.Tensor  # int64 [batch]: each row's position
     count: int
     width: int
+    in_order: bool = False
 
     @classmethod
     def of(cls, row_slots: list[int], device: torch.device | str) -> RowGroups | None:
@@ -367,7 +370,8 @@ class RowGroups:
                 positions[row] = group * width + offset
         def as_tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
-        return cls(as_tensor(list(by_slot)), as_tensor(members), as_tensor(positions), count, width)
+        in_order = members == list(range(len(row_slots)))
+        return cls(as_tensor(list(by_slot)), as_tensor(members), as_tensor(positions), count, width, in_order)
 
 
 class SlotContext:
@@ -492,8 +496,7 @@ class SlotAdapterLinear(nn.Module):
             without_bias = result if bias is None else result - bias
             result = torch.addcmul(result, self.stack_dora.index_select(0, row_slots).unsqueeze(1).to(result.dtype), without_bias)
         if self.stack_a is not None and self.context.groups is not None:
-            delta = self._grouped_lora(flat, self.context.groups)
-            result = result + delta.to(result.dtype)
+            result = self._grouped_lora(flat, result, self.context.groups)
         elif self.stack_a is not None:
             assert self.stack_b is not None
             a, b = self._gathered(row_slots)  # [batch, rank, in], [batch, rank, out]
@@ -507,16 +510,27 @@ class SlotAdapterLinear(nn.Module):
                 result = result + torch.bmm(down, b).to(result.dtype)
         return result.reshape(*x.shape[:-1], result.shape[-1])
 
-    def _grouped_lora(self, flat: torch.Tensor, groups: RowGroups) -> torch.Tensor:
-        """`(x A^T) B'` of every row (`[batch, tokens, out]`), each group's A and B' read once:
-        the rows are laid out `[groups, width * tokens, in]`, multiplied per group, and put back
-        in row order. Rows on slot 0 form a group whose A and B' are zeros: exact zeros added."""
+    def _grouped_lora(self, flat: torch.Tensor, result: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+        """`result + (x A^T) B'` (`[batch, tokens, out]`), each group's A and B' read once: the rows
+        are laid out `[groups, width * tokens, in]`, multiplied per group, and put back in row
+        order. Rows on slot 0 form a group whose A and B' are zeros: exact zeros added.
+
+        Rows already in that layout (`in_order`) skip both reorderings and, in one precision, use
+        the fused `baddbmm`: at SmolLM2's sizes a layer's adapter work is a handful of small ops,
+        and each op's fixed cost is what one adapter for the whole batch pays most."""
         a, b = self._gathered(groups.slots)  # [groups, rank, in], [groups, rank, out]
         tokens = flat.shape[1]
+        grouped = (groups.count, groups.width * tokens)
         x = flat if flat.dtype == a.dtype else flat.to(a.dtype)
-        x = x.index_select(0, groups.members).view(groups.count, groups.width * tokens, x.shape[-1])
+        if groups.in_order:
+            down = torch.bmm(x.view(*grouped, x.shape[-1]), a.transpose(1, 2))
+            if result.dtype == b.dtype:
+                return torch.baddbmm(result.view(*grouped, result.shape[-1]), down, b).view_as(result)
+            return result + torch.bmm(down, b).view_as(result).to(result.dtype)
+        x = x.index_select(0, groups.members).view(*grouped, x.shape[-1])
         up = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b)
-        return up.view(groups.count * groups.width, tokens, up.shape[-1]).index_select(0, groups.positions)
+        up = up.view(groups.count * groups.width, tokens, up.shape[-1]).index_select(0, groups.positions)
+        return result + up.to(result.dtype)
 
     def _gathered(self, row_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The A and B' of each slot in `row_slots` (`[n, rank, in]`, `[n, rank, out]`), gathered

@@ -74,6 +74,13 @@ def test_rows_sharing_adapters_read_each_once_and_equal_peft(adapter_fleet: Adap
         for layer in table.layers.values() if layer.stack_a is not None)
     assert table.gather_bytes() == 4 * per_slot  # one copy per distinct slot, not one per row
     table.context.set_rows(None)
+    order = [0, 5, 1, 4, 2, 6]  # rows on slots 1, 1, 2, 2, 3, 3: already the grouped layout
+    table.context.set_rows([rows[row] for row in order])
+    assert table.context.groups is not None and table.context.groups.in_order
+    with torch.no_grad():
+        sorted_logits = model(input_ids[order]).logits
+    table.context.set_rows(None)
+    torch.testing.assert_close(sorted_logits, grouped[order], rtol=1e-5, atol=1e-5)
 
     names = [None, *dirs]
     for row, slot in enumerate(rows):
@@ -95,6 +102,9 @@ def test_row_groups_lay_rows_out_by_slot() -> None:
     members, positions = groups.members.tolist(), groups.positions.tolist()
     assert [members[p] for p in positions] == list(range(6))  # every row is computed at its position
     assert [[3, 1, 2][p // 3] for p in positions] == [3, 1, 3, 1, 3, 2]  # in its slot's group
+    assert not groups.in_order
+    in_order = RowGroups.of([2, 2, 5, 5], "cpu")
+    assert in_order is not None and in_order.in_order and in_order.slots.tolist() == [2, 5]
     assert RowGroups.of([1, 2, 3, 4], "cpu") is None  # every row its own adapter: nothing to share
     assert RowGroups.of([1, 1, 1, 1, 1, 1, 2, 3, 4, 5], "cpu") is None  # padded to 5 x 6: too uneven
 
