@@ -33,13 +33,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--kv-cache-gib", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="times each system is measured, the order reversed every other round")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of: " + ", ".join(SYSTEMS))
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     run_backends_benchmark(BackendsSettings(
         base=args.base, systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()), dtype=args.dtype,
         adapter_counts=args.adapter_counts, concurrency=args.concurrency, requests_per_level=args.requests,
-        max_tokens=args.max_tokens, rank=args.rank, kv_cache_gib=args.kv_cache_gib, out_dir=args.out_dir,
+        max_tokens=args.max_tokens, rank=args.rank, kv_cache_gib=args.kv_cache_gib, rounds=args.rounds, out_dir=args.out_dir,
     ))
 
 

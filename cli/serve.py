@@ -257,6 +257,7 @@ def bench_backends(
     requests_per_level: Annotated[int, typer.Option(min=1, help="Requests sent per level.")] = 32,
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per request (end-of-sequence ignored).")] = 32,
     rank: Annotated[int, typer.Option(min=1, help="Rank of the benchmark LoRAs (q/k/v/o).")] = 16,
+    rounds: Annotated[int, typer.Option(min=1, help="Times each system is measured, the order reversed every other round; medians reported.")] = 2,
     out_dir: Annotated[Path, typer.Option(help="Where the JSON, PNG and server logs go.")] = Path("benchmarks/results"),
 ) -> None:
     """The serving engines side by side: each system started as its own server in turn, same adapters,
@@ -272,8 +273,8 @@ def bench_backends(
         raise AdapterhubError(f"--adapter-counts {adapter_counts!r}: give positive integers, e.g. 1,4,16") from None
     run_backends_benchmark(BackendsSettings(
         base=base, systems=tuple(s.strip() for s in systems.split(",") if s.strip()), dtype=dtype, adapter_counts=counts,
-        concurrency=concurrency, requests_per_level=requests_per_level, max_tokens=max_tokens, rank=rank, out_dir=out_dir,
-        name="backends_bench",
+        concurrency=concurrency, requests_per_level=requests_per_level, max_tokens=max_tokens, rank=rank, rounds=rounds,
+        out_dir=out_dir, name="backends_bench",
     ))
 
 

@@ -12,8 +12,13 @@ Design decisions:
   `ignore_eos`, exactly `max_tokens` tokens per request) at the base alone and at each count of
   distinct adapters in flight, after an untimed warm-up that loads every adapter and runs every
   code path once. The adapters are `serving.bench`'s random-weight `bench-lora-<i>` records.
-- Results: one table, `<name>.json` and `<name>.png` (throughput and p50/p99 latency against
-  adapters in flight), and each server's log next to them.
+- The machine drifts: on the 2-core development machine the system measured first ran 10-25%
+  faster than the same system measured second, in either order (two runs, 4 December 2026). So
+  the systems are measured in `rounds`, the order reversed every other round (A B, B A, ...), and
+  each figure is the median over rounds: every system sits in every position equally often.
+- Results: one table, `<name>.json` (the medians, and every round's levels under `"rounds"`) and
+  `<name>.png` (throughput and p50/p99 latency against adapters in flight), and each server's
+  log next to them.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class BackendsSettings:
     max_tokens: int = 32
     rank: int = 16
     kv_cache_gib: int = 2
+    rounds: int = 2  # each system measured this many times, the order reversed every other round
     startup_timeout_s: float = 600
     out_dir: Path = Path("benchmarks/results")
     name: str = "vllm_serve_bench"
@@ -63,6 +69,8 @@ class BackendsSettings:
             raise AdapterhubError(f"dtype {self.dtype!r}: choose bf16 or fp32")
         if not self.adapter_counts or min(self.adapter_counts) < 1:
             raise AdapterhubError("adapter counts must be positive integers, e.g. 1,4,16")
+        if self.rounds < 1:
+            raise AdapterhubError(f"rounds must be at least 1 (got {self.rounds})")
 
 
 def _free_port() -> int:
@@ -105,13 +113,14 @@ def _wait_healthy(process: subprocess.Popen, url: str, log_path: Path, timeout_s
         time.sleep(0.5)
 
 
-def measure_system(system: str, settings: BackendsSettings, base_dir: Path, adapters: dict[str, Path]) -> dict[str, Any]:
+def measure_system(system: str, settings: BackendsSettings, base_dir: Path, adapters: dict[str, Path], round_index: int = 0) -> dict[str, Any]:
     """Start `system`, warm it, measure every level, stop it; its levels and start-up time."""
     import openai
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log_path = settings.out_dir / f"{settings.name}.{_SLUGS[system]}.log"
+    suffix = "" if round_index == 0 else f".round{round_index + 1}"
+    log_path = settings.out_dir / f"{settings.name}.{_SLUGS[system]}{suffix}.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib)}
     env.pop("ADAPTERHUB_API_KEY", None)  # the load generator sends no key
     if system == VLLM_OWN:  # an empty allow-list: none of adapterhub's vLLM plugins
@@ -148,6 +157,24 @@ def measure_system(system: str, settings: BackendsSettings, base_dir: Path, adap
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+_MEDIAN_FIELDS = ("wall_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "latency_p50_ms", "latency_p99_ms")
+
+
+def median_over_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One system's rounds as one result: per level the median of each time and rate, the errors
+    of every round added up (requests and tokens are the same in every round); the rounds kept."""
+    import statistics
+
+    levels = []
+    for index, first in enumerate(runs[0]["levels"]):
+        same = [run["levels"][index] for run in runs]
+        level = {**first, **{key: statistics.median(lv[key] for lv in same) for key in _MEDIAN_FIELDS}}
+        level["errors"] = sum(lv["errors"] for lv in same)
+        levels.append(level)
+    return {"system": runs[0]["system"], "startup_s": statistics.median(run["startup_s"] for run in runs),
+            "levels": levels, "rounds": runs}
 
 
 def front_cost(results: list[dict[str, Any]]) -> dict[str, float]:
@@ -205,10 +232,13 @@ def run_backends_benchmark(settings: BackendsSettings, registry: Any = None) -> 
     adapters = {name: Path(registry.materialize(registry.get(name))) for name in names}
     settings.out_dir.mkdir(parents=True, exist_ok=True)
 
-    results = []
-    for system in settings.systems:
-        print(f"measuring {system} …", flush=True)
-        results.append(measure_system(system, settings, base_dir, adapters))
+    rounds: dict[str, list[dict[str, Any]]] = {system: [] for system in settings.systems}
+    for round_index in range(settings.rounds):
+        order = settings.systems if round_index % 2 == 0 else tuple(reversed(settings.systems))
+        for system in order:
+            print(f"measuring {system} (round {round_index + 1} of {settings.rounds}) …", flush=True)
+            rounds[system].append(measure_system(system, settings, base_dir, adapters, round_index))
+    results = [median_over_rounds(rounds[system]) for system in settings.systems]
     ratios = front_cost(results)
 
     title = (f"{settings.base} · {settings.dtype} · {settings.concurrency} clients · {settings.max_tokens} tokens · "

@@ -275,6 +275,12 @@ def test_bench_backends_starts_each_server_and_reports_it(tiny_home: Path, tmp_p
     assert torch_result["system"] == "adapterhub torch" and torch_result["startup_s"] > 0
     assert [level["adapters"] for level in torch_result["levels"]] == [0, 1, 2]
     assert all(level["errors"] == 0 and level["output_tokens"] == 4 * 3 for level in torch_result["levels"])
+    # Two rounds by default, each its own server; the figures are their medians.
+    assert len(torch_result["rounds"]) == 2
+    for index, level in enumerate(torch_result["levels"]):
+        rates = sorted(run["levels"][index]["tokens_per_s"] for run in torch_result["rounds"])
+        assert level["tokens_per_s"] == pytest.approx(sum(rates) / 2)
+    assert (out_dir / "backends_bench.adapterhub-torch.round2.log").exists()
     assert report["goals"] == {}  # no vLLM pair to compare
     assert (out_dir / "backends_bench.png").stat().st_size > 10_000
     assert (out_dir / "backends_bench.adapterhub-torch.log").exists()
