@@ -523,7 +523,7 @@ class SlotAdapterLinear(nn.Module):
         grouped = (groups.count, groups.width * tokens)
         x = flat if flat.dtype == a.dtype else flat.to(a.dtype)
         if groups.in_order:
-            down = torch.bmm(x.view(*grouped, x.shape[-1]), a.transpose(1, 2))
+            down = torch.bmm(x.reshape(*grouped, x.shape[-1]), a.transpose(1, 2))  # a view when contiguous
             if result.dtype == b.dtype:
                 return torch.baddbmm(result.view(*grouped, result.shape[-1]), down, b).view_as(result)
             return result + torch.bmm(down, b).view_as(result).to(result.dtype)
