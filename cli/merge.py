@@ -292,7 +292,7 @@ def _search_command(
         found = search_merge(
             [r.ref for r in records], base_dir=Path(base_record.path), input_dirs=input_dirs, score=score,
             base_scores=base_scores, single_scores=single_scores, trials=trials, methods=methods,
-            seed=seed if seed is not None else 0, energy=energy,
+            seed=seed if seed is not None else 0, energy=energy, task_inputs=adapter_for_task,
         )
     best_recipe = MergeRecipe.from_dict(found.best_recipe.to_json() | {"base_model": base_record.name}, source="merge search")
     search_details = {

@@ -13,7 +13,7 @@ import torch
 from adapterhub.errors import ValidationError
 from adapterhub.merge import merge
 from adapterhub.merge.io import LazyTensorReader
-from adapterhub.merge.search import average_trial, retention, search_merge, weight_range
+from adapterhub.merge.search import average_trial, lean_trial, retention, search_merge, weight_range
 from adapterhub.merge.task_vectors import InputModel
 from tests.conftest import build_lora_adapter
 
@@ -83,6 +83,40 @@ def test_the_first_trial_is_the_average_and_weights_scale_with_the_inputs() -> N
     assert weight_range(2) == (0.2, 1.5)
     low, high = weight_range(8)
     assert low < 1 / 8 < high
+
+
+def test_leans_move_weight_to_the_worst_task_and_stay_in_range() -> None:
+    leaned = lean_trial({"method": "linear", "weight_0": 0.5, "weight_1": 0.5}, 2, toward=0, step=0.2)
+    assert leaned == pytest.approx({"method": "linear", "weight_0": 0.6, "weight_1": 0.4})
+    four = lean_trial({"method": "task_arithmetic", **{f"weight_{i}": 0.25 for i in range(4)}}, 4, toward=3, step=0.2)
+    assert four["weight_3"] == pytest.approx(0.3) and four["weight_0"] == pytest.approx(0.25 - 0.05 / 3)
+    assert sum(four[f"weight_{i}"] for i in range(4)) == pytest.approx(1.0)
+    low, high = weight_range(2)
+    edge = lean_trial({"method": "linear", "weight_0": high, "weight_1": low}, 2, toward=0, step=0.2)
+    assert (edge["weight_0"], edge["weight_1"]) == (high, low)
+
+
+def test_trials_after_the_average_lean_toward_the_worst_task(tiny_base: Path, setting) -> None:
+    dirs, score = setting
+    labels = {str(d): d for d in dirs.values()}
+    task_inputs = {task: str(d) for task, d in dirs.items()}
+    result = search_merge(
+        list(labels), base_dir=tiny_base, input_dirs=labels, score=score,
+        base_scores={"first": 0.0, "second": 0.0}, single_scores={"first": 1.0, "second": 1.0}, trials=5, seed=1,
+        methods=("linear", "ties"), task_inputs=task_inputs,
+    )
+    average, first_lean = result.trials[0], result.trials[1]
+    worst = min(average["retention"], key=average["retention"].get)
+    toward = list(labels).index(task_inputs[worst])
+    assert first_lean["params"] == pytest.approx(lean_trial(average["params"], 2, toward=toward, step=0.2))
+    assert first_lean["retention"][worst] > average["retention"][worst]
+    assert [row["params"]["method"] for row in result.trials[:3]] == ["linear"] * 3  # (5 - 1) // 2 leans
+    assert result.best_objective > average["objective"]
+    with pytest.raises(ValidationError, match="task_inputs names nowhere, not among the inputs"):
+        search_merge(
+            list(labels), base_dir=tiny_base, input_dirs=labels, score=score, base_scores={"first": 0.0},
+            single_scores={"first": 1.0}, trials=2, task_inputs={"first": "nowhere"},
+        )
 
 
 def test_search_refuses_when_no_task_has_a_gain(tiny_base: Path, setting) -> None:
