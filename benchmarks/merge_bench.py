@@ -487,6 +487,7 @@ def searched_merge(
         [str(parents[t]) for t in tasks], base_dir=base, input_dirs={str(p): p for p in parents.values()},
         score=lambda adapter_dir: scorer.score_dir(adapter_dir, tasks, split="search"),
         base_scores=base_scores, single_scores=single_scores, trials=trials, methods=methods, seed=seed,
+        task_inputs={t: str(parents[t]) for t in tasks},
     )
     wall = time.perf_counter() - started
     shutil.rmtree(out, ignore_errors=True)
