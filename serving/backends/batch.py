@@ -45,6 +45,7 @@ class Request:
     end_token_ids: tuple[int, ...] = ()  # end-of-sequence (unless ignored) and stop_token_ids
     cancelled: bool = False
     request_id: int = 0
+    arrived: float = field(default_factory=time.monotonic)  # when it was queued (the prefill delay's clock)
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ class Scheduler:
     def __init__(
         self, tiers: AdapterTiers, wakeup: threading.Condition, device: torch.device, *,
         max_batch_size: int, max_prefill_tokens: int, max_waiting: int, fail: Callable[[Request, Exception], None],
+        delay_factor: float = 0.0,
     ) -> None:
         self.tiers = tiers
         self._wakeup = wakeup  # a condition over the engine's lock
@@ -192,6 +194,8 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_waiting = max_waiting
         self._fail = fail  # ends one request with an error (the engine's, which knows how to say it)
+        self.delay_factor = delay_factor
+        self.last_prefill_s = 0.0  # the engine's latest prefill took this long
         self.waiting: collections.deque[Request] = collections.deque()
         self.prefilling: list[Row] = []  # admitted, not yet in the batch (failed too if the step fails)
         self.batch = RunningBatch(device)
@@ -213,9 +217,31 @@ class Scheduler:
         with self._lock:
             return len(self.batch.rows), len(self.waiting)
 
+    def holds_prefill(self) -> bool:
+        """Whether to decode the running batch once more before prefilling what waits.
+
+        vLLM's `scheduler_delay_factor`: while rows run, new requests wait until the oldest has
+        waited `delay_factor` times the latest prefill's duration (or enough wait to fill the
+        batch). A prefill costs about the same for one short prompt as for ten, so requests that
+        arrive a few milliseconds apart — a closed loop of clients whose requests ended in the
+        same step — are better prefilled together than one prefill each.
+        """
+        if self.delay_factor <= 0 or not self.batch.rows:
+            return False
+        with self._lock:
+            if not self.waiting:
+                return False
+            oldest, count = self.waiting[0].arrived, len(self.waiting)
+        if count >= self.max_batch_size - len(self.batch.rows):
+            return False
+        return time.monotonic() - oldest < self.delay_factor * self.last_prefill_s
+
     def admit(self) -> list[Row]:
-        """Move waiting requests into `prefilling`, in arrival order, as slots and space allow."""
+        """Move waiting requests into `prefilling`, in arrival order, as slots and space allow
+        (none while `holds_prefill`)."""
         admitted: list[Row] = []
+        if self.holds_prefill():
+            return admitted
         budget = self.max_prefill_tokens
         blocked_on_slot = False
         with self._lock:

@@ -30,6 +30,7 @@ class EngineConfig:
     max_batch_size: int = 32  # rows decoded together in one step (--max-batch-size)
     max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (bounds step time)
     max_waiting: int = 512  # queued requests beyond which new ones get 429 (--max-waiting)
+    scheduler_delay_factor: float = 0.0  # new prefills wait this many latest-prefill durations while rows run (--scheduler-delay-factor)
     max_model_len: int | None = None  # default: the model's max_position_embeddings (--max-model-len)
     device: str | None = None  # default: CUDA when present, else CPU (--device)
     dtype: torch.dtype | None = None  # default: bf16 (fp16 on older GPUs) on CUDA, fp32 on CPU (--dtype)

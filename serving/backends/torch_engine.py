@@ -126,13 +126,15 @@ class TorchEngine(Backend):
             self.tiers, self._wakeup, self.device, max_batch_size=self.config.max_batch_size,
             max_prefill_tokens=self.config.max_prefill_tokens, max_waiting=self.config.max_waiting,
             fail=lambda request, exc: self._fail(request, self._row_error(request, exc)),
+            delay_factor=self.config.scheduler_delay_factor,
         )
         self._commands: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._request_ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._engine_error: BaseException | None = None
-        self.steps = 0
+        self.steps = 0  # decode steps run
+        self.prefills = 0  # prefill passes run (one per group of rows admitted together)
 
     def _eos_token_ids(self) -> list[int]:
         ids: list[int] = []
@@ -480,8 +482,11 @@ class TorchEngine(Backend):
         that fails alone fails its own request, the others go on exactly as they would have.
         """
         states = [row.generator.get_state() if row.generator is not None else None for row in rows]
+        started = time.perf_counter()
         try:
             cache, mask, logprobs = self._prefill(rows)
+            self.scheduler.last_prefill_s = time.perf_counter() - started
+            self.prefills += 1
         except Exception as exc:  # noqa: BLE001 - one of these rows; find which
             if not isolate:
                 self._abandon(rows, exc)

@@ -251,6 +251,54 @@ def test_output_is_independent_of_batch_mates(adapter_fleet: AdapterFleet, refer
         assert text == reference.greedy(adapter_dir, tuple(reference.prompt_ids(prompt)), max_tokens)
 
 
+def test_delay_factor_prefills_requests_arriving_apart_together(adapter_fleet: AdapterFleet, reference: ReferenceGenerator) -> None:
+    """With `scheduler_delay_factor`, requests that arrive while rows run wait for batch-mates
+    and share one prefill; without it each gets its own. The wait ends when the batch can be
+    filled, when the running rows finish, or after `factor` x the latest prefill's duration.
+    It changes when a request starts, never what it produces."""
+    long_job = ("task-0", "hello", 120)
+    later_jobs = [(None, "the quick brown fox", 8), ("task-2", "0 1 2", 8)]
+
+    async def scenario(delay_factor: float) -> tuple[list[str], int, list[int]]:
+        config = EngineConfig(device="cpu", max_resident=3, max_batch_size=3, scheduler_delay_factor=delay_factor)
+        engine = TorchEngine(adapter_fleet.base_dir, base_name="tiny", config=config)
+        await engine.start()
+        try:
+            started = asyncio.Event()
+            finished: list[int] = []
+
+            async def run(index: int, name: str | None, prompt: str, max_tokens: int) -> str:
+                spec = _spec(adapter_fleet, name) if name else None
+                pieces = []
+                async for chunk in engine.generate(reference.prompt_ids(prompt), SamplingParams(max_tokens=max_tokens, temperature=0), spec):
+                    pieces.append(chunk.text)
+                    started.set()
+                finished.append(index)
+                return "".join(pieces)
+
+            async def later() -> list[str]:
+                await started.wait()  # the long request is decoding
+                first = asyncio.create_task(run(1, *later_jobs[0]))
+                await asyncio.sleep(0.05)  # many decode steps of the tiny model
+                second = asyncio.create_task(run(2, *later_jobs[1]))
+                return [await first, await second]
+
+            texts = await asyncio.gather(run(0, *long_job), later())
+            return [texts[0], *texts[1]], engine.prefills, finished
+        finally:
+            await engine.shutdown()
+
+    held, held_prefills, _ = asyncio.run(scenario(1e6))  # held until the two fill the batch
+    eager, eager_prefills, _ = asyncio.run(scenario(0.0))
+    timed, _, finish_order = asyncio.run(scenario(5.0))  # a wait of a few tiny prefills
+    assert (held_prefills, eager_prefills) == (2, 3)
+    assert finish_order[-1] == 0  # the wait ran out while the long request still ran
+    assert held == eager == timed
+    for (name, prompt, max_tokens), text in zip([long_job, *later_jobs], held):
+        adapter_dir = adapter_fleet.dirs[name] if name else None
+        assert text == reference.greedy(adapter_dir, tuple(reference.prompt_ids(prompt)), max_tokens)
+
+
 def test_cold_load_does_not_stall_resident_adapters(adapter_fleet: AdapterFleet, reference: ReferenceGenerator) -> None:
     """While an adapter is read from disk (slowly), a resident adapter keeps producing tokens."""
     slow_dir = adapter_fleet.dirs["task-11"]
