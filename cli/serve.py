@@ -50,6 +50,10 @@ def serve(
     preload: Annotated[Optional[list[str]], typer.Option(help="Adapter reference to load and pin at start (repeatable).")] = None,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Rows decoded together in one step.")] = ENGINE_DEFAULTS.max_batch_size,
     max_waiting: Annotated[int, typer.Option(min=0, help="Queued requests beyond which new ones get 429.")] = ENGINE_DEFAULTS.max_waiting,
+    scheduler_delay_factor: Annotated[float, typer.Option(
+        min=0.0, help="torch backend: while rows run, a new request's prefill waits up to this many times the latest "
+                      "prefill's duration for batch-mates (vLLM's --scheduler-delay-factor); 0 prefills at once.",
+    )] = ENGINE_DEFAULTS.scheduler_delay_factor,
     max_model_len: Annotated[Optional[int], typer.Option(help="Context window (default: the model's).")] = None,
     adapter_dir: Annotated[
         Optional[Path],
@@ -115,7 +119,7 @@ def serve(
                              dtype=dtype, tensor_parallel_size=tensor_parallel_size)
     else:
         engine = _torch_engine(model_dir, base_name, max_resident, max_cpu_adapters, max_batch_size, max_waiting,
-                               max_model_len, device, dtype)
+                               max_model_len, device, dtype, scheduler_delay_factor)
     app = create_app(
         engine, resolver, api_key=api_key, preload=tuple(preload or ()),
         lora_paths=LoraPathPolicy(allow_any=allow_lora_path, root=adapter_dir),
@@ -165,7 +169,7 @@ def vllm_engine(
 
 def _torch_engine(
     model_dir: Path, base_name: str, max_resident: int, max_cpu_adapters: int, max_batch_size: int, max_waiting: int,
-    max_model_len: int | None, device: str | None, dtype: str,
+    max_model_len: int | None, device: str | None, dtype: str, scheduler_delay_factor: float,
 ) -> object:
     """The embedded torch engine with the command's settings."""
     from adapterhub.models import default_device, resolve_dtype
@@ -176,7 +180,7 @@ def _torch_engine(
     config = EngineConfig(
         max_resident=max_resident, max_cpu_adapters=max_cpu_adapters, max_batch_size=max_batch_size,
         max_waiting=max_waiting, max_model_len=max_model_len, device=chosen_device,
-        dtype=resolve_dtype(dtype, chosen_device),
+        dtype=resolve_dtype(dtype, chosen_device), scheduler_delay_factor=scheduler_delay_factor,
     )
     typer.secho(f"loading {base_name} from {model_dir} on {chosen_device} …", err=True)
     return TorchEngine(model_dir, base_name=base_name, config=config)
