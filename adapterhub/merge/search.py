@@ -18,6 +18,12 @@ the average on the search rows — and a point to sample around. Weights are dra
 that average, in [0.4/n, 3/n] for n inputs (0.2–1.5 for two), so the range means the same
 for 2 inputs as for 8.
 
+Ties are broken by the mean retention (Optuna is told min + `TIE_BREAK` x mean): with many
+tasks the worst one often sits at 0 for most merges, and a flat objective leaves TPE and the
+leans nothing to follow; the tie-break never lets a better mean outrank a better worst task
+(retention steps are at least 1/rows, far above `TIE_BREAK`). The table's `objective` is the
+worst task's retention alone.
+
 Why the next trials lean toward the worst task (given `task_inputs`): the objective is the
 worst task, and a weighted average that moves weight to that task's input is the step most
 likely to raise it — on SmolLM2's reverse/spell pair the average keeps 85% of reverse's
@@ -48,6 +54,7 @@ WEIGHT_SCALE = (0.4, 3.0)  # each input's weight is drawn in [low/n, high/n] for
 DENSITY_RANGE = (0.2, 1.0)
 LEAN_STEP = 0.2  # the first lean moves this share of the average weight (1/n) to the worst task's input
 MIN_LEAN_STEP = 0.05  # leaning stops once a step would be smaller
+TIE_BREAK = 1e-3  # weight of the mean retention in the value Optuna maximizes (ties of the worst task)
 
 Scorer = Callable[[Path], Mapping[str, float]]
 
@@ -90,6 +97,12 @@ def lean_trial(params: Mapping[str, Any], inputs: int, toward: int, step: float)
         weight = weight + moved if index == toward else weight - moved / max(inputs - 1, 1)
         leaned[f"weight_{index}"] = min(high, max(low, weight))
     return leaned
+
+
+def ranking(row: Mapping[str, Any]) -> float:
+    """What the search maximizes for a trial row: its worst task's retention, ties broken by the mean."""
+    kept = row["retention"]
+    return row["objective"] + TIE_BREAK * sum(kept.values()) / max(len(kept), 1)
 
 
 def retention(scores: Mapping[str, float], base: Mapping[str, float], single: Mapping[str, float]) -> dict[str, float]:
@@ -163,7 +176,7 @@ def search_merge(
         value = min(kept.values())
         recipes[trial.number] = recipe
         table.append({"trial": trial.number, "params": dict(trial.params), "scores": scores, "retention": kept, "objective": value})
-        return value
+        return ranking(table[-1])
 
     start = average_trial(methods, len(inputs))
     leaning = _Leaning(start, inputs, task_inputs, budget=(trials - 1) // 2) if start is not None and task_inputs else None
@@ -202,8 +215,8 @@ class _Leaning:
         averages = [row for row in table if row["params"].get("method") == self.method]
         if self.budget <= 0 or not averages:
             return None
-        best = max(averages, key=lambda row: row["objective"])
-        if self.best_before_lean is not None and best["objective"] <= self.best_before_lean:
+        best = max(averages, key=ranking)
+        if self.best_before_lean is not None and ranking(best) <= self.best_before_lean:
             self.step /= 2  # the last lean did not help: smaller steps from the best
         if self.step < MIN_LEAN_STEP or best["objective"] >= 1.0:
             self.budget = 0
@@ -214,5 +227,5 @@ class _Leaning:
             return None
         worst = min(kept, key=lambda task: kept[task])
         self.budget -= 1
-        self.best_before_lean = best["objective"]
+        self.best_before_lean = ranking(best)
         return lean_trial(best["params"], len(self.inputs), self.inputs.index(self.task_inputs[worst]), self.step)

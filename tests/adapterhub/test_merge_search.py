@@ -13,7 +13,7 @@ import torch
 from adapterhub.errors import ValidationError
 from adapterhub.merge import merge
 from adapterhub.merge.io import LazyTensorReader
-from adapterhub.merge.search import average_trial, lean_trial, retention, search_merge, weight_range
+from adapterhub.merge.search import average_trial, lean_trial, ranking, retention, search_merge, weight_range
 from adapterhub.merge.task_vectors import InputModel
 from tests.conftest import build_lora_adapter
 
@@ -83,6 +83,14 @@ def test_the_first_trial_is_the_average_and_weights_scale_with_the_inputs() -> N
     assert weight_range(2) == (0.2, 1.5)
     low, high = weight_range(8)
     assert low < 1 / 8 < high
+
+
+def test_ranking_is_the_worst_task_with_ties_broken_by_the_mean() -> None:
+    def row(*kept: float) -> dict:
+        return {"retention": dict(enumerate(kept)), "objective": min(kept)}
+
+    assert ranking(row(0.0, 0.9, 0.8)) > ranking(row(0.0, 0.1, 0.0))  # same worst task: the mean decides
+    assert ranking(row(0.05, 0.05, 0.05)) > ranking(row(0.0, 1.0, 1.0))  # a better worst task always wins
 
 
 def test_leans_move_weight_to_the_worst_task_and_stay_in_range() -> None:
