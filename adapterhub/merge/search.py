@@ -20,9 +20,9 @@ for 2 inputs as for 8.
 
 Ties are broken by the mean retention (Optuna is told min + `TIE_BREAK` x mean): with many
 tasks the worst one often sits at 0 for most merges, and a flat objective leaves TPE and the
-leans nothing to follow; the tie-break never lets a better mean outrank a better worst task
-(retention steps are at least 1/rows, far above `TIE_BREAK`). The table's `objective` is the
-worst task's retention alone.
+leans nothing to follow. A better mean does not outrank a better worst task: retention moves
+in steps of at least 1/rows scored, more than the tie-break can add for any few hundred rows.
+The table's `objective` is the worst task's retention alone.
 
 Why the next trials lean toward the worst task (given `task_inputs`): the objective is the
 worst task, and a weighted average that moves weight to that task's input is the step most
