@@ -19,11 +19,15 @@ Design decisions:
   A stack exists in a layer only once some adapter needs it, so a LoRA-only fleet pays for no
   DoRA or (IA)³ math.
 - Decode steps of one batch use the same rows over and over, so a layer keeps the rows' gathered
-  A and B' (`SlotContext.keep_gathers`) until the rows change or a slot is written
-  (`SlotContext.generation`): a step then reads each row's adapter once, where gathering it
+  A and B' (`SlotContext.keep_gathers`) until the gathered slots change or a slot is written
+  (`SlotContext.gathers_id`): a step then reads each row's adapter once, where gathering it
   again copied it first (the copy was a third of the mixed-adapter overhead on SmolLM2, 16
   distinct rank-16 adapters, profiled). The copies cost the running batch one adapter's size
-  per row (like its KV cache, bounded by `max_batch_size`), and go when the batch empties.
+  per row (like its KV cache, bounded by `max_batch_size`), and go when the batch empties. A
+  prefill of other rows in between leaves them be, so the batch's next step still finds them.
+- Where the slots a step needs are one ascending run (`SlotContext.gather_range`: every resident
+  adapter in flight, the usual case of a busy server), the layers multiply views of their
+  stacks and copy nothing at all. Groups are laid out in slot order for that reason.
 - Rows that share an adapter are grouped (`RowGroups`, when the batch has fewer distinct slots
   than rows and the groups are even enough): the layer gathers each distinct slot's A and B'
   once and multiplies `[groups, rows of the group, in]`, so 32 rows over 16 adapters read 16
@@ -354,65 +358,89 @@ class RowGroups:
 
     @classmethod
     def of(cls, row_slots: list[int], device: torch.device | str) -> RowGroups | None:
-        """The grouping of `row_slots`, or None where every row has its own slot or the groups
-        are so uneven that the padded layout would compute over 1.5x the batch's rows."""
+        """The grouping of `row_slots` (groups in slot order), or None where the groups are so
+        uneven that the padded layout would compute over 1.5x the batch's rows, or where every
+        row has its own slot and the slots are not one contiguous run (grouping then shares
+        nothing; a contiguous run is still grouped, since its A and B' are then views of the
+        stacks, see `SlotContext.gather_range`)."""
         by_slot: dict[int, list[int]] = {}
         for row, slot in enumerate(row_slots):
             by_slot.setdefault(slot, []).append(row)
-        count, width = len(by_slot), max(len(rows) for rows in by_slot.values())
-        if count == len(row_slots) or count * width * 2 > len(row_slots) * 3:
+        slots = sorted(by_slot)
+        count, width = len(slots), max(len(rows) for rows in by_slot.values())
+        if count == len(row_slots) and slots[-1] - slots[0] != count - 1:
+            return None
+        if count * width * 2 > len(row_slots) * 3:
             return None
         members: list[int] = []
         positions = [0] * len(row_slots)
-        for group, rows in enumerate(by_slot.values()):
+        for group, slot in enumerate(slots):
+            rows = by_slot[slot]
             members += rows + [rows[0]] * (width - len(rows))
             for offset, row in enumerate(rows):
                 positions[row] = group * width + offset
         def as_tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
         in_order = members == list(range(len(row_slots)))
-        return cls(as_tensor(list(by_slot)), as_tensor(members), as_tensor(positions), count, width, in_order)
+        return cls(as_tensor(slots), as_tensor(members), as_tensor(positions), count, width, in_order)
 
 
 class SlotContext:
     """Per-step state shared by all wrapped layers: which slot each batch row uses.
 
-    `generation` names the rows' slots and contents: it changes whenever the rows change or a
-    slot is written, so a layer may keep the A and B' it gathered for one forward pass and use
-    them again while the generation stays (`keep_gathers`: the decode steps of one batch).
-    `groups` is set when rows share adapters (`RowGroups`).
+    A layer's A and B' for a step are those of `gather_slots`: the groups' slots where rows are
+    grouped (`groups`, `RowGroups`), else each row's slot. Where those slots are one ascending
+    run (`gather_range`), the layers use views of their stacks and copy nothing. Otherwise a
+    layer gathers them, and keeps the copy for later steps (`keep_gathers`: decode steps) under
+    `gathers_id`, which names the gathered slots and the stacks' contents: a slot write changes
+    it (`invalidate`), a prefill of other rows in between does not, so the running batch's next
+    decode step still finds its copy.
     """
+
+    #: Distinct slot tuples remembered with their ids; beyond this the ids start afresh.
+    MAX_REMEMBERED = 16
 
     def __init__(self) -> None:
         self.row_slots: torch.Tensor | None = None  # int64 [batch] on the compute device
         self.groups: RowGroups | None = None
-        self.generation = 0
+        self.gather_slots: torch.Tensor | None = None  # int64 [n]: whose A and B' the layers use
+        self.gather_range: tuple[int, int] | None = None  # (start, stop) when that is one run
+        self.gathers_id = 0
         self.keep_gathers = False
-        # The rows whose gathers are kept, with their tensors:
-        self._kept: tuple[tuple[int, ...], torch.Tensor, RowGroups | None] | None = None
+        self._next_id = 0
+        self._ids: dict[tuple[int, ...], int] = {}  # gathered slots -> gathers_id, until invalidated
+        # The last rows seen, with what `set_rows` derived from them:
+        self._last: tuple[tuple[int, ...], torch.Tensor, RowGroups | None, torch.Tensor, tuple[int, int] | None, int] | None = None
 
     def set_rows(self, row_slots: list[int] | None, device: torch.device | str = "cpu", *, keep_gathers: bool = False) -> None:
         # None (or all zeros) means "every row is the base model": wrapped layers skip adapter math.
         # Checked on the host list, so a GPU step needs no device sync for it.
+        self.keep_gathers = keep_gathers
         if row_slots is None or not any(row_slots):
-            self.row_slots, self.groups = None, None
+            self.row_slots, self.groups, self.gather_slots, self.gather_range = None, None, None, None
             return
         rows = tuple(row_slots)
-        if keep_gathers and self._kept is not None and self._kept[0] == rows:
-            # Same rows: the layers' gathers hold.
-            _, self.row_slots, self.groups = self._kept
-            self.keep_gathers = True
-            return
-        self.generation += 1
-        self.row_slots = torch.tensor(row_slots, dtype=torch.long, device=device)
-        self.groups = RowGroups.of(row_slots, device)
-        self.keep_gathers = keep_gathers
-        self._kept = (rows, self.row_slots, self.groups) if keep_gathers else None
+        if self._last is None or self._last[0] != rows:
+            tensor = torch.tensor(row_slots, dtype=torch.long, device=device)
+            groups = RowGroups.of(row_slots, device)
+            gathered = rows if groups is None else tuple(groups.slots.tolist())
+            ascending = all(later == earlier + 1 for earlier, later in zip(gathered, gathered[1:]))
+            run = (gathered[0], gathered[-1] + 1) if ascending else None
+            if gathered not in self._ids:
+                if len(self._ids) >= self.MAX_REMEMBERED:
+                    self._ids.clear()
+                self._next_id += 1
+                self._ids[gathered] = self._next_id
+            slots = tensor if groups is None else groups.slots
+            self._last = (rows, tensor, groups, slots, run, self._ids[gathered])
+        _, self.row_slots, self.groups, self.gather_slots, self.gather_range, self.gathers_id = self._last
 
     def invalidate(self) -> None:
         """A slot was written or the stacks changed: nothing gathered before holds."""
-        self.generation += 1
-        self._kept = None
+        self._ids.clear()
+        self._last = None
+        self._next_id += 1
+        self.gathers_id = self._next_id
 
 
 @dataclass
@@ -469,7 +497,7 @@ class SlotAdapterLinear(nn.Module):
         self.stack_in: torch.Tensor | None = None  # [slots, in]: (IA)3 input scale (1: none)
         self.stack_out: torch.Tensor | None = None  # [slots, out]: (IA)3 output scale (1: none)
         self._gathers: tuple[torch.Tensor, torch.Tensor] | None = None  # rows' A and B' (see `_gathered`)
-        self._gathers_generation = -1
+        self._gathers_id = -1
 
     @property
     def in_features(self) -> int:
@@ -499,7 +527,7 @@ class SlotAdapterLinear(nn.Module):
             result = self._grouped_lora(flat, result, self.context.groups)
         elif self.stack_a is not None:
             assert self.stack_b is not None
-            a, b = self._gathered(row_slots)  # [batch, rank, in], [batch, rank, out]
+            a, b = self._gathered()  # [batch, rank, in], [batch, rank, out]
             lora_input = flat if flat.dtype == a.dtype else flat.to(a.dtype)
             down = torch.bmm(lora_input, a.transpose(1, 2))
             if result.dtype == b.dtype:
@@ -518,7 +546,7 @@ class SlotAdapterLinear(nn.Module):
         Rows already in that layout (`in_order`) skip both reorderings and, in one precision, use
         the fused `baddbmm`: at SmolLM2's sizes a layer's adapter work is a handful of small ops,
         and each op's fixed cost is what one adapter for the whole batch pays most."""
-        a, b = self._gathered(groups.slots)  # [groups, rank, in], [groups, rank, out]
+        a, b = self._gathered()  # [groups, rank, in], [groups, rank, out]
         tokens = flat.shape[1]
         grouped = (groups.count, groups.width * tokens)
         x = flat if flat.dtype == a.dtype else flat.to(a.dtype)
@@ -532,18 +560,20 @@ class SlotAdapterLinear(nn.Module):
         up = up.view(groups.count * groups.width, tokens, up.shape[-1]).index_select(0, groups.positions)
         return result + up.to(result.dtype)
 
-    def _gathered(self, row_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The A and B' of each slot in `row_slots` (`[n, rank, in]`, `[n, rank, out]`), gathered
-        from the stacks; kept for the next forward pass while the context says the rows are the same."""
+    def _gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The A and B' of the context's `gather_slots` (`[n, rank, in]`, `[n, rank, out]`): views
+        of the stacks for one ascending run of slots, else copies, kept for later steps under the
+        context's `gathers_id` when it says so."""
         context = self.context
-        if self._gathers is not None and self._gathers_generation == context.generation:
+        assert self.stack_a is not None and self.stack_b is not None and context.gather_slots is not None
+        if context.gather_range is not None:
+            start, stop = context.gather_range
+            return self.stack_a[start:stop], self.stack_b[start:stop]
+        if self._gathers is not None and self._gathers_id == context.gathers_id:
             return self._gathers
-        assert self.stack_a is not None and self.stack_b is not None
-        gathers = (self.stack_a.index_select(0, row_slots), self.stack_b.index_select(0, row_slots))
+        gathers = (self.stack_a.index_select(0, context.gather_slots), self.stack_b.index_select(0, context.gather_slots))
         if context.keep_gathers:
-            self._gathers, self._gathers_generation = gathers, context.generation
-        else:
-            self._gathers = None
+            self._gathers, self._gathers_id = gathers, context.gathers_id
         return gathers
 
     def forget_gathers(self) -> None:

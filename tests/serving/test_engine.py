@@ -53,7 +53,8 @@ def test_gathered_lora_logits_match_peft_row_by_row(adapter_fleet: AdapterFleet)
 
 def test_rows_sharing_adapters_read_each_once_and_equal_peft(adapter_fleet: AdapterFleet, tmp_path: Path) -> None:
     """Rows that share a slot are grouped (`RowGroups`): each group's A and B' are gathered once,
-    and every row still equals PEFT running its adapter alone; base rows stay bit-identical."""
+    or not copied at all where the slots are one run (views of the stacks), and every row still
+    equals PEFT running its adapter alone; base rows stay bit-identical."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -63,63 +64,83 @@ def test_rows_sharing_adapters_read_each_once_and_equal_peft(adapter_fleet: Adap
     table = SlotTable(model)
     for slot, adapter_dir in enumerate(dirs.values(), start=1):
         table.write(slot, read_adapter_dir(adapter_dir, table.base_layers))
-    rows = [1, 2, 3, 0, 2, 1, 3, 1]  # groups of 3, 2, 2 and 1 rows
-    input_ids = torch.randint(3, 300, (len(rows), 6), generator=torch.Generator().manual_seed(2))
-    table.context.set_rows(rows, keep_gathers=True)
-    assert table.context.groups is not None and table.context.groups.count == 4
-    with torch.no_grad():
-        grouped = model(input_ids).logits
+    input_ids = torch.randint(3, 300, (8, 6), generator=torch.Generator().manual_seed(2))
     per_slot = sum(  # one slot's A and B' over every layer
         (layer.stack_a[0].numel() + layer.stack_b[0].numel()) * layer.stack_a.element_size()
         for layer in table.layers.values() if layer.stack_a is not None)
-    assert table.gather_bytes() == 4 * per_slot  # one copy per distinct slot, not one per row
+
+    def batch_logits(rows: list[int], ids: torch.Tensor = input_ids) -> torch.Tensor:
+        table.context.set_rows(rows, keep_gathers=True)
+        try:
+            with torch.no_grad():
+                return model(ids).logits
+        finally:
+            table.context.set_rows(None)
+
+    gathered_rows = [1, 3, 3, 0, 3, 1, 3, 1]  # slots 0, 1 and 3 (groups of 1, 3 and 4 rows): not one run
+    gathered = batch_logits(gathered_rows)
+    assert table.gather_bytes() == 3 * per_slot  # one copy per distinct slot, not one per row
+    table.context.set_rows(gathered_rows)
+    assert table.context.groups is not None and table.context.groups.count == 3 and table.context.gather_range is None
     table.context.set_rows(None)
-    order = [0, 5, 1, 4, 2, 6]  # rows on slots 1, 1, 2, 2, 3, 3: already the grouped layout
-    table.context.set_rows([rows[row] for row in order])
+    table.forget_gathers()
+    viewed_rows = [2, 1, 3, 0, 2, 1, 3, 1]  # slots 0-3: one run, so the stacks themselves
+    viewed = batch_logits(viewed_rows)
+    assert table.gather_bytes() == 0
+    table.context.set_rows(viewed_rows)
+    assert table.context.gather_range == (0, 4) and table.context.groups is not None
+    table.context.set_rows(None)
+    in_order = [1, 5, 0, 4, 2, 6]  # slots 1, 1, 2, 2, 3, 3: already the grouped layout
+    table.context.set_rows([viewed_rows[row] for row in in_order])
     assert table.context.groups is not None and table.context.groups.in_order
-    with torch.no_grad():
-        sorted_logits = model(input_ids[order]).logits
     table.context.set_rows(None)
-    torch.testing.assert_close(sorted_logits, grouped[order], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch_logits([viewed_rows[row] for row in in_order], input_ids[in_order]), viewed[in_order], rtol=1e-5, atol=1e-5)
 
     names = [None, *dirs]
-    for row, slot in enumerate(rows):
+    for slot, name in enumerate(names):
         reference_model = AutoModelForCausalLM.from_pretrained(adapter_fleet.base_dir)
-        if slot:
-            reference_model = PeftModel.from_pretrained(reference_model, dirs[names[slot]])
+        if name is not None:
+            reference_model = PeftModel.from_pretrained(reference_model, dirs[name])
         with torch.no_grad():
-            expected = reference_model.eval()(input_ids[row : row + 1]).logits[0]
-        if slot == 0:
-            assert torch.equal(grouped[row], expected)
-        else:
-            torch.testing.assert_close(grouped[row], expected, rtol=1e-5, atol=1e-5)
+            expected = reference_model.eval()(input_ids).logits
+        for rows, logits in ((gathered_rows, gathered), (viewed_rows, viewed)):
+            for row in (row for row, row_slot in enumerate(rows) if row_slot == slot):
+                if slot == 0:
+                    assert torch.equal(logits[row], expected[row])
+                else:
+                    torch.testing.assert_close(logits[row], expected[row], rtol=1e-5, atol=1e-5)
 
 
 def test_row_groups_lay_rows_out_by_slot() -> None:
     groups = RowGroups.of([3, 1, 3, 1, 3, 2], "cpu")
     assert groups is not None and (groups.count, groups.width) == (3, 3)
-    assert groups.slots.tolist() == [3, 1, 2]
+    assert groups.slots.tolist() == [1, 2, 3]  # in slot order, so a run of slots is a view
     members, positions = groups.members.tolist(), groups.positions.tolist()
     assert [members[p] for p in positions] == list(range(6))  # every row is computed at its position
-    assert [[3, 1, 2][p // 3] for p in positions] == [3, 1, 3, 1, 3, 2]  # in its slot's group
+    assert [[1, 2, 3][p // 3] for p in positions] == [3, 1, 3, 1, 3, 2]  # in its slot's group
     assert not groups.in_order
     in_order = RowGroups.of([2, 2, 5, 5], "cpu")
     assert in_order is not None and in_order.in_order and in_order.slots.tolist() == [2, 5]
-    assert RowGroups.of([1, 2, 3, 4], "cpu") is None  # every row its own adapter: nothing to share
+    assert RowGroups.of([1, 2, 4, 5], "cpu") is None  # every row its own adapter: nothing to share
+    run = RowGroups.of([4, 2, 3, 1], "cpu")  # ... unless the slots are one run (views, no copy)
+    assert run is not None and (run.count, run.width) == (4, 1) and run.slots.tolist() == [1, 2, 3, 4]
+    assert [run.members.tolist()[p] for p in run.positions.tolist()] == [0, 1, 2, 3]
     assert RowGroups.of([1, 1, 1, 1, 1, 1, 2, 3, 4, 5], "cpu") is None  # padded to 5 x 6: too uneven
 
 
 def test_kept_gathers_are_never_stale(adapter_fleet: AdapterFleet) -> None:
     """Decode steps keep the rows' gathered adapters; rewriting a slot the rows use, or changing
-    the rows, must give what a fresh gather gives, and a prefill in between keeps nothing."""
+    the rows, must give what a fresh gather gives; a prefill of other rows in between leaves the
+    decode's copies for its next step."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(adapter_fleet.base_dir).eval()
     table = SlotTable(model, max_slots=8)
     weights = {name: read_adapter_dir(adapter_fleet.dirs[name], table.base_layers) for name in ("task-0", "task-1", "task-2")}
     table.write(1, weights["task-0"])
-    table.write(2, weights["task-1"])
+    table.write(3, weights["task-1"])  # slots 0, 1, 3: not one run, so rows on them are gathered
     input_ids = torch.randint(3, 300, (3, 4), generator=torch.Generator().manual_seed(4))
+    layer = next(layer for layer in table.layers.values() if layer.stack_a is not None)
 
     def logits(rows: list[int], *, keep: bool) -> torch.Tensor:
         table.context.set_rows(rows, keep_gathers=keep)
@@ -129,17 +150,21 @@ def test_kept_gathers_are_never_stale(adapter_fleet: AdapterFleet) -> None:
         finally:
             table.context.set_rows(None)
 
-    fresh = logits([1, 2, 0], keep=False)
-    assert torch.equal(logits([1, 2, 0], keep=True), fresh)
+    fresh = logits([1, 3, 0], keep=False)
+    assert table.gather_bytes() == 0  # a prefill keeps nothing of its own
+    assert torch.equal(logits([1, 3, 0], keep=True), fresh)
     assert table.gather_bytes() > 0  # kept for the next step of these rows
-    assert torch.equal(logits([1, 2, 0], keep=True), fresh)  # from the kept copies
-    table.write(2, weights["task-2"])  # slot 2 changes hands (a wider adapter: the stacks grow too)
-    rewritten = logits([1, 2, 0], keep=True)
-    assert torch.equal(rewritten, logits([1, 2, 0], keep=False))
+    kept = layer._gathers
+    assert torch.equal(logits([1, 3, 0], keep=True), fresh)  # from the kept copies
+    assert layer._gathers is kept
+    logits([3], keep=False)  # a prefill of another row in between ...
+    assert layer._gathers is kept  # ... leaves the batch's copies for its next step
+    assert torch.equal(logits([1, 3, 0], keep=True), fresh)
+    table.write(3, weights["task-2"])  # slot 3 changes hands (a wider adapter: the stacks grow too)
+    rewritten = logits([1, 3, 0], keep=True)
+    assert torch.equal(rewritten, logits([1, 3, 0], keep=False))
     assert not torch.allclose(rewritten, fresh, atol=1e-4)
-    assert torch.equal(logits([2, 1], keep=True), logits([2, 1], keep=False))  # other rows
-    logits([1], keep=False)  # a prefill of other rows in between
-    assert torch.equal(logits([2, 1], keep=True), logits([2, 1], keep=False))
+    assert torch.equal(logits([3, 1], keep=True), logits([3, 1], keep=False))  # other rows
     table.forget_gathers()
     assert table.gather_bytes() == 0
 
