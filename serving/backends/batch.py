@@ -120,22 +120,48 @@ class RunningBatch:
         self.cache: Any = None  # a transformers `DynamicCache`, None while the batch is empty
         self.mask: torch.Tensor | None = None
 
-    def merge(self, cache: Any, mask: torch.Tensor) -> None:
-        """Append a prefilled batch's cache (its rows were appended to `rows`), left-padding both
-        to one length."""
+    def merged(self, rows: list[Row], cache: Any, mask: torch.Tensor) -> tuple[list[Row], Any, torch.Tensor, list[int]]:
+        """The batch with prefilled `rows` added (its rows, cache and mask, left-padded to one
+        length) and the index each of `rows` takes there; the batch itself is left as it is, for
+        the caller to swap in at once (`Scheduler.join`).
+
+        The batch is kept in slot order (stable, so rows of one slot keep their order): rows of
+        one adapter then lie next to each other, and the adapter layers multiply them as views
+        instead of reordering every layer's input and output on every step (`RowGroups.in_order`).
+        Each old and new row is copied once, straight to its place, as a plain append would be.
+        """
         from transformers import DynamicCache
 
+        merged = sorted([*self.rows, *rows], key=lambda row: row.slot)  # stable
+        place = {id(row): index for index, row in enumerate(merged)}
+        new_places = [place[id(row)] for row in rows]
         if self.cache is None or self.mask is None:
-            self.cache, self.mask = cache, mask
-            return
-        length = max(self.mask.shape[1], mask.shape[1])
-        layers = []
-        for old, new in zip(self.cache.layers, cache.layers):
-            keys = torch.cat([_pad_left(old.keys, length, 2), _pad_left(new.keys, length, 2)], dim=0)
-            values = torch.cat([_pad_left(old.values, length, 2), _pad_left(new.values, length, 2)], dim=0)
-            layers.append((keys, values))
-        self.cache = DynamicCache(ddp_cache_data=layers)
-        self.mask = torch.cat([_pad_left(self.mask, length, 1), _pad_left(mask, length, 1)], dim=0)
+            if new_places == list(range(len(rows))):
+                return merged, cache, mask, new_places
+            parts = [(new_places, cache, mask)]
+        else:
+            parts = [([place[id(row)] for row in self.rows], self.cache, self.mask), (new_places, cache, mask)]
+        length = max(part_mask.shape[1] for _, _, part_mask in parts)
+        indices = [torch.tensor(places, dtype=torch.long, device=self.device) for places, _, _ in parts]
+
+        def placed(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+            """Each part's `tensors` at its rows' places in one tensor, right-aligned along `dim`
+            to `length` with zeros to the left."""
+            shape = list(tensors[0].shape)
+            shape[0], shape[dim] = len(merged), length
+            out = tensors[0].new_empty(shape)
+            for index, tensor in zip(indices, tensors):
+                missing = length - tensor.shape[dim]
+                out.narrow(dim, missing, tensor.shape[dim]).index_copy_(0, index, tensor)
+                if missing:
+                    out.narrow(dim, 0, missing).index_fill_(0, index, 0)
+            return out
+
+        layers = [
+            (placed([part.layers[layer].keys for _, part, _ in parts], 2), placed([part.layers[layer].values for _, part, _ in parts], 2))
+            for layer in range(len(cache.layers))
+        ]
+        return merged, DynamicCache(ddp_cache_data=layers), placed([part_mask for _, _, part_mask in parts], 1), new_places
 
     def keep(self, kept: list[int]) -> None:
         """Keep the cache of rows `kept` only (`rows` already holds just those) and trim padding
@@ -289,15 +315,15 @@ class Scheduler:
             room -= 1
         return admitted
 
-    def join(self, rows: list[Row], cache: Any, mask: torch.Tensor) -> int:
-        """Prefilled `rows` join the batch with their cache; the index of the first of them."""
-        start = len(self.batch.rows)
+    def join(self, rows: list[Row], cache: Any, mask: torch.Tensor) -> list[int]:
+        """Prefilled `rows` join the batch with their cache; the index each of them takes (the
+        batch is in slot order, `RunningBatch.merged`)."""
+        merged, merged_cache, merged_mask, places = self.batch.merged(rows, cache, mask)
         with self._lock:
-            self.batch.rows.extend(rows)
+            self.batch.rows, self.batch.cache, self.batch.mask = merged, merged_cache, merged_mask
             for row in rows:
                 self.prefilling.remove(row)
-        self.batch.merge(cache, mask)
-        return start
+        return places
 
     def abandon(self, rows: list[Row]) -> None:
         """Admitted rows that never joined the batch give back their slots' row counts."""

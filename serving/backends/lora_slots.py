@@ -409,6 +409,9 @@ class SlotContext:
         self.keep_gathers = False
         self._next_id = 0
         self._ids: dict[tuple[int, ...], int] = {}  # gathered slots -> gathers_id, until invalidated
+        # The last layer input prepared for the adapter math (`lora_input`): (input, its version,
+        # dtype, prepared tensor).
+        self._input: tuple[torch.Tensor, int, torch.dtype, torch.Tensor] | None = None
         # The last rows seen, with what `set_rows` derived from them:
         self._last: tuple[tuple[int, ...], torch.Tensor, RowGroups | None, torch.Tensor, tuple[int, int] | None, int] | None = None
 
@@ -416,6 +419,7 @@ class SlotContext:
         # None (or all zeros) means "every row is the base model": wrapped layers skip adapter math.
         # Checked on the host list, so a GPU step needs no device sync for it.
         self.keep_gathers = keep_gathers
+        self._input = None
         if row_slots is None or not any(row_slots):
             self.row_slots, self.groups, self.gather_slots, self.gather_range = None, None, None, None
             return
@@ -434,6 +438,20 @@ class SlotContext:
             slots = tensor if groups is None else groups.slots
             self._last = (rows, tensor, groups, slots, run, self._ids[gathered])
         _, self.row_slots, self.groups, self.gather_slots, self.gather_range, self.gathers_id = self._last
+
+    def lora_input(self, x: torch.Tensor, flat: torch.Tensor, dtype: torch.dtype, groups: RowGroups | None) -> torch.Tensor:
+        """`flat` (the layer's input `x` as `[batch, tokens, in]`) in the slots' `dtype`, its rows
+        in `groups`' layout where rows are grouped. Layers fed the same tensor (q, k and v read
+        one normed hidden state; gate and up another) share one conversion and reordering: the
+        last is kept while `x` is the same, unmodified tensor, within one forward pass."""
+        kept = self._input
+        if kept is not None and kept[0] is x and kept[1] == x._version and kept[2] == dtype:
+            return kept[3]
+        prepared = flat if flat.dtype == dtype else flat.to(dtype)
+        if groups is not None and not groups.in_order:
+            prepared = prepared.index_select(0, groups.members)
+        self._input = (x, x._version, dtype, prepared)
+        return prepared
 
     def invalidate(self) -> None:
         """A slot was written or the stacks changed: nothing gathered before holds."""
@@ -524,21 +542,20 @@ class SlotAdapterLinear(nn.Module):
             without_bias = result if bias is None else result - bias
             result = torch.addcmul(result, self.stack_dora.index_select(0, row_slots).unsqueeze(1).to(result.dtype), without_bias)
         if self.stack_a is not None and self.context.groups is not None:
-            result = self._grouped_lora(flat, result, self.context.groups)
+            result = self._grouped_lora(x, flat, result, self.context.groups)
         elif self.stack_a is not None:
             assert self.stack_b is not None
             a, b = self._gathered()  # [batch, rank, in], [batch, rank, out]
-            lora_input = flat if flat.dtype == a.dtype else flat.to(a.dtype)
-            down = torch.bmm(lora_input, a.transpose(1, 2))
+            down = torch.bmm(self.context.lora_input(x, flat, a.dtype, None), a.transpose(1, 2))
             if result.dtype == b.dtype:
                 # result + (x A^T) B'^T in one fused op; few tensor ops per layer keep the per-step
                 # overhead small when a batch holds many adapters.
                 result = torch.baddbmm(result, down, b)
             else:  # slots in another precision than the layer (fp32 slots of a bf16 model on a CPU)
-                result = result + torch.bmm(down, b).to(result.dtype)
+                result.add_(torch.bmm(down, b))  # rounded once, as PEFT's fp32 adapter output is
         return result.reshape(*x.shape[:-1], result.shape[-1])
 
-    def _grouped_lora(self, flat: torch.Tensor, result: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+    def _grouped_lora(self, x: torch.Tensor, flat: torch.Tensor, result: torch.Tensor, groups: RowGroups) -> torch.Tensor:
         """`result + (x A^T) B'` (`[batch, tokens, out]`), each group's A and B' read once: the rows
         are laid out `[groups, width * tokens, in]`, multiplied per group, and put back in row
         order. Rows on slot 0 form a group whose A and B' are zeros: exact zeros added.
@@ -549,16 +566,14 @@ class SlotAdapterLinear(nn.Module):
         a, b = self._gathered()  # [groups, rank, in], [groups, rank, out]
         tokens = flat.shape[1]
         grouped = (groups.count, groups.width * tokens)
-        x = flat if flat.dtype == a.dtype else flat.to(a.dtype)
+        lora_input = self.context.lora_input(x, flat, a.dtype, groups)
+        down = torch.bmm(lora_input.reshape(*grouped, lora_input.shape[-1]), a.transpose(1, 2))  # a view when contiguous
         if groups.in_order:
-            down = torch.bmm(x.reshape(*grouped, x.shape[-1]), a.transpose(1, 2))  # a view when contiguous
             if result.dtype == b.dtype:
                 return torch.baddbmm(result.view(*grouped, result.shape[-1]), down, b).view_as(result)
-            return result + torch.bmm(down, b).view_as(result).to(result.dtype)
-        x = x.index_select(0, groups.members).view(*grouped, x.shape[-1])
-        up = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b)
-        up = up.view(groups.count * groups.width, tokens, up.shape[-1]).index_select(0, groups.positions)
-        return result + up.to(result.dtype)
+            return result.add_(torch.bmm(down, b).view_as(result))
+        up = torch.bmm(down, b)
+        return result.add_(up.view(groups.count * groups.width, tokens, up.shape[-1]).index_select(0, groups.positions))
 
     def _gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The A and B' of the context's `gather_slots` (`[n, rank, in]`, `[n, rank, out]`): views

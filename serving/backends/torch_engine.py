@@ -454,8 +454,8 @@ class TorchEngine(Backend):
         scoring = [row for row in admitted if row.request.sampling.prompt_logprobs is not None]
         plain = [row for row in admitted if row.request.sampling.prompt_logprobs is None]
         for group in (plain, scoring):  # only scoring rows pay for every position's logits
-            if group:
-                self._prefill_into_batch(group, isolate=len(group) > 1)
+            if group:  # in slot order, as the batch is: the adapter layers then reorder nothing
+                self._prefill_into_batch(sorted(group, key=lambda row: row.slot), isolate=len(group) > 1)
         batch = self.scheduler.batch
         if not batch.rows:
             self.slots.forget_gathers()  # the rows' adapter copies go with the rows
@@ -498,8 +498,8 @@ class TorchEngine(Backend):
                     row.generator.set_state(state)  # type: ignore[union-attr]
                 self._prefill_into_batch([row], isolate=False)
             return
-        start = self.scheduler.join(rows, cache, mask)
-        finished = [start + offset for offset, (row, logprob) in enumerate(zip(rows, logprobs)) if self._report(row, logprob)]
+        places = self.scheduler.join(rows, cache, mask)
+        finished = [place for place, row, logprob in zip(places, rows, logprobs) if self._report(row, logprob)]
         self.scheduler.retire(finished)
 
     def _abandon(self, rows: list[Row], exc: Exception) -> None:

@@ -128,6 +128,45 @@ def test_row_groups_lay_rows_out_by_slot() -> None:
     assert RowGroups.of([1, 1, 1, 1, 1, 1, 2, 3, 4, 5], "cpu") is None  # padded to 5 x 6: too uneven
 
 
+def test_running_batch_stays_in_slot_order_with_every_row_its_own_cache() -> None:
+    """Rows joining are placed by slot (stable), each row's keys, values and mask moving with it
+    and left-padded to the longer part, so the batch equals an append sorted afterwards."""
+    from transformers import DynamicCache
+
+    from adapterhub.serving.backends.batch import Request, Row, RunningBatch
+
+    generator = torch.Generator().manual_seed(0)
+    loop = asyncio.new_event_loop()
+
+    def prefilled(slots: list[int], length: int) -> tuple[list[Row], DynamicCache, torch.Tensor]:
+        rows = [Row(request=Request([1], SamplingParams(max_tokens=1), None, loop, asyncio.Queue(), None), slot=slot) for slot in slots]
+        layers = [(torch.randn(len(slots), 2, length, 3, generator=generator), torch.randn(len(slots), 2, length, 3, generator=generator)) for _ in range(2)]
+        mask = torch.ones(len(slots), length, dtype=torch.long)
+        mask[0, :1] = 0  # some left padding of its own
+        return rows, DynamicCache(ddp_cache_data=layers), mask
+
+    batch = RunningBatch(torch.device("cpu"))
+    history: list[tuple[Row, list[torch.Tensor], torch.Tensor]] = []  # row, its keys/values, its mask (unpadded)
+    for slots, length in (([3, 0, 3], 4), ([1, 3, 0], 6), ([2], 2)):
+        rows, cache, mask = prefilled(slots, length)
+        history += [(row, [t[i] for layer in cache.layers for t in (layer.keys, layer.values)], mask[i]) for i, row in enumerate(rows)]
+        merged, merged_cache, merged_mask, places = batch.merged(rows, cache, mask)
+        assert [merged[p] for p in places] == rows
+        batch.rows, batch.cache, batch.mask = merged, merged_cache, merged_mask
+    assert [row.slot for row in batch.rows] == [0, 0, 1, 2, 3, 3, 3]
+    order = sorted(range(len(history)), key=lambda i: history[i][0].slot)  # stable, as merged is
+    assert batch.rows == [history[i][0] for i in order]
+    assert batch.mask is not None and batch.mask.shape == (7, 6)
+    for place, i in enumerate(order):
+        _, tensors, mask = history[i]
+        pad = 6 - mask.shape[0]
+        assert torch.equal(batch.mask[place], torch.cat([torch.zeros(pad, dtype=torch.long), mask]))
+        got = [t[place] for layer in batch.cache.layers for t in (layer.keys, layer.values)]
+        for expected, actual in zip(tensors, got):
+            assert torch.equal(actual[:, pad:], expected) and not actual[:, :pad].any()
+    loop.close()
+
+
 def test_kept_gathers_are_never_stale(adapter_fleet: AdapterFleet) -> None:
     """Decode steps keep the rows' gathered adapters; rewriting a slot the rows use, or changing
     the rows, must give what a fresh gather gives; a prefill of other rows in between leaves the
