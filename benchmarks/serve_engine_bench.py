@@ -179,10 +179,13 @@ def measure_backend(engine: Backend, specs: dict[str, AdapterSpec], counts: list
     Each figure is the median of `--repeats` runs, the levels interleaved (base, 1, 4, ..., base,
     1, 4, ...): a run is a few seconds, so one run measures the machine's moment as much as the
     engine, and interleaving makes a slow moment hit every level alike. The runs' spread is kept
-    (`"runs"`) so a reader can see how much a ratio can be trusted.
+    (`"runs"`) so a reader can see how much a ratio can be trusted. `"paired_ratio"` is the
+    median of each repeat's own ratio (a level's run over the base run just before it), which a
+    drift of the machine between repeats does not move.
     """
     cells: dict[int, dict] = {}
     spread: dict[int, dict] = {}
+    paired: dict[int, dict] = {}
     texts: list[str] = []
     levels: list[tuple[str | int, list[AdapterSpec | None]]] = [("base", [None])]
     levels += [(count, [specs[f"lora-{i}"] for i in range(count)]) for count in counts]
@@ -196,7 +199,11 @@ def measure_backend(engine: Backend, specs: dict[str, AdapterSpec], counts: list
                     texts = level_texts
         cells[clients] = {label: statistics.median(values) for label, values in runs.items()}
         spread[clients] = {str(label): [round(v, 2) for v in values] for label, values in runs.items()}
-    return {"tokens_per_s": cells, "runs": spread, "texts": texts}
+        paired[clients] = {
+            label: statistics.median(value / base for value, base in zip(values, runs["base"], strict=True))
+            for label, values in runs.items() if label != "base"
+        }
+    return {"tokens_per_s": cells, "runs": spread, "paired_ratio": paired, "texts": texts}
 
 
 def run_vllm(model_dir: Path, specs: dict[str, AdapterSpec], counts: list[int], clients_list: list[int], args: argparse.Namespace, dtype_name: str) -> dict:
@@ -252,8 +259,10 @@ def _print_table(report: dict, counts: list[int]) -> None:
         for system, result in by_system.items():
             for clients, cell in result["tokens_per_s"].items():
                 base = cell.get("base")
+                paired = result.get("paired_ratio", {}).get(clients, {})
                 table.add_row(dtype_name, str(clients), system, f"{base:.1f}" if base else "-",
-                              *(f"{cell[c]:.1f} ({cell[c] / base:.2f}x)" if base else f"{cell[c]:.1f}" for c in counts))
+                              *(f"{cell[c]:.1f} ({cell[c] / base:.2f}x, paired {paired[c]:.2f}x)" if base and c in paired
+                                else f"{cell[c]:.1f} ({cell[c] / base:.2f}x)" if base else f"{cell[c]:.1f}" for c in counts))
     Console(width=200).print(table)
     for dtype_name, check in report["greedy_matches_peft_alone"].items():
         print(f"{dtype_name}: greedy outputs in mixed batches equal PEFT alone: {check}")
@@ -333,7 +342,7 @@ def main() -> None:
                 for i in range(checked))
             report["greedy_matches_peft_alone"][dtype_name] = f"{matches}/{checked}"
             report["results"][dtype_name] = {
-                system: {"tokens_per_s": r["tokens_per_s"], **({"runs": r["runs"]} if "runs" in r else {})} for system, r in by_system.items()}
+                system: {key: r[key] for key in ("tokens_per_s", "runs", "paired_ratio") if key in r} for system, r in by_system.items()}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     _print_table(report, counts)

@@ -90,15 +90,6 @@ class Row:
         return len(self.request.prompt_ids) + len(self.output_ids) - 1
 
 
-def _pad_left(tensor: torch.Tensor, length: int, dim: int, value: float = 0) -> torch.Tensor:
-    missing = length - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    pad_shape = list(tensor.shape)
-    pad_shape[dim] = missing
-    return torch.cat([tensor.new_full(pad_shape, value), tensor], dim=dim)
-
-
 def left_padded(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`input_ids`, `attention_mask` and `position_ids` of prompts padded on the left to one length."""
     length = max(len(prompt) for prompt in prompts)
